@@ -1,0 +1,146 @@
+"""Continuous-batching decisions, with no JAX and no Ray: a bounded FIFO queue and a slot table.
+
+The scheduler says what to do next (which queued requests to prefill into which free slots) and, given the
+tokens an engine produced, what each request receives and which ones are finished. Whoever owns an engine
+(cluster/driver.py in one process, the router actor across the cluster) carries those decisions out.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+from grok1.engine import Sampling
+
+
+class QueueFull(RuntimeError):
+    """The request queue is at capacity; retry later."""
+
+    retriable = True
+
+
+class InvalidRequest(ValueError):
+    """The request can never be served as asked (empty prompt, too long, bad settings)."""
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]
+    max_tokens: int = 16
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    deadline: float | None = None  # time.monotonic() after which the request is ended
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token: int | None  # None when the request ends without a new token (cancelled, deadline)
+    logprob: float | None
+    finish_reason: str | None  # None while running; "stop", "length", "cancelled", "deadline"
+
+
+@dataclass
+class _Running:
+    request: Request
+    generated: int = 0
+
+
+class Scheduler:
+    def __init__(self, max_slots: int, max_len: int, vocab_size: int, eos_token: int, max_queue: int = 256):
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.vocab_size = vocab_size
+        self.eos_token = eos_token
+        self.max_queue = max_queue
+        self.queue: collections.deque[Request] = collections.deque()
+        self.slots: list[_Running | None] = [None] * max_slots
+
+    # ------------------------------------------------------------------------------------------ intake
+    def validate(self, request: Request) -> None:
+        prompt = request.prompt
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size})")
+        if request.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if len(prompt) + request.max_tokens > self.max_len:
+            raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds "
+                                 f"the context of {self.max_len} tokens")
+        s = request.sampling
+        if s.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {s.temperature}")
+        if not 0 < s.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {s.top_p}")
+        if s.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {s.top_k}")
+
+    def submit(self, request: Request) -> None:
+        self.validate(request)
+        if len(self.queue) >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+        self.queue.append(request)
+
+    # ------------------------------------------------------------------------------------------ decisions
+    def admit(self) -> list[tuple[int, Request]]:
+        """Queued requests to prefill now, each with the free slot it gets (FIFO, lowest slot first)."""
+        admitted = []
+        for slot, running in enumerate(self.slots):
+            if running is None and self.queue:
+                request = self.queue.popleft()
+                self.slots[slot] = _Running(request)
+                admitted.append((slot, request))
+        return admitted
+
+    def record(self, slot: int, token: int, logprob: float) -> TokenEvent:
+        """A token produced for `slot`; says whether its request is now finished."""
+        running = self.slots[slot]
+        request = running.request
+        running.generated += 1
+        reason = None
+        if (token == self.eos_token and not request.ignore_eos) or token in request.stop_token_ids:
+            reason = "stop"
+        elif running.generated >= request.max_tokens:
+            reason = "length"
+        return TokenEvent(request.request_id, int(token), float(logprob), reason)
+
+    def expire(self, now: float | None = None) -> list[tuple[int | None, TokenEvent]]:
+        """Requests past their deadline, queued (slot None) or running."""
+        now = time.monotonic() if now is None else now
+        ended = []
+        for request in [r for r in self.queue if r.deadline is not None and r.deadline <= now]:
+            self.queue.remove(request)
+            ended.append((None, TokenEvent(request.request_id, None, None, "deadline")))
+        for slot, running in enumerate(self.slots):
+            if running and running.request.deadline is not None and running.request.deadline <= now:
+                ended.append((slot, TokenEvent(running.request.request_id, None, None, "deadline")))
+        return ended
+
+    def cancel(self, request_id: str) -> tuple[int | None, TokenEvent] | None:
+        for request in self.queue:
+            if request.request_id == request_id:
+                self.queue.remove(request)
+                return None, TokenEvent(request_id, None, None, "cancelled")
+        for slot, running in enumerate(self.slots):
+            if running and running.request.request_id == request_id:
+                return slot, TokenEvent(request_id, None, None, "cancelled")
+        return None
+
+    def free(self, slot: int) -> None:
+        self.slots[slot] = None
+
+    # ------------------------------------------------------------------------------------------ state
+    def running_slots(self) -> list[int]:
+        return [slot for slot, running in enumerate(self.slots) if running is not None]
+
+    def request_in(self, slot: int) -> Request | None:
+        running = self.slots[slot]
+        return running.request if running else None
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.running_slots()

@@ -1,0 +1,175 @@
+"""The `grok1` command line.
+
+    grok1 generate "prompt" [--config C] [--checkpoint DIR] [--max-tokens N] [--temperature T] ...
+    grok1 checkpoint random --config C [--out DIR] [--seed S]
+    grok1 checkpoint inspect DIR --config C
+    grok1 config show C
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from grok1.config import ConfigError, Grok1Config, load_config
+
+DEFAULT_CONFIG = "configs/grok-1-tiny.yaml"
+
+
+def _config(args) -> Grok1Config:
+    config = load_config(args.config)
+    if getattr(args, "checkpoint", None):
+        config = config.replace(checkpoint={"path": args.checkpoint})
+    return config
+
+
+def _checkpoint_dir(config: Grok1Config, config_path: str) -> Path:
+    if not config.checkpoint.path:
+        raise ConfigError(f"{config_path}: checkpoint.path is not set; pass --checkpoint DIR")
+    return Path(config.checkpoint.path)
+
+
+def ensure_random_checkpoint(config: Grok1Config, directory: Path, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint for `config` at `directory` unless one is there already."""
+    from grok1.checkpoint import write_random_checkpoint
+
+    if (directory / "ckpt-0").is_dir():
+        return directory
+    print(f"writing a random-weight {config.name} checkpoint to {directory} (seed {seed})", file=sys.stderr)
+    return write_random_checkpoint(directory, config.model, seed=seed)
+
+
+def load_params(config: Grok1Config, directory: Path):
+    import jax
+    import jax.numpy as jnp
+
+    from grok1.checkpoint import load_checkpoint
+
+    params = load_checkpoint(directory, config.model, dequantize=config.checkpoint.dequantize_on_load,
+                             progress=sys.stderr.isatty())
+    return jax.tree.map(jnp.asarray, params)
+
+
+def cmd_generate(args) -> int:
+    from cluster.driver import Driver
+    from cluster.scheduler import Request, Scheduler
+    from grok1.engine import Engine, Sampling
+    from grok1.tokenizer import Tokenizer
+
+    config = _config(args)
+    directory = _checkpoint_dir(config, args.config)
+    if args.random_if_missing:
+        ensure_random_checkpoint(config, directory)
+    tokenizer = Tokenizer.load(args.tokenizer or config.tokenizer, directory)
+    started = time.perf_counter()
+    engine = Engine(config, load_params(config, directory))
+    scheduler = Scheduler(config.engine.max_slots, config.engine.max_len, config.model.vocab_size,
+                          config.model.eos_token)
+    streamed: list[int] = []
+
+    def show(event):
+        if args.stream and event.token is not None:
+            streamed.append(event.token)
+            print(tokenizer.decode(streamed[-1:]), end="", flush=True)
+
+    driver = Driver(engine, scheduler, on_event=show)
+    loaded = time.perf_counter()
+    request = Request("cli", tokenizer.encode(args.prompt), max_tokens=args.max_tokens,
+                      sampling=Sampling(args.temperature, args.top_p, args.top_k, args.seed))
+    completion = driver.generate([request])[0]
+    done = time.perf_counter()
+    text = tokenizer.decode(completion.tokens)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "text": text, "tokens": completion.tokens,
+                          "finish_reason": completion.finish_reason}))
+    elif args.stream:
+        print()
+    else:
+        print(args.prompt + text)
+    print(f"[{config.name}: {len(completion.tokens)} tokens in {done - loaded:.2f}s "
+          f"(load + compile {loaded - started:.1f}s), finish: {completion.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_checkpoint_random(args) -> int:
+    from grok1.checkpoint import write_random_checkpoint
+
+    config = load_config(args.config)
+    out = Path(args.out or config.checkpoint.path or f"checkpoints/{config.name}")
+    path = write_random_checkpoint(out, config.model, seed=args.seed, record_module=args.record_module)
+    print(path)
+    return 0
+
+
+def cmd_checkpoint_inspect(args) -> int:
+    from grok1.checkpoint import load_checkpoint
+    from grok1.params import param_bytes
+
+    config = load_config(args.config)
+    params = load_checkpoint(args.directory, config.model, progress=sys.stderr.isatty())
+    print(json.dumps({"config": config.name, "parameters": config.model.param_count(),
+                      "bytes_in_memory": param_bytes(params)}, indent=1))
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    config = load_config(args.config)
+    print(json.dumps({**dataclasses.asdict(config), "derived": {
+        "ffn_size": config.model.ffn_size, "parameters": config.model.param_count()}}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grok1", description="Grok-1 serving tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text in this process")
+    gen.add_argument("prompt")
+    gen.add_argument("--config", default=DEFAULT_CONFIG)
+    gen.add_argument("--checkpoint", help="checkpoint directory (overrides the config)")
+    gen.add_argument("--tokenizer", help="path to tokenizer.model")
+    gen.add_argument("--random-if-missing", action="store_true",
+                     help="write a random-weight checkpoint first if the directory has none")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    ckpt = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="action", required=True)
+    rnd = ckpt.add_parser("random", help="write a random-weight checkpoint in the released layout")
+    rnd.add_argument("--config", default=DEFAULT_CONFIG)
+    rnd.add_argument("--out")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--record-module", default="__main__", choices=["__main__", "model"])
+    rnd.set_defaults(func=cmd_checkpoint_random)
+    ins = ckpt.add_parser("inspect", help="load and check a checkpoint against a config")
+    ins.add_argument("directory")
+    ins.add_argument("--config", default=DEFAULT_CONFIG)
+    ins.set_defaults(func=cmd_checkpoint_inspect)
+
+    cfg = sub.add_parser("config", help="config tools").add_subparsers(dest="action", required=True)
+    show = cfg.add_parser("show", help="print a validated config with derived sizes")
+    show.add_argument("config")
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"grok1: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

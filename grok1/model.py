@@ -1,0 +1,312 @@
+"""Grok-1 as pure functions over a params pytree (see grok1.params), faithful to xAI's released `model.py`.
+
+No haiku, no flax, no mesh, no Ray: parallelism is applied from outside (sharding/). Dimension letters are
+listed in grok1.params. Dtypes follow the reference step by step, because the golden logits were made with
+them: activations bfloat16, router and attention softmax float32, and, inside the experts, the float32
+intermediates that the reference's one-hot einsum produces.
+
+One forward function serves every use: teacher-forced logits (a fresh cache as long as the sequence),
+prefill of a new request into one slot of the engine's cache, and one decode step for all slots.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from grok1.config import ModelConfig
+from grok1.params import QuantizedWeight
+
+FPROP_DTYPE = jnp.bfloat16  # the reference's fprop_dtype
+RMS_NORM_EPS = 1e-5
+ROPE_BASE = 10000
+ATTN_LOGIT_CAP = 30.0  # attention logits pass through 30 * tanh(x / 30)
+MASKED_LOGIT = -1e30
+
+
+class KVCache(NamedTuple):
+    """Keys (after RoPE) and values of every layer: k, v [L, B, S, Hkv, K] bfloat16."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @staticmethod
+    def zeros(config: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.key_size)
+        return KVCache(jnp.zeros(shape, FPROP_DTYPE), jnp.zeros(shape, FPROP_DTYPE))
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] bfloat16
+    cache: KVCache
+    expert_index: jax.Array  # [L, B, T, 2] experts each token used, per layer
+
+
+# ---------------------------------------------------------------------------------------------- basics
+
+
+def rms_norm(x, scale):
+    """`scale * x / rms(x)` in float32, returned in x's dtype (reference RMSNorm, eps 1e-5)."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return (scale.astype(jnp.float32) * (x * jax.lax.rsqrt(mean_square + RMS_NORM_EPS))).astype(dtype)
+
+
+def dense_weight(w, dtype=FPROP_DTYPE):
+    """A weight as a plain matrix in `dtype`; an int8 one is dequantised here, inside the caller's jit.
+
+    Like the reference, int8 is first widened to the scales' dtype and multiplied there (bfloat16), and
+    only then cast. Scales [..., G, N] scale G consecutive blocks of the K input rows.
+    """
+    if not isinstance(w, QuantizedWeight):
+        return w.astype(dtype)
+    weight, scales = w.weight, w.scales
+    *lead, k, n = weight.shape
+    groups = scales.shape[-2]
+    grouped = weight.reshape(*lead, groups, k // groups, n).astype(scales.dtype) * scales[..., :, None, :]
+    return grouped.reshape(*lead, k, n).astype(dtype)
+
+
+def matmul(subscripts: str, a, b):
+    """einsum accumulated in float32 and rounded to a's dtype.
+
+    That is what XLA does for a bfloat16 dot anyway; asking for float32 output explicitly lets XLA:CPU use
+    its fast float32 kernels (4x faster here) instead of its bfloat16 path, with the same numbers.
+    """
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def linear(x, w):
+    """[..., K] @ [K, N] in x's dtype, as the reference's quantised Linear."""
+    return matmul("...k,kn->...n", x, dense_weight(w, x.dtype))
+
+
+def rotary(x, positions):
+    """Rotary position embedding with rotate-half: x [B, T, H, K], positions [B, T]."""
+    dim = x.shape[-1]
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32)
+    inv_freq = 1.0 / (ROPE_BASE ** (exponents / dim))  # [K/2]
+    phase = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
+    phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, K]
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_index, rows, kv_len: int):
+    """Grouped-query attention over the cache, after writing this step's keys and values into it.
+
+    x [B, T, D] (normed); positions [B, T] absolute; cache [L, Bc, S, Hkv, K], written in place at
+    layer_index; rows [B] the cache row of each batch entry; kv_len (static) how many leading cache
+    positions can be attended (S for decode, the padded prompt length for prefill).
+    Returns the projected output [B, T, D] and the updated cache.
+    """
+    batch, steps, _ = x.shape
+    heads, kv_heads, key_size = config.num_q_heads, config.num_kv_heads, config.key_size
+    q = linear(x, layer["q_proj"]).reshape(batch, steps, heads, key_size)
+    k = linear(x, layer["k_proj"]).reshape(batch, steps, kv_heads, key_size)
+    v = linear(x, layer["v_proj"]).reshape(batch, steps, kv_heads, key_size)
+    q = rotary(q, positions)
+    k = rotary(k, positions)
+
+    # Scatter the new keys/values at their positions; positions past the cache end are dropped.
+    row_index = jnp.broadcast_to(rows[:, None], positions.shape)
+    cache = KVCache(cache.k.at[layer_index, row_index, positions].set(k, mode="drop"),
+                    cache.v.at[layer_index, row_index, positions].set(v, mode="drop"))
+    keys = cache.k[layer_index, rows, :kv_len]  # [B, S, Hkv, K]
+    values = cache.v[layer_index, rows, :kv_len]
+
+    q = q.reshape(batch, steps, kv_heads, heads // kv_heads, key_size)  # query head h uses kv head h // (H/Hkv)
+    logits = matmul("bthgk,bshk->bhgts", q, keys).astype(jnp.float32)  # [B, Hkv, H/Hkv, T, S]
+    logits = logits * config.attn_output_multiplier
+    logits = ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
+    visible = jnp.arange(kv_len)[None, None, :] <= positions[:, :, None]  # [B, T, S] causal
+    logits = jnp.where(visible[:, None, None], logits, MASKED_LOGIT)
+    weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+    out = matmul("bhgts,bshk->bthgk", weights, values).reshape(batch, steps, heads * key_size)
+    return linear(out, layer["o_proj"]), cache
+
+
+# ------------------------------------------------------------------------------------ mixture of experts
+
+
+def route(x, router_w, num_selected: int, override=None):
+    """Router: float32 softmax over experts, top-k; gates are the raw probabilities (no renormalisation).
+
+    x [N, D]; returns gates [N, k] float32 and expert indices [N, k]. `override` [N, k] forces the experts
+    (for tests near routing ties) while the gates still come from this router's probabilities.
+    """
+    logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))  # [N, E]
+    probs = jax.nn.softmax(logits, axis=-1)
+    if override is None:
+        return jax.lax.top_k(probs, num_selected)
+    index = override.astype(jnp.int32)
+    return jnp.take_along_axis(probs, index, axis=-1), index
+
+
+class Dispatch(NamedTuple):
+    """Where each (token, choice) assignment sits in the expert-sorted, block-padded buffer."""
+
+    slot: jax.Array  # [N*k] row in the buffer of each assignment (or `rows` for dropped ones)
+    group_start: jax.Array  # [E] first buffer row of each expert's group (a multiple of block)
+    group_blocks: jax.Array  # [E] blocks in each expert's group
+    rows: int  # static buffer size
+
+
+def plan_dispatch(expert_index, valid, num_experts: int, block: int) -> Dispatch:
+    """Sort assignments by expert into groups padded to whole blocks, so each block has one expert.
+
+    expert_index [N, k]; valid [N] (invalid tokens, e.g. padding or empty slots, are not computed).
+    """
+    experts = jnp.where(valid[:, None], expert_index, num_experts).reshape(-1)  # [A]; E = not computed
+    assignments = experts.shape[0]
+    counts = jnp.bincount(experts, length=num_experts + 1)[:num_experts]  # [E]
+    group_blocks = (counts + block - 1) // block
+    group_start = (jnp.cumsum(group_blocks) - group_blocks) * block
+    order = jnp.argsort(experts, stable=True)
+    sorted_experts = experts[order]
+    first_of_expert = jnp.cumsum(counts) - counts
+    clipped = jnp.minimum(sorted_experts, num_experts - 1)
+    rank_in_group = jnp.arange(assignments) - first_of_expert[clipped]
+    # Every expert may waste up to block-1 rows of padding; the buffer is sized for the worst case.
+    rows = (assignments + num_experts * (block - 1) + block - 1) // block * block
+    sorted_slot = jnp.where(sorted_experts < num_experts, group_start[clipped] + rank_in_group, rows)
+    slot = jnp.zeros(assignments, jnp.int32).at[order].set(sorted_slot.astype(jnp.int32))
+    return Dispatch(slot, group_start, group_blocks, rows)
+
+
+def expert_ffn_grouped(x_sorted, dispatch: Dispatch, w_gelu, w_value, w_out, block: int):
+    """Run each expert only on its own blocks of the sorted buffer: `(gelu(x W) * (x V)) W1`.
+
+    x_sorted [R, D] bfloat16; returns [R, D] float32. Each expert's weights are dequantised once, and
+    experts without tokens are skipped, so the work is proportional to the tokens routed, not to E.
+    """
+    num_experts = dispatch.group_start.shape[0]
+
+    def one_expert(e, out):
+        def run(out):
+            wg = dense_weight(_index(w_gelu, e))  # [D, F] bfloat16
+            wv = dense_weight(_index(w_value, e))
+            wo = dense_weight(_index(w_out, e), jnp.float32)  # [F, D]
+
+            def one_block(i, out):
+                start = dispatch.group_start[e] + i * block
+                rows = jax.lax.dynamic_slice_in_dim(x_sorted, start, block)  # [block, D]
+                # The reference's one-hot einsum promotes to float32 after the bfloat16 matmuls: match it.
+                gelu_in = matmul("tk,kn->tn", rows, wg).astype(jnp.float32)
+                value_in = matmul("tk,kn->tn", rows, wv).astype(jnp.float32)
+                hidden = jax.nn.gelu(gelu_in, approximate=True) * value_in  # [block, F] float32
+                return jax.lax.dynamic_update_slice_in_dim(out, jnp.dot(hidden, wo), start, axis=0)
+
+            return jax.lax.fori_loop(0, dispatch.group_blocks[e], one_block, out)
+
+        return jax.lax.cond(dispatch.group_blocks[e] > 0, run, lambda out: out, out)
+
+    out = jnp.zeros((x_sorted.shape[0], x_sorted.shape[1]), jnp.float32)
+    return jax.lax.fori_loop(0, num_experts, one_expert, out)
+
+
+def _index(w, e):
+    """Expert e's matrix out of a stacked [E, ...] weight (quantised or not)."""
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(w.weight[e], w.scales[e])
+    return w[e]
+
+
+def moe(x, layer, config: ModelConfig, valid, block: int, override=None):
+    """Top-2 mixture of experts: route -> dispatch (sort into expert blocks) -> experts -> combine.
+
+    x [B, T, D] (normed); valid [B, T]; override [B, T, k] or None. Returns [B, T, D] and the experts
+    used [B, T, k].
+    """
+    batch, steps, dim = x.shape
+    tokens = x.reshape(batch * steps, dim)  # [N, D]
+    k = config.num_selected_experts
+    gates, expert_index = route(
+        tokens, layer["router"], k, None if override is None else override.reshape(batch * steps, k))
+    dispatch = plan_dispatch(expert_index, valid.reshape(-1), config.num_experts, block)
+    token_of_assignment = jnp.repeat(jnp.arange(batch * steps), k)  # [A]
+    x_sorted = jnp.zeros((dispatch.rows + 1, dim), x.dtype).at[dispatch.slot].set(
+        tokens[token_of_assignment])[:-1]  # the extra row absorbs dropped assignments
+    y_sorted = expert_ffn_grouped(x_sorted, dispatch, layer["ffn_gelu_in"], layer["ffn_value_in"],
+                                  layer["ffn_out"], block)
+    y = jnp.take(y_sorted, dispatch.slot, axis=0, mode="fill", fill_value=0).reshape(batch * steps, k, dim)
+    combined = jnp.sum(gates.astype(FPROP_DTYPE).astype(jnp.float32)[..., None] * y, axis=1)  # [N, D]
+    return combined.astype(FPROP_DTYPE).reshape(batch, steps, dim), expert_index.reshape(batch, steps, k)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def decoder_layer(h, layer, config: ModelConfig, positions, cache, layer_index, rows, kv_len, valid, block,
+                  override=None):
+    """One decoder layer; h [B, T, D] bfloat16. Norm order as in the reference's DecoderLayer."""
+    attn, cache = attention(rms_norm(h, layer["pre_attn_norm"]), layer, config, positions, cache,
+                            layer_index, rows, kv_len)
+    h = h + rms_norm(attn, layer["post_attn_norm"])
+    ffn, expert_index = moe(rms_norm(h, layer["pre_moe_norm"]), layer, config, valid, block, override)
+    h = h + rms_norm(ffn, layer["post_moe_norm"])
+    return h, cache, expert_index
+
+
+def scale_in_float32(x, multiplier: float):
+    """x * multiplier computed in float32, rounded back to x's dtype.
+
+    The reference writes `bf16_array *= python_float`; its logits match far better (golden logits: 0.86%
+    vs 1.4% relative error, and no near-tie routing flips) when the product is formed in float32 than
+    with the multiplier rounded to bfloat16 first (78.38 -> 78.5), so that is what its XLA computed.
+    """
+    return (x.astype(jnp.float32) * multiplier).astype(x.dtype)
+
+
+def embed(params, tokens, config: ModelConfig):
+    """Token embeddings times the release's embedding multiplier: [B, T, D] bfloat16."""
+    return scale_in_float32(params["embedding"][tokens].astype(FPROP_DTYPE), config.embedding_multiplier_scale)
+
+
+def unembed(params, h, config: ModelConfig):
+    """Final norm, tied output embedding, times the release's output multiplier: [B, T, V] bfloat16."""
+    h = rms_norm(h, params["final_norm"])
+    logits = matmul("btd,vd->btv", h, params["embedding"].astype(h.dtype))
+    return scale_in_float32(logits, config.output_multiplier_scale)
+
+
+def forward(params, config: ModelConfig, tokens, positions, cache: KVCache, rows, *, kv_len: int,
+            valid=None, block: int = 16, routing_override=None, logits_at=None) -> ForwardOutput:
+    """Run the model on tokens [B, T] at positions [B, T], reading and writing cache rows `rows` [B].
+
+    kv_len (static): cache positions attention may see. valid [B, T]: tokens that count (others are
+    skipped by the experts). routing_override [L, B, T, 2]: force the experts per layer. logits_at [B]:
+    if given, logits only at that step of each row ([B, 1, V]), which is all that sampling needs.
+    """
+    if valid is None:
+        valid = jnp.ones(tokens.shape, bool)
+    h = embed(params, tokens, config)
+    layers = params["layers"]
+
+    def body(carry, xs):
+        h, cache = carry
+        index, layer, override = xs
+        h, cache, expert_index = decoder_layer(
+            h, layer, config, positions, cache, index, rows, kv_len, valid, block, override)
+        return (h, cache), expert_index
+
+    indices = jnp.arange(config.num_layers)
+    (h, cache), expert_index = jax.lax.scan(body, (h, cache), (indices, layers, routing_override))
+    if logits_at is not None:
+        h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
+    return ForwardOutput(unembed(params, h, config), cache, expert_index)
+
+
+def full_forward(params, config: ModelConfig, tokens, *, block: int = 16, routing_override=None):
+    """Teacher-forced logits [B, T, V] for whole sequences, with a fresh cache (no padding)."""
+    batch, steps = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(steps), (batch, steps))
+    return forward(params, config, tokens, positions, KVCache.zeros(config, batch, steps), jnp.arange(batch),
+                   kv_len=steps, block=block, routing_override=routing_override)
