@@ -3,6 +3,7 @@
     grok1 generate "prompt" [--config C] [--checkpoint DIR] [--max-tokens N] [--temperature T] ...
     grok1 checkpoint random --config C [--out DIR] [--seed S]
     grok1 checkpoint inspect DIR --config C
+    grok1 checkpoint convert SRC DST --config C
     grok1 config show C
 """
 
@@ -116,6 +117,17 @@ def cmd_checkpoint_inspect(args) -> int:
     return 0
 
 
+def cmd_checkpoint_convert(args) -> int:
+    from grok1.sliceable import convert, sliceable_bytes
+
+    config = load_config(args.config)
+    started = time.perf_counter()
+    path = convert(args.src, args.dst, config.model, progress=sys.stderr.isatty())
+    print(path)
+    print(f"wrote {sliceable_bytes(path)} bytes in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return 0
+
+
 def cmd_config_show(args) -> int:
     config = load_config(args.config)
     print(json.dumps({**dataclasses.asdict(config), "derived": {
@@ -154,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("directory")
     ins.add_argument("--config", default=DEFAULT_CONFIG)
     ins.set_defaults(func=cmd_checkpoint_inspect)
+    cnv = ckpt.add_parser("convert", help="convert a released-layout checkpoint to the sliceable format")
+    cnv.add_argument("src", help="directory holding ckpt-0/ (or ckpt-0 itself)")
+    cnv.add_argument("dst", help="output directory (grok1.sliceable format)")
+    cnv.add_argument("--config", default=DEFAULT_CONFIG)
+    cnv.set_defaults(func=cmd_checkpoint_convert)
 
     cfg = sub.add_parser("config", help="config tools").add_subparsers(dest="action", required=True)
     show = cfg.add_parser("show", help="print a validated config with derived sizes")

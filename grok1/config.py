@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A config key is unknown, missing or has an impossible value; the message names the key."""
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's `true` is not a size
+
+
 def reference_ffn_size(emb_size: int, widening_factor: float) -> int:
     """FFN hidden size exactly as xAI's `model.py::ffn_size`: 2/3 of the widened size, rounded up to 8."""
     size = int(widening_factor * emb_size) * 2 // 3
@@ -71,7 +75,7 @@ class ModelConfig:
                     "num_layers", "num_experts", "num_selected_experts"]
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{prefix}.{name} must be a positive integer, got {value!r}")
         for name in ["widening_factor", "attn_output_multiplier", "embedding_multiplier_scale",
                      "output_multiplier_scale", "embedding_init_scale"]:
@@ -80,7 +84,7 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}.{name} must be a positive number, got {value!r}")
         for name in ["pad_token", "eos_token"]:
             value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if not _is_int(value) or not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{prefix}.{name} must be a token id in [0, vocab_size), got {value!r}")
         if self.num_q_heads % self.num_kv_heads:
             raise ConfigError(f"{prefix}.num_kv_heads ({self.num_kv_heads}) must divide "
@@ -114,13 +118,13 @@ class EngineConfig:
     def validate(self, model: ModelConfig, prefix: str = "engine") -> "EngineConfig":
         for name in ["max_slots", "max_len", "moe_block_size"]:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{prefix}.{name} must be a positive integer, got {value!r}")
         if self.max_len > model.sequence_len:
             raise ConfigError(f"{prefix}.max_len ({self.max_len}) exceeds model.sequence_len "
                               f"({model.sequence_len})")
         buckets = tuple(self.prefill_buckets)
-        if not buckets or any(not isinstance(b, int) or b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        if not buckets or any(not _is_int(b) or b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ConfigError(f"{prefix}.prefill_buckets must be increasing positive integers, got {buckets!r}")
         return self
 
@@ -135,6 +139,8 @@ class CheckpointConfig:
     dequantize_on_load: bool = False  # False: keep int8 + scales in memory, dequantise inside matmuls
 
     def validate(self, prefix: str = "checkpoint") -> "CheckpointConfig":
+        if self.path is not None and not isinstance(self.path, str):
+            raise ConfigError(f"{prefix}.path must be a string, got {self.path!r}")
         if not isinstance(self.dequantize_on_load, bool):
             raise ConfigError(f"{prefix}.dequantize_on_load must be true or false")
         return self
@@ -149,6 +155,8 @@ class Grok1Config:
     tokenizer: str | None = None
 
     def validate(self) -> "Grok1Config":
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            raise ConfigError(f"tokenizer must be a path, got {self.tokenizer!r}")
         self.model.validate()
         self.engine.validate(self.model)
         self.checkpoint.validate()

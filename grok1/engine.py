@@ -69,13 +69,14 @@ def _expert_counts(expert_index, valid, num_experts):
 
 
 def prefill_step(params, state: DecodeState, slot, tokens, length, sampling: SlotSampling, *,
-                 config: Grok1Config):
+                 config: Grok1Config, moe_fn=model.moe):
     """Run a prompt (padded to a bucket: tokens [T]) into `slot` and sample its first token."""
     steps = tokens.shape[0]
     positions = jnp.arange(steps)[None]
     valid = positions < length
     out = model.forward(params, config.model, tokens[None], positions, state.cache, slot[None], kv_len=steps,
-                        valid=valid, block=config.engine.moe_block_size, logits_at=(length - 1)[None])
+                        valid=valid, block=config.engine.moe_block_size, logits_at=(length - 1)[None],
+                        moe_fn=moe_fn)
     token, logprob = sample(out.logits[:, 0], sampling, jnp.zeros(1, jnp.int32))
     state = DecodeState(
         cache=out.cache,
@@ -88,14 +89,14 @@ def prefill_step(params, state: DecodeState, slot, tokens, length, sampling: Slo
     return state, token[0], logprob[0], counts
 
 
-def decode_step(params, state: DecodeState, *, config: Grok1Config):
+def decode_step(params, state: DecodeState, *, config: Grok1Config, moe_fn=model.moe):
     """One token for every active slot, all slots in one batch."""
     slots = state.lengths.shape[0]
     positions = state.lengths[:, None]
     valid = state.active[:, None]
     out = model.forward(params, config.model, state.next_token[:, None], positions, state.cache,
                         jnp.arange(slots), kv_len=state.cache.k.shape[2], valid=valid,
-                        block=config.engine.moe_block_size)
+                        block=config.engine.moe_block_size, moe_fn=moe_fn)
     tokens, logprobs = sample(out.logits[:, 0], state.sampling, state.generated)
     tokens = jnp.where(state.active, tokens, -1)
     step = state.active.astype(jnp.int32)
@@ -112,15 +113,31 @@ def release_slot(state: DecodeState, slot) -> DecodeState:
 
 
 class Engine:
-    """Owns the params and the device state of one model replica in this process."""
+    """Owns the params and the device state of one model replica.
 
-    def __init__(self, config: Grok1Config, params):
+    `placement` (sharding.placement.Placement) spreads them over a device mesh, possibly spanning processes;
+    without it everything lives on this process's default device.
+    """
+
+    def __init__(self, config: Grok1Config, params, placement=None):
         self.config = config
+        self.placement = placement
+        moe_fn = model.moe if placement is None else placement.moe_fn
+        state = init_state(config)
+        if placement is not None:
+            params = placement.put_params(params)
+            state = jax.device_put(state, placement.state_shardings(state))
         self.params = params
-        self.state = init_state(config)
-        self._prefill = jax.jit(functools.partial(prefill_step, config=config), donate_argnums=(1,))
-        self._decode = jax.jit(functools.partial(decode_step, config=config), donate_argnums=(1,))
-        self._release = jax.jit(release_slot, donate_argnums=(0,))
+        self.state = state
+        keep = {} if placement is None else {"out_shardings": placement.state_shardings(state)}
+        with_outputs = {} if placement is None else {
+            "out_shardings": (placement.state_shardings(state), placement.replicated, placement.replicated,
+                              placement.replicated)}
+        self._prefill = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn),
+                                donate_argnums=(1,), **with_outputs)
+        self._decode = jax.jit(functools.partial(decode_step, config=config, moe_fn=moe_fn),
+                               donate_argnums=(1,), **with_outputs)
+        self._release = jax.jit(release_slot, donate_argnums=(0,), **keep)
 
     @property
     def max_slots(self) -> int:

@@ -245,12 +245,12 @@ def moe(x, layer, config: ModelConfig, valid, block: int, override=None):
 
 
 def decoder_layer(h, layer, config: ModelConfig, positions, cache, layer_index, rows, kv_len, valid, block,
-                  override=None):
+                  override=None, moe_fn=moe):
     """One decoder layer; h [B, T, D] bfloat16. Norm order as in the reference's DecoderLayer."""
     attn, cache = attention(rms_norm(h, layer["pre_attn_norm"]), layer, config, positions, cache,
                             layer_index, rows, kv_len)
     h = h + rms_norm(attn, layer["post_attn_norm"])
-    ffn, expert_index = moe(rms_norm(h, layer["pre_moe_norm"]), layer, config, valid, block, override)
+    ffn, expert_index = moe_fn(rms_norm(h, layer["pre_moe_norm"]), layer, config, valid, block, override)
     h = h + rms_norm(ffn, layer["post_moe_norm"])
     return h, cache, expert_index
 
@@ -278,12 +278,13 @@ def unembed(params, h, config: ModelConfig):
 
 
 def forward(params, config: ModelConfig, tokens, positions, cache: KVCache, rows, *, kv_len: int,
-            valid=None, block: int = 16, routing_override=None, logits_at=None) -> ForwardOutput:
+            valid=None, block: int = 16, routing_override=None, logits_at=None, moe_fn=moe) -> ForwardOutput:
     """Run the model on tokens [B, T] at positions [B, T], reading and writing cache rows `rows` [B].
 
     kv_len (static): cache positions attention may see. valid [B, T]: tokens that count (others are
     skipped by the experts). routing_override [L, B, T, 2]: force the experts per layer. logits_at [B]:
     if given, logits only at that step of each row ([B, 1, V]), which is all that sampling needs.
+    moe_fn: the mixture-of-experts implementation (`moe` here; sharding/ passes an expert-parallel one).
     """
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
@@ -294,7 +295,7 @@ def forward(params, config: ModelConfig, tokens, positions, cache: KVCache, rows
         h, cache = carry
         index, layer, override = xs
         h, cache, expert_index = decoder_layer(
-            h, layer, config, positions, cache, index, rows, kv_len, valid, block, override)
+            h, layer, config, positions, cache, index, rows, kv_len, valid, block, override, moe_fn)
         return (h, cache), expert_index
 
     indices = jnp.arange(config.num_layers)
@@ -304,9 +305,9 @@ def forward(params, config: ModelConfig, tokens, positions, cache: KVCache, rows
     return ForwardOutput(unembed(params, h, config), cache, expert_index)
 
 
-def full_forward(params, config: ModelConfig, tokens, *, block: int = 16, routing_override=None):
+def full_forward(params, config: ModelConfig, tokens, *, block: int = 16, routing_override=None, moe_fn=moe):
     """Teacher-forced logits [B, T, V] for whole sequences, with a fresh cache (no padding)."""
     batch, steps = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(steps), (batch, steps))
     return forward(params, config, tokens, positions, KVCache.zeros(config, batch, steps), jnp.arange(batch),
-                   kv_len=steps, block=block, routing_override=routing_override)
+                   kv_len=steps, block=block, routing_override=routing_override, moe_fn=moe_fn)

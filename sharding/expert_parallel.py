@@ -1,0 +1,127 @@
+"""Expert-parallel top-2 MoE: tokens go to the ranks that own their experts and come back, by all-to-all.
+
+Named steps, each run on every rank inside one `shard_map` (tokens split over `ep`, replicated over `tp`):
+1. route     — the router picks two experts per local token (float32 softmax, raw gates);
+2. dispatch  — each (token, expert) assignment is written into a send buffer [ep, C, D] at
+               (owner rank, its rank among assignments to that owner); C is the per-pair capacity;
+3. exchange  — `all_to_all` over `ep`: every rank receives the rows for its own experts;
+4. experts   — the received rows run through the local experts (grouped, as the single-device path), each
+               `tp` rank on its slice of the FFN, partial sums all-reduced over `tp`;
+5. return    — `all_to_all` back, then combine: sum over the two choices of gate x expert output.
+
+`ragged_all_to_all` is not implemented on XLA:CPU, so the buffers are padded to a fixed capacity. The default
+is dropless (C = every local assignment could go to one rank). With a capacity factor, assignments over
+capacity are dropped, reported as expert -1 in the returned expert index and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from grok1 import model
+from grok1.params import QuantizedWeight
+from sharding.rules import EP, TP
+
+MOE_PARAMS = ("router", "ffn_gelu_in", "ffn_value_in", "ffn_out")
+
+
+def capacity(local_tokens: int, num_selected: int, experts_per_rank: int, ep: int,
+             capacity_factor: float | None, distinct_experts: bool = True) -> int:
+    """Rows each rank may send to each other rank. Dropless: all of a rank's assignments to one owner.
+
+    A router's top-k picks distinct experts, so one token sends at most experts_per_rank rows to one owner;
+    a forced routing (tests) may repeat an expert, so then every choice counts.
+    """
+    per_token = min(num_selected, experts_per_rank) if distinct_experts else num_selected
+    dropless = local_tokens * per_token
+    if capacity_factor is None:
+        return dropless
+    return max(1, min(dropless, math.ceil(capacity_factor * local_tokens * num_selected / ep)))
+
+
+def dispatch_positions(owner, ep: int, cap: int):
+    """Position of each assignment in its owner's send chunk; owner [A] (ep = not sent). -> pos, kept, dropped."""
+    one_hot = jax.nn.one_hot(owner, ep + 1, dtype=jnp.int32)  # [A, ep+1]
+    pos = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0) - 1, owner[:, None], axis=1)[:, 0]  # [A]
+    sent = owner < ep
+    return pos, sent & (pos < cap), sent & (pos >= cap)
+
+
+def _local_moe(tokens, valid, override, router, w_gelu, w_value, w_out, *, config, ep, cap, block):
+    """Steps 1-5 on one rank. tokens [n, D] local; weights hold this rank's experts and FFN slice."""
+    n, dim = tokens.shape
+    k = config.num_selected_experts
+    experts_per_rank = config.num_experts // ep
+    gates, expert_index = model.route(tokens, router, k, override)  # 1. route: [n, k]
+    owner = jnp.where(valid[:, None], expert_index // experts_per_rank, ep).reshape(-1)  # [A]
+    local_expert = (expert_index % experts_per_rank).reshape(-1)
+    pos, kept, dropped = dispatch_positions(owner, ep, cap)  # 2. dispatch
+    dest = jnp.where(kept, owner, ep)  # out of range: the scatter drops it
+    token_of = jnp.repeat(jnp.arange(n), k)
+    send_x = jnp.zeros((ep, cap, dim), tokens.dtype).at[dest, pos].set(tokens[token_of], mode="drop")
+    send_e = jnp.full((ep, cap), -1, jnp.int32).at[dest, pos].set(local_expert, mode="drop")
+    recv_x = jax.lax.all_to_all(send_x, EP, 0, 0).reshape(ep * cap, dim)  # 3. exchange
+    recv_e = jax.lax.all_to_all(send_e, EP, 0, 0).reshape(ep * cap)
+    received = recv_e >= 0  # 4. experts
+    plan = model.plan_dispatch(jnp.maximum(recv_e, 0)[:, None], received, experts_per_rank, block)
+    x_sorted = jnp.zeros((plan.rows + 1, dim), tokens.dtype).at[plan.slot].set(recv_x)[:-1]
+    y_sorted = model.expert_ffn_grouped(x_sorted, plan, w_gelu, w_value, w_out, block)
+    y_sorted = jax.lax.psum(y_sorted, TP)  # float32 partial sums over the FFN slices, as the reference
+    y_rows = jnp.take(y_sorted, plan.slot, axis=0, mode="fill", fill_value=0)  # [ep*cap, D]
+    back = jax.lax.all_to_all(y_rows.reshape(ep, cap, dim), EP, 0, 0)  # 5. return
+    y = jnp.where(kept[:, None], back[jnp.minimum(dest, ep - 1), jnp.minimum(pos, cap - 1)], 0.0)
+    y = y.reshape(n, k, dim)
+    combined = jnp.sum(gates.astype(model.FPROP_DTYPE).astype(jnp.float32)[..., None] * y, axis=1)
+    used = jnp.where(dropped.reshape(n, k), -1, expert_index)
+    return combined.astype(model.FPROP_DTYPE), used
+
+
+def _weight_spec(leaf_spec_weight: P, leaf) -> QuantizedWeight | P:
+    """Specs inside the shard_map for one [E, ...] expert weight (the stacked L axis is already gone)."""
+    if isinstance(leaf, QuantizedWeight):
+        groups = leaf.scales.shape[-2]
+        k_axis, n_axis = tuple(leaf_spec_weight)[-2:]
+        return QuantizedWeight(leaf_spec_weight, P(EP, k_axis if groups > 1 else None, n_axis))
+    return leaf_spec_weight
+
+
+def make_expert_parallel_moe(mesh, *, capacity_factor: float | None = None):
+    """An `moe` function for grok1.model.forward that runs experts in parallel over the mesh's `ep` axis."""
+    ep = mesh.shape[EP]
+
+    def moe(x, layer, config, valid, block, override=None):
+        batch, steps, dim = x.shape
+        k = config.num_selected_experts
+        tokens = x.reshape(batch * steps, dim)
+        valid = valid.reshape(-1)
+        override = None if override is None else override.reshape(batch * steps, k).astype(jnp.int32)
+        padding = (-tokens.shape[0]) % ep  # tokens are split over ep: pad to a multiple
+        if padding:
+            tokens = jnp.pad(tokens, ((0, padding), (0, 0)))
+            valid = jnp.pad(valid, (0, padding))
+            override = None if override is None else jnp.pad(override, ((0, padding), (0, 0)))
+        local_tokens = tokens.shape[0] // ep
+        cap = capacity(local_tokens, k, config.num_experts // ep, ep, capacity_factor,
+                       distinct_experts=override is None)
+        weights = [layer[name] for name in MOE_PARAMS]
+        specs = [P(), _weight_spec(P(EP, None, TP), weights[1]), _weight_spec(P(EP, None, TP), weights[2]),
+                 _weight_spec(P(EP, TP, None), weights[3])]
+        forced = () if override is None else (override,)
+
+        def local(tokens, valid, *rest):
+            forced_here = rest[0] if forced else None
+            return _local_moe(tokens, valid, forced_here, *rest[len(forced):], config=config, ep=ep, cap=cap,
+                              block=block)
+
+        in_specs = (P(EP, None), P(EP), *[P(EP, None)] * len(forced), *specs)
+        run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(EP, None), P(EP, None)),
+                            check_vma=False)
+        out, used = run(tokens, valid, *forced, *weights)
+        out, used = out[: batch * steps], used[: batch * steps]
+        return out.reshape(batch, steps, dim), used.reshape(batch, steps, k)
+
+    return moe

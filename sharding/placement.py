@@ -1,0 +1,40 @@
+"""Where one replica's params and decode state live on a mesh, and the MoE that matches: one small place.
+
+The model stays unchanged (gpt-fast's `apply_tp` idea): the engine's jitted steps get these shardings as
+their inputs' and outputs' layouts, XLA's partitioner splits the attention and FFN matmuls accordingly, and
+the experts run through sharding.expert_parallel's all-to-all.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grok1.config import Grok1Config
+from sharding.expert_parallel import make_expert_parallel_moe
+from sharding.mesh import MeshShape, make_mesh
+from sharding.rules import KV_CACHE_SPEC, param_shardings
+
+
+class Placement:
+    def __init__(self, config: Grok1Config, shape: MeshShape, devices=None,
+                 capacity_factor: float | None = None):
+        self.shape = shape.validate(config)
+        self.mesh = make_mesh(shape, devices)
+        self.moe_fn = make_expert_parallel_moe(self.mesh, capacity_factor=capacity_factor)
+        self.replicated = NamedSharding(self.mesh, P())
+
+    def param_shardings(self, params):
+        return param_shardings(params, self.mesh)
+
+    def put_params(self, params):
+        """Place host (numpy) or device params; arrays already laid out on this mesh are left as they are."""
+        return jax.device_put(params, self.param_shardings(params))
+
+    def state_shardings(self, state):
+        """The decode state: KV cache split by slot over ep and by KV head over tp, the rest replicated."""
+        from grok1.engine import DecodeState
+
+        cache = NamedSharding(self.mesh, KV_CACHE_SPEC)
+        replicated = jax.tree.map(lambda _: self.replicated, state)
+        return DecodeState(**{**vars(replicated), "cache": type(state.cache)(cache, cache)})

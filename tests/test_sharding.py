@@ -1,0 +1,91 @@
+"""Sharding: partition rules, mesh validation, expert-parallel dispatch, and sharded == unsharded forward."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from grok1.checkpoint import random_params
+from grok1.config import ConfigError, Grok1Config, ModelConfig
+from sharding.expert_parallel import capacity, dispatch_positions
+from sharding.mesh import MeshShape
+from sharding.rules import PARTITION_RULES, ShardingRuleError, param_specs, spec_for
+
+SMALL = ModelConfig(vocab_size=512, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2,
+                    sequence_len=128)
+
+
+def test_every_parameter_matches_exactly_one_rule():
+    specs = param_specs(random_params(SMALL, scale_groups={"ffn_out": 8, "o_proj": 8}))
+    assert specs["layers"]["ffn_out"].weight == P(None, "ep", "tp", None)
+    assert specs["layers"]["ffn_out"].scales == P(None, "ep", "tp", None)  # G > 1: groups follow K
+    assert specs["layers"]["ffn_gelu_in"].scales == P(None, "ep", None, "tp")  # G == 1: not split
+    assert specs["layers"]["q_proj"].weight == P(None, None, "tp")
+
+
+def test_unmatched_and_doubly_matched_parameters_are_errors_naming_them():
+    with pytest.raises(ShardingRuleError, match="'layers/new_thing' matches no rule"):
+        spec_for("layers/new_thing")
+    with pytest.raises(ShardingRuleError, match="'embedding' matches 2 rules"):
+        spec_for("embedding", PARTITION_RULES + ((r"^emb", P()),))
+
+
+@pytest.mark.parametrize("ep,tp,message", [
+    (3, 1, "ep=3 does not divide model.num_experts"),
+    (1, 16, "tp=16 does not divide model.num_kv_heads"),
+    (16, 1, "ep=16 does not divide model.num_experts"),
+])
+def test_mesh_shapes_that_do_not_divide_the_model_are_refused(ep, tp, message):
+    with pytest.raises(ConfigError, match=message):
+        MeshShape(ep, tp).validate(Grok1Config())
+
+
+def test_released_model_accepts_the_layouts_it_should():
+    for ep, tp in [(1, 8), (8, 1), (2, 4), (4, 2), (8, 8)]:
+        MeshShape(ep, tp).validate(Grok1Config())
+
+
+def test_dispatch_positions_count_each_owner_separately_and_drop_over_capacity():
+    owner = jnp.asarray([0, 1, 0, 2, 0, 1, 2])  # 2 = ep: not sent
+    pos, kept, dropped = dispatch_positions(owner, ep=2, cap=2)
+    assert list(np.asarray(pos)[[0, 2, 4]]) == [0, 1, 2]
+    assert list(np.asarray(pos)[[1, 5]]) == [0, 1]
+    assert list(np.asarray(kept)) == [True, True, True, False, False, True, False]
+    assert list(np.asarray(dropped)) == [False, False, False, False, True, False, False]
+
+
+def test_dropless_capacity_holds_every_assignment_to_one_owner():
+    assert capacity(16, 2, 4, 2, None) == 32
+    assert capacity(16, 2, 1, 8, None) == 16  # one expert per rank: a token sends it at most one row
+    assert capacity(16, 2, 1, 8, None, distinct_experts=False) == 32
+    assert capacity(16, 2, 4, 2, 0.5) == 8
+
+
+@pytest.mark.slow
+def test_sharded_forward_equals_unsharded_on_every_mesh_shape(golden_dir):
+    """1x1, 2x1, 1x2, 2x2, 4x1, 8x1 on 8 virtual CPU devices, in a fresh process."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).with_name("sharded_forward_check.py")
+    done = subprocess.run([sys.executable, str(script), str(golden_dir)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    shapes = {(m["ep"], m["tp"]) for m in results["meshes"]}
+    assert {(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (8, 1)} <= shapes
+    for m in results["meshes"]:
+        label = f"ep={m['ep']} tp={m['tp']} case {m['case']}"
+        assert m["rel_to_golden"] <= 0.04, f"{label}: {m['rel_to_golden']:.4f} from the golden logits"
+        assert m["rel_to_single"] <= 0.02, f"{label}: {m['rel_to_single']:.4f} from one device"
+        assert m["free_rel_to_single"] <= 0.02, label
+        assert m["experts_equal"], f"{label}: free routing chose other experts than one device"
+    for d in results["drops"]:
+        assert d["reported"] == d["expected"], d
+    assert any(d["expected"] > 0 for d in results["drops"])
