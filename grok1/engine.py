@@ -107,9 +107,12 @@ def decode_step(params, state: DecodeState, *, config: Grok1Config, moe_fn=model
 
 
 def release_slot(state: DecodeState, slot) -> DecodeState:
+    # Reset the slot's sampling too: a leftover top-k/top-p would make every later step sort the vocabulary.
+    defaults = SlotSampling.defaults(1)
+    sampling = jax.tree.map(lambda all_slots, one: all_slots.at[slot].set(one[0]), state.sampling, defaults)
     return DecodeState(cache=state.cache, lengths=state.lengths.at[slot].set(0),
                        next_token=state.next_token, generated=state.generated,
-                       active=state.active.at[slot].set(False), sampling=state.sampling)
+                       active=state.active.at[slot].set(False), sampling=sampling)
 
 
 class Engine:
