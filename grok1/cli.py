@@ -5,6 +5,7 @@
     grok1 checkpoint inspect DIR --config C
     grok1 checkpoint convert SRC DST --config C
     grok1 config show C
+    grok1 plan --config C --hosts H --devices-per-host D --device-memory 80GiB [--slots S --max-len L] ...
 """
 
 from __future__ import annotations
@@ -135,6 +136,20 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Print the sharding plan; exit 1 when the layout exists but does not fit (the reason on stderr)."""
+    from sharding.planner import parse_memory_size, plan
+
+    result = plan(load_config(args.config), args.hosts, args.devices_per_host,
+                  parse_memory_size(args.device_memory, "--device-memory"), slots=args.slots,
+                  max_len=args.max_len, ep=args.ep, tp=args.tp, memory_fraction=args.memory_fraction)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.format())
+    if not result.feasible:
+        print(f"grok1: infeasible: {result.problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok1", description="Grok-1 serving tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg.add_parser("show", help="print a validated config with derived sizes")
     show.add_argument("config")
     show.set_defaults(func=cmd_config_show)
+
+    pln = sub.add_parser("plan", help="lay a replica over hosts x devices: bytes per device, largest slot count")
+    pln.add_argument("--config", default=DEFAULT_CONFIG)
+    pln.add_argument("--hosts", type=int, default=1)
+    pln.add_argument("--devices-per-host", type=int, default=1)
+    pln.add_argument("--device-memory", required=True, help="per device, e.g. 80GiB, 141GB, 512MiB")
+    pln.add_argument("--slots", type=int, help="decode slots to check (default: the config's engine.max_slots)")
+    pln.add_argument("--max-len", type=int, help="KV-cache length per slot (default: the config's)")
+    pln.add_argument("--ep", type=int, help="expert-parallel size (default: chosen, see sharding/planner.py)")
+    pln.add_argument("--tp", type=int, help="tensor-parallel size (default: chosen)")
+    pln.add_argument("--memory-fraction", type=float,
+                     help="share of device memory JAX may use: XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75)")
+    pln.add_argument("--json", action="store_true")
+    pln.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,0 +1,102 @@
+"""One process's part of a sharded model replica: join the group, load this process's slices, run the steps.
+
+JAX across processes is multi-controller: every process of the group must make the same calls, with the same
+arguments, in the same order, and each runs the same jitted step on its own devices while the collectives
+connect them. So whoever drives a group (the router through the Ray workers, or a test's subprocesses) fans
+every call out to all shards; each returns the same, fully replicated result.
+
+Nothing here imports Ray: `workers/actor.py` wraps this class as a Ray actor.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from grok1.config import Grok1Config
+from sharding.distributed import ProcessGroup, initialize
+from sharding.mesh import MeshShape
+
+
+class ShardLoadError(RuntimeError):
+    """The checkpoint cannot be loaded for this config and layout; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    process_id: int
+    pid: int
+    hostname: str
+    devices: list[str]  # this process's devices
+    global_devices: int
+    load_seconds: float
+    peak_rss_bytes: int  # the process's peak resident memory after loading
+
+
+def load_placed_params(config: Grok1Config, checkpoint: Path, placement, *, progress: bool = False):
+    """This process's slices of the params, laid out on `placement`'s mesh.
+
+    From the sliceable format each process reads only the bytes its devices hold. From the released layout
+    (whole tensors pickled per file) each process has to read every tensor and keeps its slices.
+    """
+    from grok1.checkpoint import CheckpointError, load_checkpoint
+    from grok1.sliceable import is_sliceable, load_sharded, open_sliceable
+
+    try:
+        if is_sliceable(checkpoint):
+            shardings = placement.param_shardings(open_sliceable(checkpoint, config.model))
+            return load_sharded(checkpoint, config.model, shardings, progress=progress)
+        params = load_checkpoint(checkpoint, config.model, dequantize=config.checkpoint.dequantize_on_load,
+                                 progress=progress)
+        return placement.put_params(params)
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        raise ShardLoadError(f"cannot load {checkpoint} for config {config.name!r}: {err}") from err
+
+
+class Shard:
+    """Owns one process's devices of a replica's mesh and the engine running on it."""
+
+    def __init__(self, config: Grok1Config, checkpoint: str | os.PathLike, mesh_shape: MeshShape,
+                 group: ProcessGroup, *, capacity_factor: float | None = None, progress: bool = False):
+        started = time.perf_counter()
+        initialize(group)
+        import jax
+
+        from grok1.engine import Engine
+        from sharding.placement import Placement
+
+        if jax.device_count() != mesh_shape.size:
+            raise ShardLoadError(f"mesh ep={mesh_shape.ep} x tp={mesh_shape.tp} needs {mesh_shape.size} devices; "
+                                 f"the group of {group.num_processes} processes has {jax.device_count()}")
+        self.group = group
+        placement = Placement(config, mesh_shape, capacity_factor=capacity_factor)
+        params = load_placed_params(config, Path(checkpoint), placement, progress=progress)
+        self.engine = Engine(config, params, placement)
+        self._info = ShardInfo(
+            process_id=group.process_id, pid=os.getpid(), hostname=socket.gethostname(),
+            devices=[str(d) for d in jax.local_devices()], global_devices=jax.device_count(),
+            load_seconds=time.perf_counter() - started,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    def info(self) -> ShardInfo:
+        return self._info
+
+    # The engine's verbs; the driver calls the same ones on the in-process engine.
+    def prefill(self, slot, prompt, sampling):
+        return self.engine.prefill(slot, prompt, sampling)
+
+    def decode(self):
+        return self.engine.decode()
+
+    def release(self, slot):
+        self.engine.release(slot)
+
+    def warmup(self):
+        self.engine.warmup()
+
+    def shutdown(self):
+        self.engine.shutdown()
