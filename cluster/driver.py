@@ -9,6 +9,13 @@ Each `step()`:
 
 The engine is anything with `prefill(slot, prompt, sampling)`, `decode()` and `release(slot)` (see
 grok1.engine.Engine): the same loop runs on the in-process engine, the sharded one, or a fake in tests.
+
+Pipelined (`pipelined=True`, for engines that also have `decode_start()` / `decode_finish(handle)`): step 3
+starts decode step k+1 before it reads step k's tokens, so the device (or the shard workers, over Ray) compute
+the next step while the host hands out the last one. The sampled tokens never leave the devices in between;
+what the pipeline costs is one wasted token for a request that ends at step k (its slot is released after
+step k+1 was started), and that token is dropped: a step's tokens go only to the requests that owned the
+slots when the step was started and are still running.
 """
 
 from __future__ import annotations
@@ -30,16 +37,25 @@ class Completion:
 
 
 class Driver:
-    def __init__(self, engine, scheduler: Scheduler, on_event: Callable[[TokenEvent], None] | None = None):
+    def __init__(self, engine, scheduler: Scheduler, on_event: Callable[[TokenEvent], None] | None = None, *,
+                 pipelined: bool = False, keep_completions: bool = True):
         self.engine = engine
         self.scheduler = scheduler
         self.on_event = on_event
+        self.pipelined = pipelined
+        self.keep_completions = keep_completions  # the router streams events instead
         self.completions: dict[str, Completion] = {}
         self.expert_counts: np.ndarray | None = None  # cumulative [L, E] tokens per expert
+        self._in_flight = None  # (handle, {slot: request_id}) of a started, unread decode step
+
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle and self._in_flight is None
 
     def submit(self, request: Request) -> None:
         self.scheduler.submit(request)
-        self.completions[request.request_id] = Completion(request.request_id)
+        if self.keep_completions:
+            self.completions[request.request_id] = Completion(request.request_id)
 
     def cancel(self, request_id: str) -> None:
         ended = self.scheduler.cancel(request_id)
@@ -53,15 +69,30 @@ class Driver:
             out = self.engine.prefill(slot, request.prompt, request.sampling)
             self._count(out.expert_counts)
             self._deliver(slot, out.tokens[0], out.logprobs[0])
-        if self.scheduler.running_slots():
-            out = self.engine.decode()
-            self._count(out.expert_counts)
-            for slot in self.scheduler.running_slots():
-                self._deliver(slot, out.tokens[slot], out.logprobs[slot])
+        running = self.scheduler.running_slots()
+        owners = {slot: self.scheduler.request_in(slot).request_id for slot in running}
+        if not self.pipelined:
+            if running:
+                self._hand_out(self.engine.decode(), owners)
+            return
+        started = (self.engine.decode_start(), owners) if running else None
+        if self._in_flight is not None:
+            handle, previous_owners = self._in_flight
+            self._in_flight = None
+            self._hand_out(self.engine.decode_finish(handle), previous_owners)
+        self._in_flight = started
+
+    def abort_running(self, message: str) -> list[TokenEvent]:
+        """The engine is gone: end running requests with a retriable error and forget the step in flight."""
+        self._in_flight = None
+        events = [event for _, event in self.scheduler.abort_running(message)]
+        for event in events:
+            self._finish(event)
+        return events
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> dict[str, Completion]:
         for _ in range(max_steps):
-            if self.scheduler.idle:
+            if self.idle:
                 return self.completions
             self.step()
         raise RuntimeError(f"requests still running after {max_steps} steps")
@@ -74,23 +105,34 @@ class Driver:
         return [self.completions.pop(r.request_id) for r in requests]
 
     # ----------------------------------------------------------------------------------------------
+    def _hand_out(self, out, owners: dict[int, str]) -> None:
+        self._count(out.expert_counts)
+        for slot, request_id in owners.items():
+            current = self.scheduler.request_in(slot)
+            if current is not None and current.request_id == request_id:  # not ended since the step started
+                self._deliver(slot, out.tokens[slot], out.logprobs[slot])
+
     def _deliver(self, slot: int, token, logprob) -> None:
         event = self.scheduler.record(slot, int(token), float(logprob))
-        completion = self.completions[event.request_id]
-        completion.tokens.append(event.token)
-        completion.logprobs.append(event.logprob)
+        completion = self.completions.get(event.request_id)
+        if completion is not None:
+            completion.tokens.append(event.token)
+            completion.logprobs.append(event.logprob)
         if event.finish_reason:
-            completion.finish_reason = event.finish_reason
             self.engine.release(slot)
             self.scheduler.free(slot)
-        if self.on_event:
-            self.on_event(event)
+        self._finish(event)
 
     def _end(self, slot: int | None, event: TokenEvent) -> None:
         if slot is not None:
             self.engine.release(slot)
             self.scheduler.free(slot)
-        self.completions[event.request_id].finish_reason = event.finish_reason
+        self._finish(event)
+
+    def _finish(self, event: TokenEvent) -> None:
+        completion = self.completions.get(event.request_id)
+        if completion is not None and event.finish_reason:
+            completion.finish_reason = event.finish_reason
         if self.on_event:
             self.on_event(event)
 

@@ -40,7 +40,8 @@ class TokenEvent:
     request_id: str
     token: int | None  # None when the request ends without a new token (cancelled, deadline)
     logprob: float | None
-    finish_reason: str | None  # None while running; "stop", "length", "cancelled", "deadline"
+    finish_reason: str | None  # None while running; "stop", "length", "cancelled", "deadline", "error"
+    error: str | None = None  # with "error": what failed; the request may be retried from its prompt
 
 
 @dataclass
@@ -129,6 +130,15 @@ class Scheduler:
             if running and running.request.request_id == request_id:
                 return slot, TokenEvent(request_id, None, None, "cancelled")
         return None
+
+    def abort_running(self, message: str) -> list[tuple[int, TokenEvent]]:
+        """End every running request with a retriable error (its shard group failed); queued ones stay."""
+        ended = []
+        for slot, running in enumerate(self.slots):
+            if running is not None:
+                ended.append((slot, TokenEvent(running.request.request_id, None, None, "error", message)))
+                self.slots[slot] = None
+        return ended
 
     def free(self, slot: int) -> None:
         self.slots[slot] = None

@@ -168,8 +168,16 @@ class Engine:
         return StepOutput(np.asarray([token]), np.asarray([logprob]), np.asarray(counts))
 
     def decode(self) -> StepOutput:
+        return self.decode_finish(self.decode_start())
+
+    def decode_start(self):
+        """Dispatch a decode step and return at once (JAX runs it asynchronously); read it with decode_finish."""
         self.state, tokens, logprobs, counts = self._decode(self.params, self.state)
-        return StepOutput(np.asarray(tokens), np.asarray(logprobs), np.asarray(counts))
+        return tokens, logprobs, counts
+
+    @staticmethod
+    def decode_finish(handle) -> StepOutput:
+        return StepOutput(*(np.asarray(x) for x in handle))
 
     def release(self, slot: int) -> None:
         self.state = self._release(self.state, jnp.int32(slot))

@@ -1,0 +1,299 @@
+"""The router: one model replica's request queue, continuous batching, and the loop that drives its shards.
+
+Data flow, from request to last token:
+1. The ingress (or any Ray caller) calls `Router.generate(request)` as a Ray streaming generator. The router
+   checks it is serving (else `Unavailable`, retriable) and hands the request to the step thread through an
+   inbox; the scheduler validates it (`InvalidRequest`) and queues it (`QueueFull` when the bounded queue is
+   full, retriable). Both errors reach the caller at its first read, before any token.
+2. The step thread (one per router; the asyncio loop stays free for callers) runs `Driver.step()` while any
+   request is queued or running: requests past their deadline end; queued requests are prefilled into free
+   decode slots (their first token comes from the prefill); then one decode step for all running slots.
+3. Every step is one fan-out call to the shard group (workers/group.py): each Ray shard worker runs the same
+   jitted step on its part of the mesh, and the top-2 expert dispatch/combine crosses workers inside the step
+   over the collectives (gloo / NCCL) — Ray carries one call per step, never per layer.
+4. Pipelining: decode step k+1 is started before step k's tokens are read, so the workers compute while the
+   tokens of step k travel back and are handed out. Sampled tokens stay on the devices between steps.
+5. Each token becomes a `TokenEvent` put on its request's asyncio queue; `generate` yields it to the caller.
+   A request ends on EOS, a stop token, max_tokens, its deadline, or cancellation; its slot is released at
+   once and the next queued request takes it at the next step. A caller that goes away cancels its request.
+6. Faults: a worker that dies or stops answering fails the step (`GroupFailure`); requests in flight end with
+   finish_reason "error" (retriable), queued requests stay queued, the whole group is torn down and rebuilt
+   from the checkpoint, and serving resumes. While idle the router pings the workers every few seconds, so
+   a loss is noticed even without traffic.
+
+Why a thread: steps are blocking calls (to Ray or to JAX), and the callers' streams must keep flowing while
+one runs; the scheduler and driver are touched only by that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.driver import Driver
+from cluster.scheduler import InvalidRequest, Request, Scheduler, TokenEvent
+from grok1.config import Grok1Config
+from workers.group import GroupEngine, GroupFailure, GroupSpec, LocalShardGroup, RayShardGroup
+
+IDLE_PING_S = 2.0  # how often an idle router checks that its workers are alive
+REBUILD_ATTEMPTS = 5  # consecutive failed rebuilds before the router gives up (state "failed")
+SAMPLES = 2048  # recent TTFT / TPOT samples kept for the metrics
+
+
+class Unavailable(RuntimeError):
+    """The replica is loading, recovering from a failure, or has failed; retry later or elsewhere."""
+
+    retriable = True
+
+
+@dataclass
+class _Timing:
+    submitted: float
+    prompt_tokens: int
+    first_token: float | None = None
+    last_token: float | None = None
+    tokens: int = 0
+
+
+class Router:
+    def __init__(self, spec: GroupSpec, *, backend: str = "ray", max_queue: int = 256, pipelined: bool = True,
+                 group_factory=None):
+        """`group_factory(spec)` makes the shard group (default by `backend`: Ray workers, or this process)."""
+        factories = {"ray": RayShardGroup, "local": LocalShardGroup.from_spec}
+        if backend not in factories:
+            raise ValueError(f"backend must be one of {sorted(factories)}, got {backend!r}")
+        self.spec = spec
+        self.backend = backend
+        self.group_factory = group_factory or factories[backend]
+        self.max_queue = max_queue
+        self.pipelined = pipelined
+        config: Grok1Config = spec.config
+        self.scheduler = Scheduler(config.engine.max_slots, config.engine.max_len, config.model.vocab_size,
+                                   config.model.eos_token, max_queue=max_queue)
+        self.state = "loading"
+        self.error: str | None = None
+        self.restarts = 0
+        self.group = None
+        self.driver: Driver | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._timings: dict[str, _Timing] = {}
+        self._ttft = collections.deque(maxlen=SAMPLES)
+        self._tpot = collections.deque(maxlen=SAMPLES)
+        self._token_times = collections.deque(maxlen=100_000)
+        self._finished = collections.Counter()
+        self._tokens_total = 0
+        self._prompt_tokens_total = 0
+        self._expert_counts = np.zeros((config.model.num_layers, config.model.num_experts), np.int64)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="router-steps", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------ the callers' side
+    async def generate(self, request: Request, timeout_s: float | None = None):
+        """Stream the request's TokenEvents; the last one has a finish_reason."""
+        if self.state != "ready":
+            raise Unavailable(f"the replica is {self.state}" + (f": {self.error}" if self.error else ""))
+        if request.request_id in self._streams:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+        if timeout_s is not None:
+            if timeout_s <= 0:
+                raise InvalidRequest(f"timeout must be positive, got {timeout_s}")
+            request.deadline = time.monotonic() + timeout_s
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (loop, events)
+        accepted = concurrent.futures.Future()
+        self._inbox.put(("submit", request, accepted))
+        finished = False
+        try:
+            await asyncio.wrap_future(accepted)
+            while not finished:
+                event = await events.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:  # the caller went away (or cancelled): free its slot
+                self._inbox.put(("cancel", request.request_id, None))
+
+    async def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id, None))
+
+    async def wait_ready(self, timeout_s: float = 600) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.state == "ready":
+                return True
+            if self.state == "failed":
+                raise Unavailable(f"the replica failed to start: {self.error}")
+            await asyncio.sleep(0.05)
+        raise Unavailable(f"the replica is still {self.state} after {timeout_s:.0f}s")
+
+    async def health(self, probe: bool = True) -> dict:
+        """ok when the group is up and (with probe) a 1-token greedy generation completes."""
+        if self.state != "ready":
+            return {"ok": False, "state": self.state, "detail": self.error or self.state}
+        if not probe:
+            return {"ok": True, "state": self.state, "detail": "serving"}
+        request = Request(f"health-{time.monotonic_ns()}", [self.spec.config.model.eos_token], max_tokens=1,
+                          ignore_eos=True)
+        try:
+            events = [event async for event in self.generate(request, timeout_s=30)]
+        except Exception as err:  # noqa: BLE001 - any failure means unhealthy; say which
+            return {"ok": False, "state": self.state, "detail": f"probe failed: {err!r}"}
+        last = events[-1]
+        ok = last.finish_reason == "length" and last.token is not None
+        return {"ok": ok, "state": self.state, "detail": "probe generated 1 token" if ok else f"probe {last}"}
+
+    async def stats(self) -> dict:
+        now = time.monotonic()
+        recent = [t for t in list(self._token_times) if now - t <= 10.0]
+        running = len(self.scheduler.running_slots())
+        return {
+            "state": self.state, "error": self.error, "restarts": self.restarts,
+            "queue_length": len(self.scheduler.queue), "running": running,
+            "slots_total": self.scheduler.max_slots, "slots_used": running, "max_queue": self.max_queue,
+            "requests_total": dict(self._finished), "tokens_generated_total": self._tokens_total,
+            "prompt_tokens_total": self._prompt_tokens_total,
+            "ttft_seconds": list(self._ttft), "tpot_seconds": list(self._tpot),
+            "tokens_per_second": len(recent) / 10.0,
+            "expert_token_counts": self._expert_counts.tolist(),
+            "node_ids": self.group.node_ids() if self.group is not None else [],
+        }
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+
+    # ------------------------------------------------------------------------------ the step thread
+    def _run(self) -> None:
+        attempts = 0
+        while not self._stop.is_set():
+            if self.group is None:
+                try:
+                    self._build()
+                    attempts = 0
+                except Exception as err:  # noqa: BLE001 - reported through state/error, retried or final
+                    attempts += 1
+                    self.error = f"{type(err).__name__}: {err}"
+                    first_start = self.restarts == 0
+                    if first_start or attempts >= REBUILD_ATTEMPTS:
+                        self.state = "failed"
+                        self._fail_queued(self.error)
+                        return
+                    time.sleep(min(2.0 ** attempts, 30))
+                    continue
+            try:
+                self._drain_inbox(block=self.driver.idle)
+                if not self.driver.idle:
+                    self.driver.step()
+            except GroupFailure as err:
+                self._recover(err)
+            except Exception:  # noqa: BLE001 - a bug must not hang callers: fail the running ones, rebuild
+                self._recover(GroupFailure(traceback.format_exc(limit=3)))
+
+    def _build(self) -> None:
+        self.state = "loading" if self.restarts == 0 else "recovering"
+        self.group = self.group_factory(self.spec)
+        self.driver = Driver(GroupEngine(self.group), self.scheduler, self._on_event, pipelined=self.pipelined,
+                             keep_completions=False)
+        self.error = None
+        self.state = "ready"
+        self._last_ping = time.monotonic()
+
+    def _recover(self, err: Exception) -> None:
+        self.restarts += 1
+        self.state = "recovering"
+        self.error = f"shard group failed ({err}); rebuilding"
+        message = f"the shard group failed while generating ({err}); the request can be retried"
+        self.driver.abort_running(message)
+        group, self.group = self.group, None
+        try:
+            group.shutdown()
+        except Exception:  # noqa: BLE001 - it is being discarded anyway
+            pass
+
+    def _fail_queued(self, message: str) -> None:
+        while self.scheduler.queue:
+            request = self.scheduler.queue.popleft()
+            self._on_event(TokenEvent(request.request_id, None, None, "error", message))
+        self._drain_inbox(block=False, refuse=message)
+
+    def _drain_inbox(self, block: bool, refuse: str | None = None) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            if block and time.monotonic() - self._last_ping > IDLE_PING_S:
+                self._last_ping = time.monotonic()
+                self.driver.engine.ping()  # raises GroupFailure when a worker is gone
+            return
+        while True:
+            kind, payload, reply = item
+            if kind == "submit":
+                try:
+                    if refuse:
+                        raise Unavailable(refuse)
+                    self.driver.submit(payload)
+                    self._timings[payload.request_id] = _Timing(time.monotonic(), len(payload.prompt))
+                    self._prompt_tokens_total += len(payload.prompt)
+                    reply.set_result(None)
+                except Exception as err:  # noqa: BLE001 - InvalidRequest / QueueFull go back to the caller
+                    reply.set_exception(err)
+            elif kind == "cancel" and self.driver is not None:
+                self.driver.cancel(payload)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _on_event(self, event: TokenEvent) -> None:
+        now = time.monotonic()
+        timing = self._timings.get(event.request_id)
+        if event.token is not None:
+            self._tokens_total += 1
+            self._token_times.append(now)
+            if timing is not None:
+                if timing.first_token is None:
+                    timing.first_token = now
+                    self._ttft.append(now - timing.submitted)
+                timing.tokens += 1
+                timing.last_token = now
+        if event.finish_reason:
+            self._finished[event.finish_reason] += 1
+            if timing is not None:
+                self._timings.pop(event.request_id, None)
+                if timing.tokens > 1:
+                    self._tpot.append((timing.last_token - timing.first_token) / (timing.tokens - 1))
+        if self.driver is not None and self.driver.expert_counts is not None:
+            self._expert_counts = self.driver.expert_counts.astype(np.int64)
+        stream = self._streams.get(event.request_id)
+        if stream is not None:
+            loop, events = stream
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+
+def start_router(config: Grok1Config, *, checkpoint: str, ep: int = 2, tp: int = 1, placement_strategy: str = "PACK",
+                 max_queue: int = 256, backend: str = "ray", name: str | None = None, pipelined: bool = True,
+                 use_gpus: bool = False, devices_per_process: int = 1, env: dict[str, str] | None = None,
+                 start_timeout_s: float = 600, step_timeout_s: float = 120):
+    """Create the router as a Ray actor; its shard group starts loading at once (see `wait_ready`)."""
+    import ray
+
+    from sharding.mesh import MeshShape
+
+    spec = GroupSpec(config=config, checkpoint=str(checkpoint), mesh=MeshShape(ep, tp), strategy=placement_strategy,
+                     devices_per_process=devices_per_process, use_gpus=use_gpus,
+                     env=tuple(sorted((env or {}).items())), start_timeout_s=start_timeout_s,
+                     step_timeout_s=step_timeout_s).validate()
+    actor = ray.remote(Router).options(name=name, num_cpus=0, max_concurrency=1000, max_restarts=0)
+    return actor.remote(spec, backend=backend, max_queue=max_queue, pipelined=pipelined)

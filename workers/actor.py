@@ -1,0 +1,55 @@
+"""The Ray actor around one shard: one actor = one JAX process = one part of a replica's mesh.
+
+The actor starts empty so that the group can first learn where each one landed (node, address) and pick the
+coordinator's port on the first one's node; `start` then joins the JAX group and loads this shard's slices.
+Calls run one at a time, in the order the router sent them, which is what multi-controller JAX needs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from sharding.distributed import ProcessGroup, node_ip, pick_free_port
+from sharding.mesh import MeshShape
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class ShardWorker:
+    def __init__(self, env: dict[str, str] | None = None):
+        os.environ.update(env or {})  # e.g. NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME from the cluster config
+        self.shard = None
+
+    def location(self) -> dict:
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "ip": node_ip(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def free_port(self) -> int:
+        return pick_free_port()
+
+    def start(self, config, checkpoint: str, mesh_shape: MeshShape, group: ProcessGroup,
+              capacity_factor: float | None = None, warmup: bool = True):
+        from workers.shard import Shard
+
+        self.shard = Shard(config, checkpoint, mesh_shape, group, capacity_factor=capacity_factor)
+        if warmup:
+            self.shard.warmup()  # compile every step now, together, rather than on the first requests
+        return self.shard.info()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def prefill(self, slot, prompt, sampling):
+        return self.shard.prefill(slot, prompt, sampling)
+
+    def decode(self):
+        return self.shard.decode()
+
+    def release(self, slot):
+        self.shard.release(slot)
+
+    def shutdown(self):
+        if self.shard is not None:
+            self.shard.shutdown()

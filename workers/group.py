@@ -1,0 +1,212 @@
+"""A replica's shard group, and the one fan-out primitive everything goes through.
+
+`group.call(method, *args)` runs `method` on every shard and returns their results (all equal: every step's
+outputs are replicated); `submit` / `collect` split the same call in two so that the router can start a step
+and read it later. Two backends share the interface:
+
+- `RayShardGroup`: one `workers.actor.ShardWorker` per JAX process, in a placement group whose strategy spreads
+  them over nodes (or packs them), joined into one mesh with `jax.distributed`.
+- `LocalShardGroup`: the engine in this process (one device, or this process's virtual devices), so the router
+  and its tests run without Ray.
+
+Any failure of a member (its process died, its node went away, a call ran past its time limit) raises
+`GroupFailure`: a JAX collective cannot go on without a member, so the owner tears the whole group down and
+builds a new one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from grok1.config import Grok1Config
+from sharding.distributed import ProcessGroup
+from sharding.mesh import MeshShape
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+class GroupFailure(RuntimeError):
+    """A member of the shard group failed; the group must be rebuilt. Requests may be retried."""
+
+    retriable = True
+
+
+class GroupStartError(RuntimeError):
+    """The group could not be started (no resources, a worker that never joined, a bad checkpoint)."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What a replica's shard group is: the model, the weights, the mesh, and how it is placed."""
+
+    config: Grok1Config
+    checkpoint: str
+    mesh: MeshShape = MeshShape()
+    strategy: str = "PACK"
+    devices_per_process: int = 1  # GPUs per worker on GPU nodes; virtual CPU devices otherwise
+    use_gpus: bool = False
+    capacity_factor: float | None = None
+    start_timeout_s: float = 600  # joining and loading; the real checkpoint takes minutes
+    step_timeout_s: float = 120  # one prefill or decode step
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for the workers (network interfaces, ...)
+
+    @property
+    def num_processes(self) -> int:
+        if self.mesh.size % self.devices_per_process:
+            raise GroupStartError(f"mesh of {self.mesh.size} devices is not a whole number of processes of "
+                                  f"{self.devices_per_process} devices")
+        return self.mesh.size // self.devices_per_process
+
+    def validate(self) -> "GroupSpec":
+        if self.strategy not in STRATEGIES:
+            raise GroupStartError(f"placement strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        self.mesh.validate(self.config)
+        _ = self.num_processes
+        return self
+
+
+class RayShardGroup:
+    def __init__(self, spec: GroupSpec):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from workers.actor import ShardWorker
+
+        self.spec = spec.validate()
+        self._ray = ray
+        n = spec.num_processes
+        bundle = {"GPU": spec.devices_per_process, "CPU": 1} if spec.use_gpus else {"CPU": 1}
+        self.placement_group = placement_group([dict(bundle) for _ in range(n)], strategy=spec.strategy)
+        self.workers = []
+        try:
+            deadline = time.monotonic() + spec.start_timeout_s
+            try:
+                ray.get(self.placement_group.ready(), timeout=min(60.0, spec.start_timeout_s))
+            except ray.exceptions.GetTimeoutError:
+                raise GroupStartError(f"no room for {n} workers of {bundle} with strategy {spec.strategy} "
+                                      f"(cluster resources: {ray.cluster_resources()})") from None
+            options = {"num_gpus": spec.devices_per_process} if spec.use_gpus else {"num_cpus": 1}
+            self.workers = [ShardWorker.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=k),
+                **options).remote(dict(spec.env)) for k in range(n)]
+            self.locations = self._get([w.location.remote() for w in self.workers], deadline, "report its node")
+            port = self._get([self.workers[0].free_port.remote()], deadline, "pick a port")[0]
+            coordinator = f"{self.locations[0]['ip']}:{port}"
+            platform = "gpu" if spec.use_gpus else "cpu"
+            join_timeout = int(max(10, min(300, deadline - time.monotonic())))
+            groups = [ProcessGroup(coordinator, n, k, platform=platform, timeout_s=join_timeout,
+                                   local_device_count=None if spec.use_gpus else spec.devices_per_process)
+                      for k in range(n)]
+            self.infos = self._get([w.start.remote(spec.config, spec.checkpoint, spec.mesh, g, spec.capacity_factor)
+                                    for w, g in zip(self.workers, groups)], deadline, "join the group and load")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _get(self, refs, deadline: float, what: str):
+        ray = self._ray
+        try:
+            return ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            raise GroupStartError(f"a shard worker did not {what} within {self.spec.start_timeout_s:.0f}s") from None
+        except ray.exceptions.RayTaskError as err:
+            raise GroupStartError(f"a shard worker failed to {what}: {err.cause!r}") from err
+        except ray.exceptions.RayActorError as err:
+            raise GroupStartError(f"a shard worker died before it could {what}: {err}") from err
+
+    # The fan-out primitive.
+    def submit(self, method: str, *args):
+        return [getattr(worker, method).remote(*args) for worker in self.workers]
+
+    def collect(self, handle, timeout_s: float | None = None) -> list:
+        ray = self._ray
+        timeout = self.spec.step_timeout_s if timeout_s is None else timeout_s
+        try:
+            return ray.get(handle, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise GroupFailure(f"a shard worker did not answer within {timeout:.0f}s") from None
+        except ray.exceptions.RayActorError as err:
+            raise GroupFailure(f"a shard worker died: {type(err).__name__}") from err
+
+    def call(self, method: str, *args, timeout_s: float | None = None) -> list:
+        return self.collect(self.submit(method, *args), timeout_s)
+
+    def node_ids(self) -> list[str]:
+        return [location["node_id"] for location in self.locations]
+
+    def shutdown(self) -> None:
+        ray = self._ray
+        for worker in self.workers:
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception:  # already gone
+                pass
+        try:
+            ray.util.remove_placement_group(self.placement_group)
+        except Exception:
+            pass
+        self.workers = []
+
+
+class LocalShardGroup:
+    """The same interface over an engine in this process: the router without Ray, and its tests."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @classmethod
+    def from_spec(cls, spec: GroupSpec) -> "LocalShardGroup":
+        from grok1.engine import Engine
+        from sharding.placement import Placement
+        from workers.shard import load_placed_params
+
+        spec.validate()
+        placement = Placement(spec.config, spec.mesh, capacity_factor=spec.capacity_factor)
+        engine = Engine(spec.config, load_placed_params(spec.config, Path(spec.checkpoint), placement), placement)
+        engine.warmup()
+        return cls(engine)
+
+    def submit(self, method: str, *args):
+        return [getattr(self.engine, method)(*args)]
+
+    def collect(self, handle, timeout_s: float | None = None) -> list:
+        return handle
+
+    def call(self, method: str, *args, timeout_s: float | None = None) -> list:
+        return self.collect(self.submit(method, *args))
+
+    def node_ids(self) -> list[str]:
+        return ["local"]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class GroupEngine:
+    """The engine verbs (see grok1.engine.Engine) on a shard group, for cluster.driver.Driver."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def prefill(self, slot, prompt, sampling):
+        return self.group.call("prefill", slot, prompt, sampling)[0]
+
+    def decode(self):
+        return self.decode_finish(self.decode_start())
+
+    def decode_start(self):
+        return self.group.submit("decode")
+
+    def decode_finish(self, handle):
+        return self.group.collect(handle)[0]
+
+    def release(self, slot):
+        # Not waited for: the workers run calls in order, so the next step sees the slot released, and a
+        # failure shows up in that step's results.
+        self.group.submit("release", slot)
+
+    def ping(self):
+        return self.group.call("ping", timeout_s=10) if hasattr(self.group, "workers") else None
