@@ -82,7 +82,8 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         self.validate(request)
-        if len(self.queue) >= self.max_queue:
+        free_slots = sum(running is None for running in self.slots)  # these requests are admitted at once
+        if len(self.queue) - free_slots >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
         self.queue.append(request)
 

@@ -219,6 +219,24 @@ def _index(w, e):
     return w[e]
 
 
+def combine(gates, y):
+    """Gate-weighted sum of each token's expert outputs: gates [N, k] float32, y [N, k, D] float32 -> [N, D] f32.
+
+    Gates are rounded to bfloat16 first (as the reference), the sum is float32, and it stays float32 into
+    post_moe_norm (rounded to bfloat16 after it, in decoder_layer). Why not round here: XLA:CPU (jax 0.10.2)
+    fuses a reduce with the f32->bf16->f32 convert pair that rms_norm makes of a bf16 input into one YNNPACK
+    fusion that silently drops the rounding, for some shapes only; one device (fused) and expert-parallel
+    (rounded at the shard_map boundary) then differed by a bfloat16 ulp and flipped near-tie greedy tokens.
+    Not rounding at all is the same on every shape and layout, and matches the golden logits as closely.
+    Every MoE (model.moe, sharding.expert_parallel) combines through this function.
+    """
+    gates = gates.astype(FPROP_DTYPE).astype(jnp.float32)
+    combined = gates[:, 0, None] * y[:, 0]
+    for choice in range(1, y.shape[1]):
+        combined = combined + gates[:, choice, None] * y[:, choice]
+    return combined  # float32: rounded only after post_moe_norm
+
+
 def moe(x, layer, config: ModelConfig, valid, block: int, override=None):
     """Top-2 mixture of experts: route -> dispatch (sort into expert blocks) -> experts -> combine.
 
@@ -237,8 +255,7 @@ def moe(x, layer, config: ModelConfig, valid, block: int, override=None):
     y_sorted = expert_ffn_grouped(x_sorted, dispatch, layer["ffn_gelu_in"], layer["ffn_value_in"],
                                   layer["ffn_out"], block)
     y = jnp.take(y_sorted, dispatch.slot, axis=0, mode="fill", fill_value=0).reshape(batch * steps, k, dim)
-    combined = jnp.sum(gates.astype(FPROP_DTYPE).astype(jnp.float32)[..., None] * y, axis=1)  # [N, D]
-    return combined.astype(FPROP_DTYPE).reshape(batch, steps, dim), expert_index.reshape(batch, steps, k)
+    return combine(gates, y).reshape(batch, steps, dim), expert_index.reshape(batch, steps, k)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -251,7 +268,7 @@ def decoder_layer(h, layer, config: ModelConfig, positions, cache, layer_index, 
                             layer_index, rows, kv_len)
     h = h + rms_norm(attn, layer["post_attn_norm"])
     ffn, expert_index = moe_fn(rms_norm(h, layer["pre_moe_norm"]), layer, config, valid, block, override)
-    h = h + rms_norm(ffn, layer["post_moe_norm"])
+    h = h + rms_norm(ffn, layer["post_moe_norm"]).astype(h.dtype)
     return h, cache, expert_index
 
 

@@ -75,9 +75,8 @@ def _local_moe(tokens, valid, override, router, w_gelu, w_value, w_out, *, confi
     back = jax.lax.all_to_all(y_rows.reshape(ep, cap, dim), EP, 0, 0)  # 5. return
     y = jnp.where(kept[:, None], back[jnp.minimum(dest, ep - 1), jnp.minimum(pos, cap - 1)], 0.0)
     y = y.reshape(n, k, dim)
-    combined = jnp.sum(gates.astype(model.FPROP_DTYPE).astype(jnp.float32)[..., None] * y, axis=1)
     used = jnp.where(dropped.reshape(n, k), -1, expert_index)
-    return combined.astype(model.FPROP_DTYPE), used
+    return model.combine(gates, y), used
 
 
 def _weight_spec(leaf_spec_weight: P, leaf) -> QuantizedWeight | P:

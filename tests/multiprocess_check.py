@@ -26,7 +26,6 @@ GREEDY_TOKENS = 16
 
 def golden(args, shard) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from cluster.driver import Driver
@@ -63,30 +62,8 @@ def golden(args, shard) -> dict:
     done = driver.generate([Request(f"golden{k}", p, GREEDY_TOKENS, ignore_eos=True)
                             for k, p in enumerate(prompts)])
     greedy = [c.tokens for c in done]
-    return {"rel_to_golden": rel, "experts": experts, "greedy": greedy, "margins": margins(engine, prompts, greedy),
+    return {"rel_to_golden": rel, "experts": experts, "greedy": greedy,
             "expert_counts": driver.expert_counts.tolist()}
-
-
-def margins(engine, prompts, generated) -> list[list[float]]:
-    """Per generated token: the top-2 logit margin of the full forward (no cache) at the step that chose it."""
-    import jax
-    import numpy as np
-
-    from grok1 import model
-
-    width = -(-max(len(p) + len(g) for p, g in zip(prompts, generated)) // 16) * 16
-    tokens = np.zeros((len(prompts), width), np.int32)  # padding after the end cannot change earlier logits
-    for row, (p, g) in enumerate(zip(prompts, generated)):
-        tokens[row, :len(p) + len(g)] = p + g
-    logits = jax.jit(lambda p, t: model.full_forward(p, engine.config.model, t, moe_fn=engine.placement.moe_fn).logits,
-                     out_shardings=engine.placement.replicated)(engine.params, tokens)
-    logits = np.asarray(logits, np.float32)
-    result = []
-    for row, (p, g) in enumerate(zip(prompts, generated)):
-        chose = logits[row, len(p) - 1:len(p) - 1 + len(g)]  # [G, V]
-        top2 = np.sort(chose, axis=-1)[:, -2:]
-        result.append((top2[:, 1] - top2[:, 0]).tolist())
-    return result
 
 
 def rss_status(field: str) -> int:

@@ -5,9 +5,8 @@ Each run is tests/multiprocess_check.py started N times by sharding.launch.run_l
   virtual devices (forced-routing logits, free-routing experts, greedy tokens, expert counts): the processes
   and gloo add nothing;
 - against the golden logits the teacher-forced criterion holds (forced routing within 4% relative L2);
-- against the single-device engine (mesh 1x1) the free-routing experts are equal, and greedy tokens are equal
-  up to a near-tie: where they first differ, the single-device model's top two logits are within NEAR_TIE
-  (another mesh shape splits the same sums differently, and bf16 rounding can then pick the other token);
+- against the single-device engine (mesh 1x1) the free-routing experts and the greedy tokens are equal (see
+  model.combine for the one XLA:CPU fusion that made them differ by a bf16 ulp, and how it is avoided);
 - loading a sliceable checkpoint, each of N processes holds and reads about 1/N of the weights (the peak
   memory it adds while loading is its slices plus the file pages they came from).
 """
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import yaml
 
@@ -24,7 +22,6 @@ from sharding.launch import run_local_group
 
 pytestmark = pytest.mark.slow
 
-NEAR_TIE = 0.25  # the engine tests' threshold: 4 bf16 steps at these logit magnitudes
 FORCED_REL_L2 = 0.04  # golden criterion for forced routing
 
 # (processes, ep, tp, devices per process)
@@ -66,13 +63,7 @@ def test_group_equals_one_process_on_the_same_mesh(golden_args, single_device, p
     out = group[0]
     assert max(out["rel_to_golden"]) < FORCED_REL_L2, out["rel_to_golden"]
     assert out["experts"] == single_device["experts"], "free-routing experts differ from the single device"
-    for case, (ours, alone) in enumerate(zip(out["greedy"], single_device["greedy"])):
-        differ = [i for i, (a, b) in enumerate(zip(ours, alone)) if a != b]
-        if differ:
-            first = differ[0]
-            margin = single_device["margins"][case][first]
-            assert margin < NEAR_TIE, (f"case {case}: greedy differs from the single device at step {first}, "
-                                       f"where its top-2 margin is {margin:.3f} (not a near-tie)\n{ours}\n{alone}")
+    assert out["greedy"] == single_device["greedy"], "greedy tokens differ from the single-device engine"
 
 
 def tiny_moe_config(tmp_path) -> str:

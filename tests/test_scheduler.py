@@ -118,21 +118,25 @@ def test_driver_reuses_the_freed_slot_in_fifo_order():
 
 
 def test_queue_bound_raises_queue_full_and_recovers():
+    """max_queue counts requests waiting beyond the free slots: with 1 slot and max_queue 2, three fit."""
     driver, scheduler, engine = make(max_slots=1, max_queue=2)
-    driver.submit(req("a", [1], max_tokens=2))
+    driver.submit(req("a", [1], max_tokens=3))  # takes the free slot at the next step
     driver.submit(req("b", [2], max_tokens=2))
+    driver.submit(req("c", [3], max_tokens=2))
     with pytest.raises(QueueFull) as info:
-        driver.submit(req("c", [3], max_tokens=2))
+        driver.submit(req("d", [4], max_tokens=2))
     assert info.value.retriable is True and QueueFull.retriable is True
     assert isinstance(info.value, RuntimeError) and not isinstance(info.value, InvalidRequest)
-    assert "c" not in driver.completions and len(scheduler.queue) == 2
+    assert "d" not in driver.completions and len(scheduler.queue) == 3
 
-    driver.step()  # "a" is admitted: one place in the queue frees up
-    driver.submit(req("c", [3], max_tokens=2))
+    driver.step()  # "a" is admitted and keeps the slot: still two waiting, still full
     with pytest.raises(QueueFull):
         driver.submit(req("d", [4], max_tokens=2))
+    driver.step()  # "a" finishes (3 tokens) and frees its slot: one place frees up
+    driver.submit(req("d", [4], max_tokens=2))
     driver.run_until_idle()
-    assert {rid: c.tokens for rid, c in driver.completions.items()} == {"a": [1, 2], "b": [2, 3], "c": [3, 4]}
+    assert {rid: c.tokens for rid, c in driver.completions.items()} == {
+        "a": [1, 2, 3], "b": [2, 3], "c": [3, 4], "d": [4, 5]}
     assert all(c.finish_reason == "length" for c in driver.completions.values())
     assert scheduler.idle
 

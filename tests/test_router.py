@@ -1,0 +1,250 @@
+"""The router's logic (cluster/router.py) in this process, on the fake arithmetic engine of test_scheduler.py.
+
+The router runs its real step thread, scheduler, driver (pipelined or not) and streams; only the shard group
+is replaced by `LocalShardGroup` over the fake engine, so every token can be worked out by hand:
+first token = sum(prompt) % 100, then +1 per step. Faults are injected by the engine raising GroupFailure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from cluster.router import Router, Unavailable
+from cluster.scheduler import InvalidRequest, QueueFull, Request
+from grok1.config import Grok1Config, ModelConfig
+from grok1.engine import Sampling
+from test_scheduler import FakeEngine, VOCAB
+from workers.group import GroupFailure, GroupSpec, LocalShardGroup
+
+MAX_SLOTS = 4
+CONFIG = Grok1Config(name="fake", model=ModelConfig(vocab_size=128, emb_size=64, key_size=16, num_q_heads=4,
+                                                    num_kv_heads=2, num_layers=1, eos_token=2),
+                     ).replace(engine={"max_slots": MAX_SLOTS, "max_len": 64, "prefill_buckets": [16],
+                                       "moe_block_size": 8})
+
+
+class SlowFakeEngine(FakeEngine):
+    """The fake engine with a step time, the pipelined verbs, and a fault to inject."""
+
+    def __init__(self, step_s: float = 0.0, fail_at_decode: int | None = None):
+        super().__init__(MAX_SLOTS)
+        self.step_s = step_s
+        self.fail_at_decode = fail_at_decode
+
+    def decode(self):
+        time.sleep(self.step_s)
+        if self.fail_at_decode is not None and self.decodes + 1 >= self.fail_at_decode:
+            raise GroupFailure("worker 1 died (injected)")
+        return super().decode()
+
+    def decode_start(self):
+        return self.decode()
+
+    def decode_finish(self, handle):
+        return handle
+
+
+def expected(prompt, n):
+    first = sum(prompt) % VOCAB
+    return [(first + i) % VOCAB for i in range(n)]
+
+
+def make_router(engines, **kwargs) -> Router:
+    """A router whose k-th shard group (first start, then each rebuild) runs engines[k]."""
+    made = []
+
+    def factory(spec):
+        if not engines:
+            raise RuntimeError("no more engines")
+        made.append(engines.pop(0))
+        return LocalShardGroup(made[-1])
+
+    router = Router(GroupSpec(config=CONFIG, checkpoint="unused"), group_factory=factory, **kwargs)
+    router.made = made
+    return router
+
+
+async def collect(router, request, timeout_s=None):
+    return [event async for event in router.generate(request, timeout_s=timeout_s)]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_concurrent_streams_get_their_own_tokens(pipelined):
+    router = make_router([SlowFakeEngine()], pipelined=pipelined)
+
+    async def main():
+        await router.wait_ready(10)
+        requests = [Request(f"r{k}", [10 + k, 3], max_tokens=3 + k % 5, ignore_eos=True) for k in range(12)]
+        results = await asyncio.gather(*(collect(router, r) for r in requests))
+        for request, events in zip(requests, results):
+            assert [e.token for e in events] == expected(request.prompt, request.max_tokens)
+            assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+        stats = await router.stats()
+        assert stats["requests_total"] == {"length": 12} and stats["running"] == 0
+        assert stats["tokens_generated_total"] == sum(r.max_tokens for r in requests)
+        assert len(stats["ttft_seconds"]) == 12 and len(stats["tpot_seconds"]) == 12
+        await router.shutdown()
+
+    run(main())
+
+
+def test_full_queue_refuses_at_once_with_a_retriable_error():
+    router = make_router([SlowFakeEngine(step_s=0.02)], max_queue=2)
+
+    async def main():
+        await router.wait_ready(10)
+        long = [asyncio.create_task(collect(router, Request(f"long{k}", [5], 40, ignore_eos=True)))
+                for k in range(MAX_SLOTS)]
+        while (await router.stats())["running"] < MAX_SLOTS:
+            await asyncio.sleep(0.01)
+        long += [asyncio.create_task(collect(router, Request(f"wait{k}", [5], 4))) for k in range(2)]
+        while (await router.stats())["queue_length"] < 2:
+            await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="queue is full") as err:
+            await collect(router, Request("extra", [5], 4))
+        assert err.value.retriable
+        for task in long:
+            task.cancel()
+        await asyncio.gather(*long, return_exceptions=True)
+        events = await collect(router, Request("after", [5], 2, ignore_eos=True))  # the router still serves
+        assert [e.token for e in events] == expected([5], 2)
+        await router.shutdown()
+
+    run(main())
+
+
+def test_invalid_request_fails_at_first_read_and_router_keeps_serving():
+    router = make_router([SlowFakeEngine()])
+
+    async def main():
+        await router.wait_ready(10)
+        with pytest.raises(InvalidRequest, match="exceeds the context of 64"):
+            await collect(router, Request("too-long", [1] * 60, 10))
+        with pytest.raises(InvalidRequest, match="timeout must be positive"):
+            await collect(router, Request("t", [1], 1), timeout_s=0)
+        assert [e.token for e in await collect(router, Request("ok", [4], 2, ignore_eos=True))] == [4, 5]
+        await router.shutdown()
+
+    run(main())
+
+
+def test_cancel_frees_the_slot_within_a_step():
+    engine = SlowFakeEngine(step_s=0.02)
+    router = make_router([engine])
+
+    async def main():
+        await router.wait_ready(10)
+        stream = router.generate(Request("c", [5], 50, ignore_eos=True))
+        first = await stream.__anext__()
+        assert first.token == 5
+        await router.cancel("c")
+        rest = [event async for event in stream]
+        assert rest[-1].finish_reason == "cancelled" and rest[-1].token is None
+        assert len(rest) <= 3  # at most the step in flight and the one started before the cancel arrived
+        assert (await router.stats())["running"] == 0 and engine.releases == [0]
+        await router.shutdown()
+
+    run(main())
+
+
+def test_a_caller_that_goes_away_frees_its_slot():
+    engine = SlowFakeEngine(step_s=0.02)
+    router = make_router([engine])
+
+    async def main():
+        await router.wait_ready(10)
+        stream = router.generate(Request("gone", [5], 50, ignore_eos=True))
+        await stream.__anext__()
+        await stream.aclose()  # what Ray does when the caller drops a streaming generator
+        for _ in range(50):
+            if engine.releases:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.releases == [0] and (await router.stats())["requests_total"] == {"cancelled": 1}
+        await router.shutdown()
+
+    run(main())
+
+
+def test_deadline_ends_queued_and_running_requests():
+    router = make_router([SlowFakeEngine(step_s=0.05)])
+
+    async def main():
+        await router.wait_ready(10)
+        started = time.monotonic()
+        events = await collect(router, Request("d", [5], 60, ignore_eos=True), timeout_s=0.3)
+        assert events[-1].finish_reason == "deadline" and time.monotonic() - started < 2
+        assert 1 <= len(events) - 1 < 60
+        await router.shutdown()
+
+    run(main())
+
+
+def test_group_failure_fails_in_flight_keeps_queue_and_rebuilds():
+    first, second = SlowFakeEngine(step_s=0.01, fail_at_decode=5), SlowFakeEngine()
+    router = make_router([first, second])
+
+    async def main():
+        await router.wait_ready(10)
+        running = [asyncio.create_task(collect(router, Request(f"run{k}", [k + 10], 20, ignore_eos=True)))
+                   for k in range(MAX_SLOTS)]
+        await asyncio.sleep(0.005)
+        queued = asyncio.create_task(collect(router, Request("queued", [3], 3, ignore_eos=True)))
+        for task in running:
+            events = await task
+            assert events[-1].finish_reason == "error" and "can be retried" in events[-1].error
+        events = await queued  # kept in the queue through the rebuild, then served by the new group
+        assert [e.token for e in events] == expected([3], 3) and events[-1].finish_reason == "length"
+        await router.wait_ready(10)
+        stats = await router.stats()
+        assert stats["restarts"] == 1 and stats["state"] == "ready" and len(router.made) == 2
+        await router.shutdown()
+
+    run(main())
+
+
+def test_start_failure_is_reported_within_a_bound():
+    router = make_router([])  # the factory raises: e.g. a checkpoint that does not match the config
+
+    async def main():
+        with pytest.raises(Unavailable, match="failed to start: RuntimeError: no more engines"):
+            await router.wait_ready(10)
+        with pytest.raises(Unavailable, match="failed"):
+            await collect(router, Request("x", [1], 1))
+        assert not (await router.health())["ok"]
+
+    run(main())
+
+
+def test_health_probe_generates_one_token():
+    router = make_router([SlowFakeEngine()])
+
+    async def main():
+        await router.wait_ready(10)
+        health = await router.health()
+        assert health == {"ok": True, "state": "ready", "detail": "probe generated 1 token"}
+        await router.shutdown()
+
+    run(main())
+
+
+def test_sampling_settings_reach_the_engine():
+    engine = SlowFakeEngine()
+    router = make_router([engine])
+
+    async def main():
+        await router.wait_ready(10)
+        await collect(router, Request("s", [1, 2], 2, sampling=Sampling(0.7, 0.9, 5, 42)))
+        assert engine.prefills[-1][2] == Sampling(0.7, 0.9, 5, 42)
+        assert np.all(~engine.active)
+        await router.shutdown()
+
+    run(main())
