@@ -34,3 +34,22 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache
+
+# The deployment files (cluster/ray_up, k8s/, docker/) checked against Ray's, KubeRay's and Serve's own
+# schemas, the CLI and the planner, without a cluster (docs/deploy.md, section 9).
+.PHONY: deploy-check
+deploy-check: setup
+	$(BIN)/python -m pytest -q tests/test_deploy.py
+
+# The service: OpenAI-compatible HTTP on :8000 and gRPC on :9000 in front of a 2-shard expert-parallel group, on
+# a random-weight checkpoint written on first use. A real checkpoint: CONFIG=configs/grok-1.yaml CHECKPOINT=DIR;
+# an existing Ray cluster: RAY_ADDRESS=host:6379 make serve. Ctrl-C stops it.
+.PHONY: serve protos
+EP ?= 2
+serve: setup
+	$(BIN)/grok1 serve --config $(CONFIG) --ep $(EP) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--random-if-missing)
+
+# Regenerate the committed gRPC stubs (grok1_api/v1/) from proto/; tests/test_ingress.py checks they are current.
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. \
+		proto/grok1_api/v1/grok1.proto

@@ -159,6 +159,7 @@ class Router:
         now = time.monotonic()
         recent = [t for t in list(self._token_times) if now - t <= 10.0]
         running = len(self.scheduler.running_slots())
+        workers = self.group.members() if self.group is not None else []
         return {
             "state": self.state, "error": self.error, "restarts": self.restarts,
             "queue_length": len(self.scheduler.queue), "running": running,
@@ -168,7 +169,8 @@ class Router:
             "ttft_seconds": list(self._ttft), "tpot_seconds": list(self._tpot),
             "tokens_per_second": len(recent) / 10.0,
             "expert_token_counts": self._expert_counts.tolist(),
-            "node_ids": self.group.node_ids() if self.group is not None else [],
+            "workers": workers, "node_ids": [worker["node_id"] for worker in workers],
+            "router_node_id": _this_node_id(),
         }
 
     async def shutdown(self) -> None:
@@ -282,6 +284,15 @@ class Router:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
 
+def _this_node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
+
+
 def start_router(config: Grok1Config, *, checkpoint: str, ep: int = 2, tp: int = 1, placement_strategy: str = "PACK",
                  max_queue: int = 256, backend: str = "ray", name: str | None = None, pipelined: bool = True,
                  use_gpus: bool = False, devices_per_process: int = 1, env: dict[str, str] | None = None,
@@ -295,5 +306,11 @@ def start_router(config: Grok1Config, *, checkpoint: str, ep: int = 2, tp: int =
                      devices_per_process=devices_per_process, use_gpus=use_gpus,
                      env=tuple(sorted((env or {}).items())), start_timeout_s=start_timeout_s,
                      step_timeout_s=step_timeout_s).validate()
-    actor = ray.remote(Router).options(name=name, num_cpus=0, max_concurrency=1000, max_restarts=0)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # The router sits next to its caller (the head node or the ingress replica), not on a shard's node: it has
+    # to outlive the loss of any shard's node to rebuild the group.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(Router).options(name=name, num_cpus=0, max_concurrency=1000, max_restarts=0,
+                                       scheduling_strategy=here)
     return actor.remote(spec, backend=backend, max_queue=max_queue, pipelined=pipelined)

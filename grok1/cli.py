@@ -6,6 +6,9 @@
     grok1 checkpoint convert SRC DST --config C
     grok1 config show C
     grok1 plan --config C --hosts H --devices-per-host D --device-memory 80GiB [--slots S --max-len L] ...
+    grok1 serve --config C [--checkpoint DIR] [--ep N] [--tp N] [--http-port 8000] [--grpc-port 9000] ...
+    grok1 generate "prompt" --http URL | --grpc HOST:PORT [--stream]     (a running server instead)
+    grok1 bench --http URL | --grpc HOST:PORT [--concurrency 32] [--requests 64] [--prompt-len L] [--output-len L]
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def cmd_generate(args) -> int:
     from grok1.engine import Engine, Sampling
     from grok1.tokenizer import Tokenizer
 
+    if args.http or args.grpc:
+        return cmd_generate_remote(args)
     config = _config(args)
     directory = _checkpoint_dir(config, args.config)
     if args.random_if_missing:
@@ -150,6 +155,59 @@ def cmd_plan(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serving (ingress/)
+
+
+def cmd_generate_remote(args) -> int:
+    """`grok1 generate --http URL | --grpc HOST:PORT`: the same generation, from a running server."""
+    from ingress.client import ClientError, GrpcClient, HttpClient, Sampling
+
+    client = GrpcClient(args.grpc) if args.grpc else HttpClient(args.http)
+    sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    try:
+        if args.stream:
+            for chunk in client.stream(args.prompt, sampling):
+                print(chunk.text, end="", flush=True)
+            print()
+            return 0
+        result = client.generate(args.prompt, sampling)
+    except ClientError as err:
+        print(f"grok1: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "text": result.text, "tokens": result.token_ids,
+                          "finish_reason": result.finish_reason}))
+    else:
+        print(args.prompt + result.text)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ingress.launch import serve_forever
+
+    config = _config(args)
+    app_args = {"config": args.config, "ep": args.ep, "tp": args.tp, "placement_strategy": args.placement_strategy,
+                "random_if_missing": args.random_if_missing, "max_queue": args.max_queue,
+                "num_replicas": args.replicas, "backend": args.backend}
+    if args.checkpoint:
+        app_args["checkpoint"] = args.checkpoint
+    if args.tokenizer:
+        app_args["tokenizer"] = args.tokenizer
+    return serve_forever(app_args, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                         model=config.name)
+
+
+def cmd_bench(args) -> int:
+    from ingress.loadgen import LoadSpec, format_table, run_grpc, run_http
+
+    spec = LoadSpec(args.concurrency, args.requests, args.prompt_len, args.output_len, seed=args.seed)
+    result = run_grpc(args.grpc, spec) if args.grpc else run_http(args.http, spec)
+    print(json.dumps(result.summary()) if args.json else format_table([result]))
+    return 1 if result.errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok1", description="Grok-1 serving tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +226,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     gen.add_argument("--json", action="store_true")
+    gen.add_argument("--http", metavar="URL", help="ask a running server over HTTP (e.g. http://127.0.0.1:8000)")
+    gen.add_argument("--grpc", metavar="HOST:PORT", help="ask a running server over gRPC (e.g. 127.0.0.1:9000)")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve HTTP (OpenAI-compatible) and gRPC with Ray Serve")
+    srv.add_argument("--config", default=DEFAULT_CONFIG)
+    srv.add_argument("--checkpoint", help="checkpoint directory (overrides the config)")
+    srv.add_argument("--tokenizer", help="path to tokenizer.model")
+    srv.add_argument("--random-if-missing", action="store_true",
+                     help="write a random-weight checkpoint first if the directory has none")
+    srv.add_argument("--ep", type=int, default=2, help="expert-parallel shards per model replica")
+    srv.add_argument("--tp", type=int, default=1, help="tensor-parallel size per model replica")
+    srv.add_argument("--replicas", type=int, default=1, help="model replicas (data-parallel)")
+    srv.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    srv.add_argument("--max-queue", type=int, default=256)
+    srv.add_argument("--backend", default="ray", choices=["ray", "local"],
+                     help="local: the engine inside the router's process (one device)")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 for all)")
+    srv.add_argument("--http-port", type=int, default=8000)
+    srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="load generator against a running server: TTFT, TPOT, tokens/s")
+    target = bench.add_mutually_exclusive_group(required=True)
+    target.add_argument("--http", metavar="URL")
+    target.add_argument("--grpc", metavar="HOST:PORT")
+    bench.add_argument("--concurrency", type=int, default=32)
+    bench.add_argument("--requests", type=int, default=64)
+    bench.add_argument("--prompt-len", type=int, default=16)
+    bench.add_argument("--output-len", type=int, default=32)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     ckpt = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="action", required=True)
     rnd = ckpt.add_parser("random", help="write a random-weight checkpoint in the released layout")

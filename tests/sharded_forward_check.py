@@ -5,7 +5,6 @@ ones and to the golden logits (forced routing), whether the experts agree, and t
 """
 
 import json
-import math
 import os
 import sys
 from pathlib import Path

@@ -3,11 +3,14 @@
 The actor starts empty so that the group can first learn where each one landed (node, address) and pick the
 coordinator's port on the first one's node; `start` then joins the JAX group and loads this shard's slices.
 Calls run one at a time, in the order the router sent them, which is what multi-controller JAX needs.
+Each worker adds up the wall time spent inside its steps (`timings()`), so a benchmark can split a step's
+time between the worker and Ray's dispatch around it.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 
@@ -20,6 +23,7 @@ class ShardWorker:
     def __init__(self, env: dict[str, str] | None = None):
         os.environ.update(env or {})  # e.g. NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME from the cluster config
         self.shard = None
+        self._timings: dict[str, list] = {}  # verb -> [calls, seconds inside the call]
 
     def location(self) -> dict:
         context = ray.get_runtime_context()
@@ -42,10 +46,28 @@ class ShardWorker:
         return os.getpid()
 
     def prefill(self, slot, prompt, sampling):
-        return self.shard.prefill(slot, prompt, sampling)
+        started = time.perf_counter()
+        out = self.shard.prefill(slot, prompt, sampling)
+        self._count("prefill", started)
+        return out
 
     def decode(self):
-        return self.shard.decode()
+        started = time.perf_counter()
+        out = self.shard.decode()  # returns host arrays: the step (and its collectives) has finished
+        self._count("decode", started)
+        return out
+
+    def _count(self, verb: str, started: float) -> None:
+        calls_seconds = self._timings.setdefault(verb, [0, 0.0])
+        calls_seconds[0] += 1
+        calls_seconds[1] += time.perf_counter() - started
+
+    def timings(self, reset: bool = False) -> dict[str, tuple[int, float]]:
+        """{verb: (calls, seconds spent inside them)} since the last reset."""
+        out = {verb: (calls, seconds) for verb, (calls, seconds) in self._timings.items()}
+        if reset:
+            self._timings = {}
+        return out
 
     def release(self, slot):
         self.shard.release(slot)

@@ -122,20 +122,30 @@ class RayShardGroup:
         return [getattr(worker, method).remote(*args) for worker in self.workers]
 
     def collect(self, handle, timeout_s: float | None = None) -> list:
+        """Every worker's result. Results are read as they arrive, so a dead worker is reported at once even
+        while the others wait forever inside a collective that lost a member."""
         ray = self._ray
         timeout = self.spec.step_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        pending = list(handle)
         try:
-            return ray.get(handle, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise GroupFailure(f"a shard worker did not answer within {timeout:.0f}s") from None
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise GroupFailure(f"{len(pending)} shard worker(s) did not answer within {timeout:.0f}s")
+                ray.get(ready)  # raises if that worker died or failed
+            return ray.get(list(handle))
         except ray.exceptions.RayActorError as err:
-            raise GroupFailure(f"a shard worker died: {type(err).__name__}") from err
+            raise GroupFailure(f"a shard worker died ({type(err).__name__})") from err
+        except ray.exceptions.RayTaskError as err:
+            raise GroupFailure(f"a shard worker failed: {err.cause!r}") from err
 
     def call(self, method: str, *args, timeout_s: float | None = None) -> list:
         return self.collect(self.submit(method, *args), timeout_s)
 
-    def node_ids(self) -> list[str]:
-        return [location["node_id"] for location in self.locations]
+    def members(self) -> list[dict]:
+        """Where each worker runs: node_id, ip, pid, gpu_ids."""
+        return list(self.locations)
 
     def shutdown(self) -> None:
         ray = self._ray
@@ -178,8 +188,10 @@ class LocalShardGroup:
     def call(self, method: str, *args, timeout_s: float | None = None) -> list:
         return self.collect(self.submit(method, *args))
 
-    def node_ids(self) -> list[str]:
-        return ["local"]
+    def members(self) -> list[dict]:
+        import os
+
+        return [{"node_id": "local", "ip": "127.0.0.1", "pid": os.getpid(), "gpu_ids": []}]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

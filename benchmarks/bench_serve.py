@@ -1,0 +1,78 @@
+"""End-to-end serving throughput: the same load over HTTP, over gRPC, and straight on the router, in one run.
+
+    python -m benchmarks.bench_serve [--config configs/grok-1-tiny.yaml] [--ep 2] [--backend ray]
+                                     [--concurrency 32] [--requests 64] [--prompt-len 16] [--output-len 32]
+
+Starts a local Ray instance and the Serve application (random-weight checkpoint written on first use), waits
+for the weights, warms every path up, then runs the load (ingress/loadgen.py: `concurrency` streams, random
+prompts of exactly prompt_len tokens, exactly output_len tokens each, ignore_eos) on the router directly, over
+HTTP and over gRPC, and prints tokens/s, TTFT and TPOT with each ingress path's ratio to the router's
+(target: >= 85%). The client runs on the same machine as the server: on a small machine it takes CPU from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/grok-1-tiny.yaml")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--ep", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--backend", default="ray", choices=["ray", "local"])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    from ray import serve
+
+    from grok1.config import load_config
+    from ingress.launch import start_serving
+    from ingress.loadgen import LoadSpec, format_table, run_grpc, run_http, run_router
+
+    config = load_config(args.config)
+    app_args = {"config": args.config, "ep": args.ep, "tp": args.tp, "backend": args.backend,
+                "random_if_missing": True, "max_queue": max(256, args.requests)}
+    if args.checkpoint:
+        app_args["checkpoint"] = args.checkpoint
+    http_port, grpc_port = _free_port(), _free_port()
+    router = start_serving(app_args, http_port=http_port, grpc_port=grpc_port,
+                           num_cpus=args.num_cpus or max(4, 2 * args.ep))
+    http, grpc_target = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    spec = LoadSpec(args.concurrency, args.requests, args.prompt_len, args.output_len, config.model.vocab_size)
+    try:
+        warm = LoadSpec(min(4, args.concurrency), min(4, args.requests), args.prompt_len, 4,
+                        config.model.vocab_size, seed=1)
+        run_router(router, warm), run_http(http, warm), run_grpc(grpc_target, warm)
+        baseline = run_router(router, spec)
+        results = [baseline, run_http(http, spec), run_grpc(grpc_target, spec)]
+    finally:
+        serve.shutdown()
+    print(f"\n{config.name}, ep={args.ep} tp={args.tp}, backend {args.backend}, {platform.processor() or platform.machine()}"
+          f": {args.concurrency} streams, {args.requests} requests, prompt {args.prompt_len}, output {args.output_len}")
+    print(format_table(results, baseline))
+    summary = [{**r.summary(), "ratio_to_router": round(r.tokens_per_s / baseline.tokens_per_s, 3)
+                if baseline.tokens_per_s else None} for r in results]
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(summary, file, indent=1)
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""`grok1 serve`: start (or join) a Ray cluster, run the Serve application, wait for the weights, print the
+ready line, and block until Ctrl-C.
+
+A local Ray instance is started unless $RAY_ADDRESS names an existing cluster (`ray start --head` there, or
+`auto`). The gRPC proxy needs the stubs importable on every node: `pip install -e .` puts `grok1_api` on the
+path (the Docker image does the same).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+APP_NAME = "grok1"
+
+
+def ready_line(model: str, http_host: str, http_port: int, grpc_port: int, ep: int, tp: int) -> str:
+    host = "127.0.0.1" if http_host in ("0.0.0.0", "::") else http_host
+    url = f"http://{host}:{http_port}"
+    return (f"grok1-serve ready: {model} (ep={ep} tp={tp}), HTTP {url}  gRPC {host}:{grpc_port}\n"
+            f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"prompt\": \"The answer to life the universe and everything is\", \"max_tokens\": 16}}'\n"
+            f"  grok1 generate \"The answer to life the universe and everything is\" --http {url} --stream\n"
+            f"  grok1 generate \"The answer to life the universe and everything is\" --grpc {host}:{grpc_port}")
+
+
+def start_serving(app_args: dict, *, http_host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
+                  ray_address: str | None = None, ready_timeout_s: float = 1800, num_cpus: int | None = None):
+    """Start Ray (or join `ray_address` / $RAY_ADDRESS) and Serve, run the app, wait until it serves.
+
+    Returns (router actor handle, model name)."""
+    import ray
+    from ray import serve
+
+    from ingress.app import build_app, serve_options
+
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus if address == "local" else None,
+                 include_dashboard=False, log_to_driver=False)
+    serve.start(**serve_options(http_host, http_port, grpc_port))
+    handle = serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+    router = handle.router_handle.remote().result()
+    started = time.monotonic()
+    print(f"loading the weights (ep={app_args.get('ep', 2)} tp={app_args.get('tp', 1)}) ...", file=sys.stderr,
+          flush=True)
+    ray.get(router.wait_ready.remote(ready_timeout_s))
+    print(f"loaded in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+    return router
+
+
+def serve_forever(app_args: dict, *, http_host: str, http_port: int, grpc_port: int, model: str) -> int:
+    from ray import serve
+
+    start_serving(app_args, http_host=http_host, http_port=http_port, grpc_port=grpc_port)
+    print(ready_line(model, http_host, http_port, grpc_port, int(app_args.get("ep", 2)), int(app_args.get("tp", 1))),
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down (Ctrl-C again to stop at once)", file=sys.stderr)
+        try:
+            serve.shutdown()
+        except KeyboardInterrupt:
+            pass
+    return 0

@@ -1,0 +1,199 @@
+"""The Ray application on a real multi-node Ray cluster (ray.cluster_utils.Cluster, several raylets here).
+
+A head with no CPUs (the router actor needs none) and two worker nodes of one CPU each, so that a 2-shard
+expert-parallel group (STRICT_SPREAD) must put one shard worker on each worker node. Checked: placement on
+different nodes, golden greedy through the router equal to the single-process engine, 16 concurrent mixed
+requests each equal to its result alone, cancellation and deadlines, and recovery when a worker process is
+killed and when a whole node is removed and another one added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from cluster.driver import Driver  # noqa: E402
+from cluster.router import start_router  # noqa: E402
+from cluster.scheduler import Request, Scheduler  # noqa: E402
+from grok1.engine import Engine, Sampling  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ENGINE = {"max_slots": 16, "max_len": 128, "prefill_buckets": [16, 32, 64], "moe_block_size": 8}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def config(golden):
+    return golden.config.replace(engine=ENGINE)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    worker_nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, include_dashboard=False)
+    cluster.wait_for_nodes()
+    cluster.worker_nodes_list = worker_nodes
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def router(ray_cluster, config, golden_dir):
+    handle = start_router(config, checkpoint=str(golden_dir), ep=2, placement_strategy="STRICT_SPREAD",
+                          backend="ray", start_timeout_s=300, step_timeout_s=60)
+    assert ray.get(handle.wait_ready.remote(300))
+    yield handle
+    ray.get(handle.shutdown.remote(), timeout=60)
+    ray.kill(handle)
+
+
+@pytest.fixture(scope="module")
+def reference(golden, config):
+    """The single-process engine, driven by the same scheduler and driver: what each request gets alone."""
+    engine = Engine(config, golden.params)
+    cache = {}
+
+    def alone(request: Request) -> list[int]:
+        key = (tuple(request.prompt), request.max_tokens, request.sampling)
+        if key not in cache:
+            scheduler = Scheduler(ENGINE["max_slots"], ENGINE["max_len"], config.model.vocab_size,
+                                  config.model.eos_token)
+            [done] = Driver(engine, scheduler).generate([Request("ref", request.prompt, request.max_tokens,
+                                                                 request.sampling, ignore_eos=True)])
+            cache[key] = done.tokens
+        return cache[key]
+
+    return alone
+
+
+async def stream(router, request: Request, timeout_s=None) -> list:
+    refs = router.generate.options(num_returns="streaming").remote(request, timeout_s)
+    return [await ref async for ref in refs]
+
+
+def run_all(router, requests, timeout_s=None) -> list[list]:
+    async def main():
+        return await asyncio.gather(*(stream(router, r, timeout_s) for r in requests))
+
+    return asyncio.run(asyncio.wait_for(main(), 300))
+
+
+def stats(router) -> dict:
+    return ray.get(router.stats.remote(), timeout=30)
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_shards_on_different_nodes_and_golden_greedy_equals_the_engine(router, ray_cluster, golden, reference):
+    workers = stats(router)["workers"]
+    assert len(workers) == 2 and workers[0]["node_id"] != workers[1]["node_id"]
+    worker_node_ids = {node.node_id for node in ray_cluster.worker_nodes_list}
+    assert {w["node_id"] for w in workers} == worker_node_ids
+    requests = [Request(f"golden{k}", list(p), 16, ignore_eos=True) for k, p in enumerate(golden.cases["prompt_ids"])]
+    results = run_all(router, requests)
+    for request, events in zip(requests, results):
+        assert [e.token for e in events] == reference(request), request.request_id
+        assert events[-1].finish_reason == "length"
+
+
+def test_sixteen_concurrent_mixed_requests_each_get_what_they_get_alone(router, golden, reference):
+    base = [list(p) for p in golden.cases["prompt_ids"]]
+    requests = []
+    for k in range(16):
+        prompt = (base[k % len(base)] * 3)[: 3 + 5 * k]  # 3 .. 78 tokens: every prefill bucket
+        sampling = Sampling() if k % 2 == 0 else Sampling(temperature=0.8, top_p=0.9, top_k=40 if k % 4 == 1 else 0,
+                                                          seed=k)
+        requests.append(Request(f"mixed{k}", prompt, 4 + k % 7, sampling, ignore_eos=True))
+    results = run_all(router, requests)
+    for request, events in zip(requests, results):
+        assert [e.token for e in events] == reference(request), request.request_id
+    assert stats(router)["running"] == 0
+
+
+def test_cancel_and_deadline(router):
+    async def main():
+        refs = router.generate.options(num_returns="streaming").remote(Request("cancel-me", [5, 6, 7], 100,
+                                                                               ignore_eos=True))
+        first = await (await refs.__anext__())
+        assert first.token is not None
+        await router.cancel.remote("cancel-me")
+        events = [await ref async for ref in refs]
+        assert events[-1].finish_reason == "cancelled"
+        started = time.monotonic()
+        timed = await stream(router, Request("deadline", [5, 6, 7], 110, ignore_eos=True), 1.0)
+        assert timed[-1].finish_reason == "deadline" and time.monotonic() - started < 10
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+    assert wait_until(lambda: stats(router)["running"] == 0, 10, "slots to be free")
+
+
+def _long_requests_then(router, fault) -> list[list]:
+    """Start 4 long requests, inject `fault` once they are producing tokens, return their event lists."""
+    async def main():
+        tasks = [asyncio.create_task(stream(router, Request(f"long{k}-{time.monotonic_ns()}", [3 + k, 9], 120,
+                                                            ignore_eos=True))) for k in range(4)]
+        while stats(router)["tokens_generated_total"] < 8 or stats(router)["running"] < 4:
+            await asyncio.sleep(0.1)
+        fault()
+        return await asyncio.gather(*tasks)
+
+    return asyncio.run(asyncio.wait_for(main(), 240))
+
+
+def _assert_recovered(router, restarts_before: int, reference) -> dict:
+    state = wait_until(lambda: (s := stats(router))["state"] == "ready" and s["restarts"] > restarts_before and s,
+                       240, "the group to be rebuilt")
+    request = Request("after-recovery", [1, 2, 3], 8, ignore_eos=True)
+    [events] = run_all(router, [request])
+    assert [e.token for e in events] == reference(request)
+    return state
+
+
+def test_killed_worker_fails_in_flight_requests_and_the_group_is_rebuilt(router, reference):
+    before = stats(router)
+    victim = before["workers"][1]["pid"]
+    started = time.monotonic()
+    results = _long_requests_then(router, lambda: os.kill(victim, signal.SIGKILL))
+    assert time.monotonic() - started < 120  # noticed in seconds, not at the step timeout
+    for events in results:
+        assert events[-1].finish_reason == "error" and "retried" in events[-1].error
+        assert len(events) < 120
+    after = _assert_recovered(router, before["restarts"], reference)
+    assert victim not in {w["pid"] for w in after["workers"]}
+
+
+def test_lost_node_is_replaced_and_serving_resumes(router, ray_cluster, reference):
+    before = stats(router)
+    assert before["router_node_id"] == ray_cluster.head_node.node_id  # the router outlives any shard's node
+    lost_id = before["workers"][1]["node_id"]
+    [lost] = [node for node in ray_cluster.worker_nodes_list if node.node_id == lost_id]
+
+    def remove_node_and_add_another():
+        ray_cluster.remove_node(lost)
+        ray_cluster.worker_nodes_list = [n for n in ray_cluster.worker_nodes_list if n is not lost]
+        ray_cluster.worker_nodes_list.append(ray_cluster.add_node(num_cpus=1))
+
+    results = _long_requests_then(router, remove_node_and_add_another)
+    for events in results:
+        assert events[-1].finish_reason == "error"
+    after = _assert_recovered(router, before["restarts"], reference)
+    assert lost_id not in {w["node_id"] for w in after["workers"]}
+    assert ray_cluster.worker_nodes_list[-1].node_id in {w["node_id"] for w in after["workers"]}

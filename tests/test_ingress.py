@@ -1,0 +1,270 @@
+"""The ingress's pure parts, without Ray or a model: request parsing and validation, stop strings and
+incremental text, SSE framing, error mapping, Prometheus rendering, and the committed gRPC stubs.
+
+A fake tokenizer (one character per token id, id = code point) keeps the text tests exact; the real
+SentencePiece tokenizer is used where its spacing and byte fallback matter (skipped when it is missing).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ingress import metrics, protocol
+from ingress.errors import ApiError, from_exception
+from ingress.text import TextStream, completion_text, find_stop, held_back
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = protocol.ModelInfo("grok-1-tiny", max_len=64, vocab_size=1000, eos_token=2)
+
+
+class CharTokenizer:
+    """Token id = Unicode code point (ids < 1000 here); decode joins characters."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def id_to_piece(self, i):
+        return chr(i)
+
+
+TOK = CharTokenizer()
+
+
+def real_tokenizer():
+    from grok1.tokenizer import Tokenizer, TokenizerNotFound
+
+    try:
+        return Tokenizer.load()
+    except TokenizerNotFound as err:
+        pytest.skip(str(err))
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def test_completion_defaults_and_fields():
+    p = protocol.parse_completion({"prompt": "hello", "model": "grok-1-tiny", "max_tokens": 5, "temperature": 0.7,
+                                   "top_p": 0.9, "top_k": 40, "seed": 3, "stop": "x", "n": 2, "logprobs": 2,
+                                   "echo": True, "stream": True, "stream_options": {"include_usage": True}},
+                                  MODEL, TOK)
+    assert p.prompt == [ord(c) for c in "hello"] and p.max_tokens == 5 and p.stop == ["x"] and p.n == 2
+    assert (p.temperature, p.top_p, p.top_k, p.seed, p.logprobs, p.echo, p.stream, p.include_usage) == \
+        (0.7, 0.9, 40, 3, 2, True, True, True)
+    q = protocol.parse_completion({"prompt": [5, 6, 7]}, MODEL, TOK)
+    assert q.prompt == [5, 6, 7] and q.max_tokens == protocol.DEFAULT_MAX_TOKENS and q.temperature == 0.0
+    assert protocol.parse_completion({"prompt": ["hi"]}, MODEL, TOK).prompt == [104, 105]  # a list of one
+    # the default max_tokens is capped by the context left after the prompt
+    assert protocol.parse_completion({"prompt": [5] * 60}, MODEL, TOK).max_tokens == 4
+
+
+@pytest.mark.parametrize("body, kind, words", [
+    ({"prompt": ""}, "invalid_request", "empty"),
+    ({}, "invalid_request", "prompt is required"),
+    ({"prompt": [5] * 65}, "invalid_request", "exceeds the context"),
+    ({"prompt": "hi", "max_tokens": 63}, "invalid_request", "exceeds the context"),
+    ({"prompt": "hi", "max_tokens": 0}, "invalid_request", "max_tokens"),
+    ({"prompt": "hi", "temperature": -0.1}, "invalid_request", "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "invalid_request", "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, "invalid_request", "top_p"),
+    ({"prompt": "hi", "top_k": -1}, "invalid_request", "top_k"),
+    ({"prompt": [1, 1000]}, "invalid_request", "token ids"),
+    ({"prompt": [-1, 3]}, "invalid_request", "token ids"),
+    ({"prompt": ["a", "b"]}, "invalid_request", "one prompt per request"),
+    ({"prompt": {"x": 1}}, "invalid_request", "prompt must be"),
+    ({"prompt": "hi", "temperature": "hot"}, "invalid_request", "temperature must be a number"),
+    ({"prompt": "hi", "max_tokens": 2.5}, "invalid_request", "max_tokens must be an integer"),
+    ({"prompt": "hi", "n": 0}, "invalid_request", "n must be"),
+    ({"prompt": "hi", "n": protocol.MAX_N + 1}, "invalid_request", "n must be"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "invalid_request", "at most 4"),
+    ({"prompt": "hi", "stop": [1]}, "invalid_request", "stop must be"),
+    ({"prompt": "hi", "logprobs": 99}, "invalid_request", "logprobs"),
+    ({"prompt": "hi", "stream": "yes"}, "invalid_request", "stream must be true or false"),
+    ({"prompt": "hi", "model": "gpt-4"}, "model_not_found", "does not exist"),
+])
+def test_completion_refusals(body, kind, words):
+    with pytest.raises(ApiError) as info:
+        protocol.parse_completion(body, MODEL, TOK)
+    assert info.value.kind == kind and words in info.value.message
+
+
+def test_body_limits_and_encoding():
+    assert protocol.parse_json_body(b'{"prompt": "hi"}') == {"prompt": "hi"}
+    for raw, kind, words in [(b"{not json", "invalid_request", "not valid JSON"),
+                             (b'{"prompt": "\xff\xfe"}', "invalid_request", "not valid UTF-8"),
+                             (b"[1, 2]", "invalid_request", "JSON object"),
+                             (b" " * (protocol.MAX_BODY_BYTES + 1), "too_large", "limit")]:
+        with pytest.raises(ApiError) as info:
+            protocol.parse_json_body(raw)
+        assert info.value.kind == kind and words in info.value.message
+
+
+def test_chat_template_and_stop():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there "},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
+                {"role": "user", "content": "Why?"}]
+    text = protocol.render_chat(messages)
+    assert text == "Be brief.\n\nUser: Hi there\n\nAssistant: Hello.\n\nUser: Why?\n\nAssistant:"
+    model = protocol.ModelInfo("m", 4096, 1 << 20, 2)
+    p = protocol.parse_chat({"messages": messages, "stop": ["###"], "logprobs": True, "top_logprobs": 2}, model, TOK)
+    assert p.prompt == TOK.encode(text) and p.stop == ["###", protocol.CHAT_STOP] and p.logprobs == 2
+    assert p.max_tokens == protocol.DEFAULT_CHAT_MAX_TOKENS
+    for bad in ([], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 5}],
+                [{"role": "user", "content": [{"type": "image_url"}]}], None):
+        with pytest.raises(ApiError):
+            protocol.render_chat(bad)
+
+
+def test_response_shapes_and_sse():
+    assert protocol.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
+    assert protocol.SSE_DONE == b"data: [DONE]\n\n"
+    assert protocol.usage(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    lp = protocol.completion_logprobs([(" a", -0.5, 0), ("b", -1.0, 2)])
+    assert lp == {"tokens": [" a", "b"], "token_logprobs": [-0.5, -1.0], "top_logprobs": [{" a": -0.5}, {"b": -1.0}],
+                  "text_offset": [0, 2]}
+    chat = protocol.chat_logprobs([("é", -0.25, 0)])
+    assert chat["content"][0]["bytes"] == [0xC3, 0xA9] and chat["content"][0]["top_logprobs"][0]["token"] == "é"
+    models = protocol.models_response(MODEL, 123)
+    assert models["data"][0]["id"] == "grok-1-tiny" and models["object"] == "list"
+
+
+# ------------------------------------------------------------------------------------------ text
+
+
+def test_stop_helpers():
+    assert find_stop("abcdef", ["de", "bc"]) == 1 and find_stop("abc", ["x"]) is None
+    assert find_stop("abcabc", ["abc"], start=1) == 3
+    assert held_back("hello wo", ["world"]) == 2 and held_back("hello", ["world"]) == 0
+    assert held_back("ab", ["abc", "b"]) == 2
+
+
+def test_text_stream_cuts_at_stop_strings_across_tokens():
+    stream = TextStream(TOK, [], ["STOP"])
+    out = [stream.add(t) for t in TOK.encode("abST")]
+    assert out == ["a", "b", "", ""]  # "ST" could be the start of "STOP": held back
+    assert stream.add(ord("x")) == "STx"  # it was not
+    assert [stream.add(t) for t in TOK.encode("yST")] == ["y", "", ""]
+    assert stream.add(ord("O")) == "" and stream.add(ord("P")) == "" and stream.stopped
+    assert stream.text == "abSTxy" and stream.add(ord("z")) == "" and stream.finish() == ""
+    held = TextStream(TOK, [], ["STOP"])
+    assert [held.add(t) for t in TOK.encode("aST")] == ["a", "", ""] and held.finish() == "ST"  # ended held
+    assert completion_text(TOK, [], TOK.encode("one. two. three"), [". t"]) == "one"
+
+
+def test_text_stream_real_tokenizer_spacing_and_multibyte():
+    tokenizer = real_tokenizer()
+    prompt = tokenizer.encode("The answer to life is")
+    whole = tokenizer.encode("The answer to life is 42, of course. Héllo 世界 😀 done")
+    generated = whole[len(prompt):]
+    text = completion_text(tokenizer, prompt, generated)
+    assert text == " 42, of course. Héllo 世界 😀 done"  # the leading space kept
+    pieces = []
+    stream = TextStream(tokenizer, prompt)
+    for t in generated:
+        piece = stream.add(t)
+        assert "\ufffd" not in piece  # never half a character
+        pieces.append(piece)
+    assert "".join(pieces) + stream.finish() == text
+    assert completion_text(tokenizer, prompt, generated, ["世"]) == " 42, of course. Héllo "
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_error_mapping():
+    from cluster.router import Unavailable
+    from cluster.scheduler import InvalidRequest, QueueFull
+
+    cases = [(InvalidRequest("the prompt is empty"), 400, grpc.StatusCode.INVALID_ARGUMENT),
+             (QueueFull("the queue is full"), 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+             (Unavailable("the replica is loading"), 503, grpc.StatusCode.UNAVAILABLE),
+             (TimeoutError(), 504, grpc.StatusCode.DEADLINE_EXCEEDED),
+             (RuntimeError("boom"), 500, grpc.StatusCode.INTERNAL)]
+    for err, status, code in cases:
+        api = from_exception(err)
+        assert (api.http_status, api.grpc_code) == (status, code), err
+    body = from_exception(InvalidRequest("the prompt is empty")).body()
+    assert body == {"error": {"message": "the prompt is empty", "type": "invalid_request_error", "param": None,
+                              "code": "invalid_request"}}
+    copy = pickle.loads(pickle.dumps(ApiError("queue_full", "full", "x")))  # crosses Ray processes
+    assert (copy.kind, copy.message, copy.param, copy.retriable) == ("queue_full", "full", "x", True)
+
+
+def test_error_mapping_through_ray_wrapper():
+    """Ray raises actor errors as RayTaskError subclasses carrying the original in .cause."""
+    from ray.exceptions import RayTaskError
+
+    from cluster.scheduler import QueueFull
+
+    wrapped = RayTaskError("Router.generate", "Traceback ...\nQueueFull: the queue is full", QueueFull("full!"))
+    assert from_exception(wrapped).kind == "queue_full"
+    assert from_exception(wrapped.as_instanceof_cause()).message == "full!"
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_prometheus_rendering():
+    stats = {"state": "ready", "queue_length": 3, "running": 2, "slots_total": 16, "slots_used": 2,
+             "requests_total": {"stop": 5, "length": 7}, "tokens_generated_total": 120, "prompt_tokens_total": 40,
+             "ttft_seconds": [0.1, 0.2, 0.3, 0.4], "tpot_seconds": [], "tokens_per_second": 12.5,
+             "expert_token_counts": [[1, 2], [3, 4]], "restarts": 1}
+    text = metrics.render(stats, "grok-1-tiny", "r1", {("http", 200): 4})
+    lines = text.splitlines()
+    assert 'grok1_up{model="grok-1-tiny",replica="r1"} 1' in lines
+    assert 'grok1_queue_length{model="grok-1-tiny",replica="r1"} 3' in lines
+    assert 'grok1_requests_total{model="grok-1-tiny",replica="r1",finish_reason="length"} 7' in lines
+    assert 'grok1_ttft_seconds{model="grok-1-tiny",replica="r1",quantile="0.5"} 0.2' in lines
+    assert 'grok1_ttft_seconds_count{model="grok-1-tiny",replica="r1"} 4' in lines
+    assert 'grok1_tpot_seconds{model="grok-1-tiny",replica="r1",quantile="0.99"} NaN' in lines
+    assert 'grok1_expert_tokens_total{model="grok-1-tiny",replica="r1",layer="1",expert="0"} 3' in lines
+    assert 'grok1_ingress_requests_total{model="grok-1-tiny",replica="r1",protocol="http",status="200"} 4' in lines
+    assert 'grok1_state{model="grok-1-tiny",replica="r1",state="loading"} 0' in lines
+    for line in lines:  # every sample line is `name{labels} value`
+        assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2
+    assert metrics.quantile([5, 1, 3], 0.5) == 3 and metrics.quantile([1, 2, 3, 4], 0.99) == 4
+
+
+# ------------------------------------------------------------------------------------------ options, stubs
+
+
+def test_build_app_options_from_strings():
+    from ingress.app import IngressOptions
+
+    options = IngressOptions.from_args({"config": "c.yaml", "ep": "1", "random_if_missing": "true",
+                                        "tokenizer": "None", "max_queue": 8})
+    assert (options.ep, options.random_if_missing, options.tokenizer, options.max_queue) == (1, True, None, 8)
+    with pytest.raises(ValueError, match="unknown build_app argument"):
+        IngressOptions.from_args({"epp": 2})
+    with pytest.raises(ValueError, match="placement_strategy"):
+        IngressOptions.from_args({"placement_strategy": "RANDOM"})
+
+
+def test_generated_stubs_are_up_to_date(tmp_path):
+    """`make protos` output is committed: regenerating from the .proto gives identical files."""
+    proto = "proto/grok1_api/v1/grok1.proto"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iproto", f"--python_out={tmp_path}",
+                    f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", proto], cwd=REPO, check=True)
+    for name in ("grok1_pb2.py", "grok1_pb2_grpc.py", "grok1_pb2.pyi"):
+        fresh, committed = tmp_path / "grok1_api" / "v1" / name, REPO / "grok1_api" / "v1" / name
+        assert filecmp.cmp(fresh, committed, shallow=False), f"{committed} is stale: run `make protos`"
+
+
+def test_stubs_import_and_round_trip():
+    from grok1_api.v1 import grok1_pb2 as pb
+    from grok1_api.v1 import grok1_pb2_grpc
+
+    assert hasattr(grok1_pb2_grpc, "add_Grok1ServiceServicer_to_server")
+    request = pb.GenerateRequest(text="hi", max_tokens=4, sampling=pb.SamplingParams(temperature=0.5))
+    back = pb.GenerateRequest.FromString(request.SerializeToString())
+    assert back.WhichOneof("prompt") == "text" and back.sampling.HasField("temperature")
+    assert not back.sampling.HasField("top_p") and not back.HasField("timeout_s")

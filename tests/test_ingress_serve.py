@@ -1,0 +1,396 @@
+"""The ingress on real Ray Serve over loopback, with real clients: the official `openai` package, the generated
+gRPC stubs, `requests` for what those cannot send (bad bodies), and ingress.client.
+
+One Serve instance for the module: the golden model (its checkpoint and config, a small engine) behind one
+router with the in-process backend (`backend="local"`: one device, no shard workers), so the module runs in a
+few minutes on 2 cores. The golden test compares against the engine run in this process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import requests
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ENGINE = {"max_slots": 16, "max_len": 128, "prefill_buckets": [16, 32, 64], "moe_block_size": 8}
+MAX_QUEUE = 24
+APP = "grok1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    http: str
+    grpc_target: str
+    router: object
+    model: str
+    config_path: str
+    loading_http_status: int
+    loading_grpc_code: str
+
+    def stats(self) -> dict:
+        import ray
+
+        return ray.get(self.router.stats.remote())
+
+
+@pytest.fixture(scope="module")
+def server(golden_dir, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from ingress.app import build_app, serve_options
+    from ingress.client import GrpcClient
+
+    model = json.loads((golden_dir / "config.json").read_text())
+    config = {"name": "grok1-tiny", "model": model, "engine": ENGINE, "checkpoint": {"path": str(golden_dir)}}
+    config_path = tmp_path_factory.mktemp("ingress") / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    http_port, grpc_port = _free_port(), _free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(**serve_options("127.0.0.1", http_port, grpc_port))
+        handle = serve.run(build_app({"config": str(config_path), "ep": 1, "backend": "local",
+                                      "max_queue": MAX_QUEUE}), name=APP, route_prefix="/", blocking=False)
+        http = f"http://127.0.0.1:{http_port}"
+        loading_status = requests.post(f"{http}/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code
+        loading_code = GrpcClient(f"127.0.0.1:{grpc_port}").health().state
+        router = handle.router_handle.remote().result()
+        assert ray.get(router.wait_ready.remote(600))
+        yield Server(http, f"127.0.0.1:{grpc_port}", router, "grok1-tiny", str(config_path), loading_status,
+                     loading_code)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.http}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    from ingress.client import GrpcClient
+
+    client = GrpcClient(server.grpc_target)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    from grok1_api.v1 import grok1_pb2_grpc
+
+    channel = grpc.insecure_channel(server.grpc_target)
+    yield grok1_pb2_grpc.Grok1ServiceStub(channel)
+    channel.close()
+
+
+def wait_idle(server, timeout_s: float = 10.0) -> dict:
+    """The router's stats once no request is running or queued (fails after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = server.stats()
+        if stats["running"] == 0 and stats["queue_length"] == 0:
+            return stats
+        assert time.monotonic() < deadline, f"router still busy: {stats}"
+        time.sleep(0.05)
+
+
+def good_request(server):
+    response = requests.post(f"{server.http}/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
+# ------------------------------------------------------------------------------------------ start-up, health
+
+
+def test_unavailable_while_loading_then_healthy(server, grpc_client):
+    assert server.loading_http_status == 503
+    assert server.loading_grpc_code == "UNAVAILABLE"
+    health = requests.get(f"{server.http}/health")
+    assert health.status_code == 200 and health.json()["ok"]
+    assert grpc_client.health().ok
+
+
+def test_models_and_metrics(server, openai_client):
+    assert [m.id for m in openai_client.models.list().data] == [server.model]
+    good_request(server)
+    text = requests.get(f"{server.http}/metrics").text
+    for name in ("grok1_up", "grok1_queue_length", "grok1_running", "grok1_slots_total", "grok1_ttft_seconds",
+                 "grok1_tpot_seconds", "grok1_tokens_generated_total", "grok1_expert_tokens_total"):
+        assert f"# TYPE {name} " in text
+    assert 'grok1_slots_total{model="grok1-tiny"' in text and "grok1_up{" in text
+
+
+# ------------------------------------------------------------------------------------------ OpenAI client
+
+
+def test_openai_completions(server, openai_client):
+    result = openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=8)
+    assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 8
+    chunks = list(openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=8,
+                                                   stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == result.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == result.usage.prompt_tokens
+    echo = openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=8, echo=True,
+                                            logprobs=1)
+    assert echo.choices[0].text == "The answer is" + result.choices[0].text
+    logprobs = echo.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 8 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    two = openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=4, n=2,
+                                           temperature=1.0, seed=5)
+    assert sorted(c.index for c in two.choices) == [0, 1] and two.usage.completion_tokens == 8
+
+
+def test_openai_stop_string(server, openai_client):
+    full = openai_client.completions.create(model=server.model, prompt="Hello", max_tokens=12).choices[0].text
+    stop = full[3:6]
+    assert stop.strip(), full
+    cut = openai_client.completions.create(model=server.model, prompt="Hello", max_tokens=12, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    wait_idle(server)  # the router's request was cancelled at the stop string
+
+
+def test_openai_chat(server, openai_client):
+    messages = [{"role": "system", "content": "You are Grok."}, {"role": "user", "content": "Say hi."}]
+    result = openai_client.chat.completions.create(model=server.model, messages=messages, max_tokens=6)
+    assert result.choices[0].message.role == "assistant" and result.choices[0].finish_reason in ("length", "stop")
+    chunks = list(openai_client.chat.completions.create(model=server.model, messages=messages, max_tokens=6,
+                                                        stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == result.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == result.choices[0].finish_reason
+
+
+def test_sse_framing_ends_with_done(server):
+    with requests.post(f"{server.http}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "stream": True},
+                       stream=True) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(e.startswith(b"data: ") for e in events) and events[-1] == b"data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 3
+
+
+# ------------------------------------------------------------------------------------------ gRPC
+
+
+def test_grpc_unary_stream_tokenize(server, stub):
+    from grok1_api.v1 import grok1_pb2 as pb
+
+    request = pb.GenerateRequest(text="The answer is", max_tokens=6, logprobs=True)
+    unary = stub.Generate(request)
+    assert len(unary.token_ids) == 6 and len(unary.logprobs) == 6 and unary.finish_reason == "length"
+    assert unary.usage.completion_tokens == 6 and unary.model == server.model
+    chunks = list(stub.GenerateStream(request))
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert "".join(c.text for c in chunks) == unary.text
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.total_tokens == unary.usage.total_tokens
+    assert all(not c.finish_reason for c in chunks[:-1])
+    ids = stub.Tokenize(pb.TokenizeRequest(text="Hello world")).token_ids
+    assert stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text == "Hello world"
+    assert stub.Health(pb.HealthRequest(probe=True)).ok
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    ({"text": ""}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"tokens": {"ids": [5] * 200}}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"text": "hi", "max_tokens": 500}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"text": "hi", "sampling": {"temperature": -1}}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"tokens": {"ids": [131072]}}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"text": "hi", "model": "nope"}, grpc.StatusCode.NOT_FOUND),
+    ({"text": "hi", "max_tokens": 100, "timeout_s": 0.05}, grpc.StatusCode.DEADLINE_EXCEEDED),
+])
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_grpc_errors(server, stub, kwargs, code, method):
+    from grok1_api.v1 import grok1_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as info:
+        result = getattr(stub, method)(pb.GenerateRequest(**kwargs))
+        list(result) if method == "GenerateStream" else result
+    assert info.value.code() == code, info.value.details()
+    assert info.value.details()
+    good_request(server)
+    wait_idle(server)
+
+
+# ------------------------------------------------------------------------------------------ bad HTTP input
+
+
+BAD_BODIES = {
+    "empty prompt": ({"prompt": ""}, 400),
+    "prompt longer than the context": ({"prompt": [5] * 200}, 400),
+    "max_tokens overflowing the context": ({"prompt": "hi", "max_tokens": 128}, 400),
+    "negative temperature": ({"prompt": "hi", "temperature": -0.5}, 400),
+    "top_p zero": ({"prompt": "hi", "top_p": 0}, 400),
+    "top_p above one": ({"prompt": "hi", "top_p": 1.01}, 400),
+    "negative top_k": ({"prompt": "hi", "top_k": -3}, 400),
+    "token id past the vocabulary": ({"prompt": [1, 131072]}, 400),
+    "negative token id": ({"prompt": [-7]}, 400),
+    "unknown model": ({"prompt": "hi", "model": "gpt-4"}, 404),
+}
+BAD_RAW = {
+    "malformed JSON": (b'{"prompt": "hi", ', 400),
+    "invalid UTF-8": (b'{"prompt": "\xc3\x28"}', 400),
+    "body over the size limit": (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_BODIES) + list(BAD_RAW))
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_bad_input_then_good_request(server, bad, route):
+    if route.endswith("chat/completions") and bad in BAD_BODIES:
+        body, status = BAD_BODIES[bad]
+        if "prompt" in body and isinstance(body["prompt"], list):
+            pytest.skip("chat messages are text")
+        body = {**{k: v for k, v in body.items() if k != "prompt"},
+                "messages": [{"role": "user", "content": body["prompt"]}]}
+        if bad == "empty prompt":
+            status = 200  # the chat template makes it a non-empty prompt
+        response = requests.post(f"{server.http}{route}", json=body)
+    elif bad in BAD_BODIES:
+        body, status = BAD_BODIES[bad]
+        response = requests.post(f"{server.http}{route}", json=body)
+    else:
+        raw, status = BAD_RAW[bad]
+        response = requests.post(f"{server.http}{route}", data=raw, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    if status != 200:
+        error = response.json()["error"]
+        assert error["message"] and error["type"] and error["code"]
+    good_request(server)
+
+
+def test_openai_client_sees_errors(server, openai_client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        openai_client.completions.create(model=server.model, prompt="hi", temperature=-1)
+    with pytest.raises(openai.NotFoundError):
+        openai_client.completions.create(model="nope", prompt="hi")
+    good_request(server)
+
+
+# ------------------------------------------------------------------------------------------ disconnects
+
+
+def test_http_client_disconnect_frees_slot(server):
+    before = server.stats()["requests_total"].get("cancelled", 0)
+    response = requests.post(f"{server.http}/v1/completions", json={"prompt": "Hi", "max_tokens": 120,
+                                                                    "stream": True}, stream=True)
+    lines = response.iter_lines()
+    assert next(line for line in lines if line).startswith(b"data: ")
+    assert server.stats()["running"] == 1
+    response.close()  # goes away mid-stream
+    stats = wait_idle(server)
+    assert stats["requests_total"].get("cancelled", 0) == before + 1
+    good_request(server)
+
+
+def test_grpc_client_disconnect_frees_slot(server, stub):
+    from grok1_api.v1 import grok1_pb2 as pb
+
+    before = server.stats()["requests_total"].get("cancelled", 0)
+    call = stub.GenerateStream(pb.GenerateRequest(text="Hi", max_tokens=120))
+    next(call)
+    call.cancel()
+    stats = wait_idle(server)
+    assert stats["requests_total"].get("cancelled", 0) == before + 1
+    good_request(server)
+
+
+# ------------------------------------------------------------------------------------------ the engine's text
+
+
+def test_greedy_text_equals_engine(server, golden, grpc_client):
+    from cluster.driver import Driver
+    from cluster.scheduler import Request, Scheduler
+    from grok1.engine import Engine
+    from grok1.tokenizer import Tokenizer
+    from ingress.client import HttpClient
+    from ingress.text import completion_text
+
+    config = golden.config.replace(engine=ENGINE)
+    engine = Engine(config, golden.params)
+    driver = Driver(engine, Scheduler(ENGINE["max_slots"], ENGINE["max_len"], config.model.vocab_size,
+                                      config.model.eos_token))
+    prompts = [list(map(int, p)) for p in golden.cases["prompt_ids"]]
+    expected = driver.generate([Request(f"g{k}", p, max_tokens=16) for k, p in enumerate(prompts)])
+    tokenizer = Tokenizer.load()
+    http = HttpClient(server.http)
+    for prompt, completion in zip(prompts, expected):
+        text = completion_text(tokenizer, prompt, completion.tokens)
+        by_grpc = grpc_client.generate(prompt, max_tokens=16)
+        assert by_grpc.token_ids == completion.tokens
+        assert by_grpc.text == text
+        assert http.generate(prompt, max_tokens=16).text == text
+        assert "".join(c.text for c in http.stream(prompt, max_tokens=16)) == text
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def test_32_concurrent_streams_http_and_grpc(server, grpc_client):
+    from ingress.client import HttpClient
+
+    prompts = [f"Request number {k} says" for k in range(4)]
+    reference = {p: grpc_client.generate(p, max_tokens=12).text for p in prompts}
+
+    def http_stream(k):
+        client = HttpClient(server.http)
+        return prompts[k % 4], "".join(c.text for c in client.stream(prompts[k % 4], max_tokens=12))
+
+    def grpc_stream(k):
+        return prompts[k % 4], "".join(c.text for c in grpc_client.stream(prompts[k % 4], max_tokens=12))
+
+    for stream in (http_stream, grpc_stream):  # 32 at once: 16 in the decode slots, 16 queued (MAX_QUEUE 24)
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            results = [f.result(timeout=300) for f in [pool.submit(stream, k) for k in range(32)]]
+        assert len(results) == 32
+        for prompt, text in results:
+            assert text == reference[prompt], stream.__name__
+        wait_idle(server)
+
+
+def test_queue_full_is_resource_exhausted_then_serving(server, grpc_client):
+    from ingress.client import ClientError
+
+    codes = []
+    lock = threading.Lock()
+
+    def one(k):
+        try:
+            grpc_client.generate(f"load {k}", max_tokens=24)
+            code = "OK"
+        except ClientError as err:
+            code = err.status
+        with lock:
+            codes.append(code)
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        list(pool.map(one, range(64)))
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    wait_idle(server)
+    good_request(server)
