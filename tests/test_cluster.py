@@ -197,3 +197,24 @@ def test_lost_node_is_replaced_and_serving_resumes(router, ray_cluster, referenc
     after = _assert_recovered(router, before["restarts"], reference)
     assert lost_id not in {w["node_id"] for w in after["workers"]}
     assert ray_cluster.worker_nodes_list[-1].node_id in {w["node_id"] for w in after["workers"]}
+
+
+def test_start_up_problems_end_with_an_error_that_says_what(ray_cluster, golden_dir):
+    """A checkpoint that does not match the config, and a group that cannot be placed: errors, in bounded time."""
+    from grok1.config import load_config
+
+    wrong = load_config(os.path.join(ROOT, "configs", "grok-1-cpu.yaml")).replace(engine=ENGINE)
+    started = time.monotonic()
+    mismatched = start_router(wrong, checkpoint=str(golden_dir), ep=2, placement_strategy="STRICT_SPREAD",
+                              start_timeout_s=120)
+    with pytest.raises(Exception, match="failed to start: GroupStartError: a shard worker failed to join the group "
+                                        "and load: ShardLoadError.*grok-1-cpu"):
+        ray.get(mismatched.wait_ready.remote(120), timeout=150)
+    # Four workers, one per node, on two worker nodes: the placement group can never be satisfied.
+    unplaceable = start_router(wrong, checkpoint=str(golden_dir), ep=4, placement_strategy="STRICT_SPREAD",
+                               start_timeout_s=5)
+    with pytest.raises(Exception, match="no room for 4 workers"):
+        ray.get(unplaceable.wait_ready.remote(120), timeout=150)
+    assert time.monotonic() - started < 200
+    for handle in (mismatched, unplaceable):
+        ray.kill(handle)
