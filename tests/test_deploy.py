@@ -16,7 +16,7 @@
    a config that loads, and the ep x tp mesh the planner lays out for the pods the manifest asks for.
 4. docker/Dockerfile's pins agree with pyproject.toml, and the manifests name its tags.
 
-Not here: starting the tiny overlay's Serve application locally (it needs ingress.app).
+Starting the tiny overlay's Serve application locally with `serve run` is tests/test_deploy_serve.py.
 """
 
 from __future__ import annotations
