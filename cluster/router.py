@@ -136,6 +136,8 @@ class Router:
                 return True
             if self.state == "failed":
                 raise Unavailable(f"the replica failed to start: {self.error}")
+            if self.state == "stopped":
+                raise Unavailable("the router has been shut down")
             await asyncio.sleep(0.05)
         raise Unavailable(f"the replica is still {self.state} after {timeout_s:.0f}s")
 
@@ -203,6 +205,13 @@ class Router:
                 self._recover(err)
             except Exception:  # noqa: BLE001 - a bug must not hang callers: fail the running ones, rebuild
                 self._recover(GroupFailure(traceback.format_exc(limit=3)))
+        if self.driver is not None:
+            self.driver.abort_running("the router is shutting down")
+        self._fail_queued("the router is shutting down")
+        if self.group is not None:
+            self.group.shutdown()  # the workers and their placement group go with the router
+            self.group = None
+        self.state = "stopped"
 
     def _build(self) -> None:
         self.state = "loading" if self.restarts == 0 else "recovering"

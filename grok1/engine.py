@@ -95,7 +95,7 @@ def decode_step(params, state: DecodeState, *, config: Grok1Config, moe_fn=model
     positions = state.lengths[:, None]
     valid = state.active[:, None]
     out = model.forward(params, config.model, state.next_token[:, None], positions, state.cache,
-                        jnp.arange(slots), kv_len=state.cache.k.shape[2], valid=valid,
+                        None, kv_len=state.cache.k.shape[2], valid=valid,
                         block=config.engine.moe_block_size, moe_fn=moe_fn)
     tokens, logprobs = sample(out.logits[:, 0], state.sampling, state.generated)
     tokens = jnp.where(state.active, tokens, -1)

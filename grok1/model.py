@@ -103,7 +103,8 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
     """Grouped-query attention over the cache, after writing this step's keys and values into it.
 
     x [B, T, D] (normed); positions [B, T] absolute; cache [L, Bc, S, Hkv, K], written in place at
-    layer_index; rows [B] the cache row of each batch entry; kv_len (static) how many leading cache
+    layer_index; rows [B] the cache row of each batch entry, or None for all rows in order with one token
+    each (decode); kv_len (static) how many leading cache
     positions can be attended (S for decode, the padded prompt length for prefill).
     Returns the projected output [B, T, D] and the updated cache.
     """
@@ -115,12 +116,23 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
     q = rotary(q, positions)
     k = rotary(k, positions)
 
-    # Scatter the new keys/values at their positions; positions past the cache end are dropped.
-    row_index = jnp.broadcast_to(rows[:, None], positions.shape)
-    cache = KVCache(cache.k.at[layer_index, row_index, positions].set(k, mode="drop"),
-                    cache.v.at[layer_index, row_index, positions].set(v, mode="drop"))
-    keys = cache.k[layer_index, rows, :kv_len]  # [B, S, Hkv, K]
-    values = cache.v[layer_index, rows, :kv_len]
+    if rows is None:
+        # Every cache row in order, one new token each (decode). A masked write of the layer's cache, with no
+        # row indices: when the cache's rows are split over devices, each device updates and reads its own
+        # rows. (A scatter/gather by row index would make XLA all-reduce the whole layer's cache.)
+        assert steps == 1 and batch == cache.k.shape[1], "rows=None is for decode: all rows, one token each"
+        write = (jnp.arange(cache.k.shape[2])[None, :] == positions)[:, :, None, None]  # [B, S, 1, 1]
+        layer_k = jnp.where(write, k, cache.k[layer_index])  # [B, S, Hkv, K]; positions past S: no write
+        layer_v = jnp.where(write, v, cache.v[layer_index])
+        cache = KVCache(cache.k.at[layer_index].set(layer_k), cache.v.at[layer_index].set(layer_v))
+        keys, values = layer_k[:, :kv_len], layer_v[:, :kv_len]
+    else:
+        # Scatter the new keys/values at their positions; positions past the cache end are dropped.
+        row_index = jnp.broadcast_to(rows[:, None], positions.shape)
+        cache = KVCache(cache.k.at[layer_index, row_index, positions].set(k, mode="drop"),
+                        cache.v.at[layer_index, row_index, positions].set(v, mode="drop"))
+        keys = cache.k[layer_index, rows, :kv_len]  # [B, S, Hkv, K]
+        values = cache.v[layer_index, rows, :kv_len]
 
     q = q.reshape(batch, steps, kv_heads, heads // kv_heads, key_size)  # query head h uses kv head h // (H/Hkv)
     logits = matmul("bthgk,bshk->bhgts", q, keys).astype(jnp.float32)  # [B, Hkv, H/Hkv, T, S]
