@@ -29,8 +29,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Single-process engine; the expert-parallel engine as 1, 2, 4 processes over gloo; the Ray cluster (router +
+# 2-worker group on two nodes). Each prints a table of ratios measured side by side (docs/benchmarks.md).
 bench: setup
 	$(BIN)/python -m benchmarks.bench_engine
+	$(BIN)/python -m benchmarks.bench_multiprocess
+	$(BIN)/python -m benchmarks.bench_cluster
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

@@ -208,9 +208,12 @@ class Router:
         if self.driver is not None:
             self.driver.abort_running("the router is shutting down")
         self._fail_queued("the router is shutting down")
-        if self.group is not None:
-            self.group.shutdown()  # the workers and their placement group go with the router
-            self.group = None
+        group, self.group = self.group, None
+        if group is not None:
+            try:
+                group.shutdown()  # the workers and their placement group go with the router
+            except Exception:  # noqa: BLE001 - best effort: the router is going away
+                traceback.print_exc()
         self.state = "stopped"
 
     def _build(self) -> None:

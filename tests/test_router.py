@@ -44,6 +44,9 @@ class SlowFakeEngine(FakeEngine):
     def decode_start(self):
         return self.decode()
 
+    def shutdown(self):
+        self.shut_down = True
+
     def decode_finish(self, handle):
         return handle
 
@@ -232,6 +235,9 @@ def test_health_probe_generates_one_token():
         health = await router.health()
         assert health == {"ok": True, "state": "ready", "detail": "probe generated 1 token"}
         await router.shutdown()
+        assert router.made[0].shut_down and router.state == "stopped"  # the group goes with the router
+        with pytest.raises(Unavailable, match="stopped"):
+            await collect(router, Request("late", [1], 1))
 
     run(main())
 
