@@ -116,7 +116,7 @@ class Router:
         self._inbox.put(("submit", request, accepted))
         finished = False
         try:
-            await asyncio.wrap_future(accepted)
+            await self._accepted(accepted)
             while not finished:
                 event = await events.get()
                 finished = event.finish_reason is not None
@@ -125,6 +125,17 @@ class Router:
             self._streams.pop(request.request_id, None)
             if not finished:  # the caller went away (or cancelled): free its slot
                 self._inbox.put(("cancel", request.request_id, None))
+
+    async def _accepted(self, accepted: concurrent.futures.Future) -> None:
+        """Wait for the step thread to take the request; it may be rebuilding the group (minutes), but if it
+        has stopped for good no one will answer, so that is checked every second."""
+        waiting = asyncio.wrap_future(accepted)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiting), 1.0)
+            except asyncio.TimeoutError:
+                if self.state in ("failed", "stopped"):
+                    raise Unavailable(f"the replica is {self.state}" + (f": {self.error}" if self.error else ""))
 
     async def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id, None))
