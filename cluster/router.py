@@ -333,7 +333,7 @@ def start_router(config: Grok1Config, *, checkpoint: str, ep: int = 2, tp: int =
 
     # The router sits next to its caller (the head node or the ingress replica), not on a shard's node: it has
     # to outlive the loss of any shard's node to rebuild the group.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(Router).options(name=name, num_cpus=0, max_concurrency=1000, max_restarts=0,
                                        scheduling_strategy=here)
     return actor.remote(spec, backend=backend, max_queue=max_queue, pipelined=pipelined)

@@ -204,13 +204,16 @@ def test_start_up_problems_end_with_an_error_that_says_what(ray_cluster, golden_
     from grok1.config import load_config
 
     wrong = load_config(os.path.join(ROOT, "configs", "grok-1-cpu.yaml")).replace(engine=ENGINE)
+    # The module's router holds a CPU on each worker node: two more nodes give this test's group room.
+    extra = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
     started = time.monotonic()
     mismatched = start_router(wrong, checkpoint=str(golden_dir), ep=2, placement_strategy="STRICT_SPREAD",
                               start_timeout_s=120)
     with pytest.raises(Exception, match="failed to start: GroupStartError: a shard worker failed to join the group "
                                         "and load: ShardLoadError.*grok-1-cpu"):
         ray.get(mismatched.wait_ready.remote(120), timeout=150)
-    # Four workers, one per node, on two worker nodes: the placement group can never be satisfied.
+    # Four workers, one per node, with two free nodes: the placement group can never be satisfied.
     unplaceable = start_router(wrong, checkpoint=str(golden_dir), ep=4, placement_strategy="STRICT_SPREAD",
                                start_timeout_s=5)
     with pytest.raises(Exception, match="no room for 4 workers"):
@@ -218,3 +221,5 @@ def test_start_up_problems_end_with_an_error_that_says_what(ray_cluster, golden_
     assert time.monotonic() - started < 200
     for handle in (mismatched, unplaceable):
         ray.kill(handle)
+    for node in extra:
+        ray_cluster.remove_node(node)
