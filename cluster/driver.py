@@ -65,10 +65,18 @@ class Driver:
     def step(self) -> None:
         for slot, event in self.scheduler.expire():
             self._end(slot, event)
-        for slot, request in self.scheduler.admit():
-            out = self.engine.prefill(slot, request.prompt, request.sampling)
+        admitted = self.scheduler.admit()
+        if admitted and hasattr(self.engine, "prefill_many"):  # one call for the whole burst
+            out = self.engine.prefill_many([slot for slot, _ in admitted], [r.prompt for _, r in admitted],
+                                           [r.sampling for _, r in admitted])
             self._count(out.expert_counts)
-            self._deliver(slot, out.tokens[0], out.logprobs[0])
+            for k, (slot, _) in enumerate(admitted):
+                self._deliver(slot, out.tokens[k], out.logprobs[k])
+        else:
+            for slot, request in admitted:
+                out = self.engine.prefill(slot, request.prompt, request.sampling)
+                self._count(out.expert_counts)
+                self._deliver(slot, out.tokens[0], out.logprobs[0])
         running = self.scheduler.running_slots()
         owners = {slot: self.scheduler.request_in(slot).request_id for slot in running}
         if not self.pipelined:

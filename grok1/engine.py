@@ -53,6 +53,16 @@ class Sampling:
     seed: int = 0
 
 
+PREFILL_BATCH_GROWTH = 4  # prefill calls take 1, 4, 16, ... prompts of a bucket (each size is one compile)
+
+
+def _slot_sampling(samplings: list[Sampling]) -> SlotSampling:
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(s.seed))) for s in samplings])
+    return SlotSampling(np.asarray([s.temperature for s in samplings], np.float32),
+                        np.asarray([s.top_p for s in samplings], np.float32),
+                        np.asarray([s.top_k for s in samplings], np.int32), keys.astype(np.uint32))
+
+
 def init_state(config: Grok1Config) -> DecodeState:
     slots = config.engine.max_slots
     return DecodeState(
@@ -68,30 +78,32 @@ def _expert_counts(expert_index, valid, num_experts):
     return jnp.sum(one_hot * valid[None, :, :, None, None], axis=(1, 2, 3))
 
 
-def prefill_step(params, state: DecodeState, slot, tokens, length, sampling: SlotSampling, *,
+def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: SlotSampling, *,
                  config: Grok1Config, moe_fn=model.moe):
-    """Run a prompt (padded to a bucket: tokens [T]) into `slot` and sample its first token."""
-    steps = tokens.shape[0]
-    positions = jnp.arange(steps)[None]
-    valid = positions < length
-    out = model.forward(params, config.model, tokens[None], positions, state.cache, slot[None], kv_len=steps,
-                        valid=valid, block=config.engine.moe_block_size, logits_at=(length - 1)[None],
-                        moe_fn=moe_fn)
-    token, logprob = sample(out.logits[:, 0], sampling, jnp.zeros(1, jnp.int32))
+    """Run n prompts (each padded to one bucket: tokens [n, T]) into `slots` [n] and sample their first tokens.
+
+    Rows whose slot is out of range (>= max_slots) are padding: every write of theirs is dropped.
+    """
+    rows, steps = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(steps)[None], (rows, steps))
+    valid = positions < lengths[:, None]  # [n, T]
+    out = model.forward(params, config.model, tokens, positions, state.cache, slots, kv_len=steps,
+                        valid=valid, block=config.engine.moe_block_size, logits_at=lengths - 1, moe_fn=moe_fn)
+    token, logprob = sample(out.logits[:, 0], sampling, jnp.zeros(rows, jnp.int32))
+
+    def put(all_slots, new):
+        return all_slots.at[slots].set(new, mode="drop")
+
     state = DecodeState(
-        cache=out.cache,
-        lengths=state.lengths.at[slot].set(length),
-        next_token=state.next_token.at[slot].set(token[0]),
-        generated=state.generated.at[slot].set(1),
-        active=state.active.at[slot].set(True),
-        sampling=jax.tree.map(lambda all_slots, one: all_slots.at[slot].set(one[0]), state.sampling, sampling))
+        cache=out.cache, lengths=put(state.lengths, lengths), next_token=put(state.next_token, token),
+        generated=put(state.generated, jnp.ones(rows, jnp.int32)), active=put(state.active, jnp.ones(rows, bool)),
+        sampling=jax.tree.map(put, state.sampling, sampling))
     counts = _expert_counts(out.expert_index, valid, config.model.num_experts)
-    return state, token[0], logprob[0], counts
+    return state, token, logprob, counts
 
 
 def decode_step(params, state: DecodeState, *, config: Grok1Config, moe_fn=model.moe):
     """One token for every active slot, all slots in one batch."""
-    slots = state.lengths.shape[0]
     positions = state.lengths[:, None]
     valid = state.active[:, None]
     out = model.forward(params, config.model, state.next_token[:, None], positions, state.cache,
@@ -157,15 +169,47 @@ class Engine:
         raise ValueError(f"prompt of {length} tokens exceeds the engine's max_len {self.max_len}")
 
     def prefill(self, slot: int, prompt: list[int], sampling: Sampling) -> StepOutput:
-        if not 0 < len(prompt) < self.max_len:
-            raise ValueError(f"prompt length {len(prompt)} must be in [1, {self.max_len})")
-        bucket = self.bucket_for(len(prompt))
-        padded = np.zeros(bucket, np.int32)
-        padded[: len(prompt)] = prompt
-        one = SlotSampling.single(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
-        self.state, token, logprob, counts = self._prefill(
-            self.params, self.state, jnp.int32(slot), jnp.asarray(padded), jnp.int32(len(prompt)), one)
-        return StepOutput(np.asarray([token]), np.asarray([logprob]), np.asarray(counts))
+        return self.prefill_many([slot], [prompt], [sampling])
+
+    def prefill_batches(self, bucket: int) -> tuple[int, ...]:
+        """Prompt counts one prefill call of this bucket takes: powers of PREFILL_BATCH_GROWTH, as long as the
+        call's tokens stay within max_len (the activation headroom the planner counts on)."""
+        sizes = [1]
+        while sizes[-1] * PREFILL_BATCH_GROWTH * bucket <= self.max_len and sizes[-1] < self.max_slots:
+            sizes.append(sizes[-1] * PREFILL_BATCH_GROWTH)
+        return tuple(sizes)
+
+    def prefill_many(self, slots: list[int], prompts: list[list[int]], samplings: list[Sampling]) -> StepOutput:
+        """Prefill several prompts into their slots: one call per bucket (and per batch that fits), so that a
+        burst of admissions costs a few steps, not one per request. Tokens and logprobs come back in order."""
+        for prompt in prompts:
+            if not 0 < len(prompt) < self.max_len:
+                raise ValueError(f"prompt length {len(prompt)} must be in [1, {self.max_len})")
+        tokens = np.zeros(len(slots), np.int32)
+        logprobs = np.zeros(len(slots), np.float32)
+        counts = None
+        by_bucket: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_bucket.setdefault(self.bucket_for(len(prompt)), []).append(index)
+        for bucket, indices in by_bucket.items():
+            sizes = self.prefill_batches(bucket)
+            while indices:
+                chunk, indices = indices[: sizes[-1]], indices[sizes[-1]:]
+                size = next(n for n in sizes if n >= len(chunk))
+                batch_tokens = np.zeros((size, bucket), np.int32)
+                batch_slots = np.full(size, self.max_slots, np.int32)  # out of range: padding rows write nothing
+                lengths = np.zeros(size, np.int32)
+                chosen = [samplings[i] for i in chunk] + [Sampling()] * (size - len(chunk))
+                for row, index in enumerate(chunk):
+                    batch_tokens[row, : len(prompts[index])] = prompts[index]
+                    batch_slots[row] = slots[index]
+                    lengths[row] = len(prompts[index])
+                self.state, token, logprob, step_counts = self._prefill(
+                    self.params, self.state, batch_slots, batch_tokens, lengths, _slot_sampling(chosen))
+                tokens[chunk] = np.asarray(token)[: len(chunk)]
+                logprobs[chunk] = np.asarray(logprob)[: len(chunk)]
+                counts = np.asarray(step_counts) if counts is None else counts + np.asarray(step_counts)
+        return StepOutput(tokens, logprobs, counts)
 
     def decode(self) -> StepOutput:
         return self.decode_finish(self.decode_start())
@@ -185,9 +229,12 @@ class Engine:
     def warmup(self) -> None:
         """Compile the decode step and every prefill bucket now rather than on the first requests."""
         for bucket in self.config.engine.buckets_up_to_max_len():
-            self.prefill(0, [1] * min(bucket, self.max_len - 1), Sampling())
+            for size in self.prefill_batches(bucket):
+                prompt = [1] * min(bucket, self.max_len - 1)
+                self.prefill_many(list(range(size)), [prompt] * size, [Sampling()] * size)
+                for slot in range(size):
+                    self.release(slot)
         self.decode()
-        self.release(0)
 
     def check_health(self) -> bool:
         return bool(jnp.all(jnp.isfinite(self.state.lengths)))

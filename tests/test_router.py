@@ -16,7 +16,7 @@ import pytest
 from cluster.router import Router, Unavailable
 from cluster.scheduler import InvalidRequest, QueueFull, Request
 from grok1.config import Grok1Config, ModelConfig
-from grok1.engine import Sampling
+from grok1.engine import Sampling, StepOutput
 from test_scheduler import FakeEngine, VOCAB
 from workers.group import GroupFailure, GroupSpec, LocalShardGroup
 
@@ -43,6 +43,11 @@ class SlowFakeEngine(FakeEngine):
 
     def decode_start(self):
         return self.decode()
+
+    def prefill_many(self, slots, prompts, samplings):
+        outs = [self.prefill(slot, prompt, sampling) for slot, prompt, sampling in zip(slots, prompts, samplings)]
+        return StepOutput(np.concatenate([o.tokens for o in outs]), np.concatenate([o.logprobs for o in outs]),
+                          sum(o.expert_counts for o in outs))
 
     def shutdown(self):
         self.shut_down = True

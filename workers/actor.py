@@ -51,6 +51,12 @@ class ShardWorker:
         self._count("prefill", started)
         return out
 
+    def prefill_many(self, slots, prompts, samplings):
+        started = time.perf_counter()
+        out = self.shard.prefill_many(slots, prompts, samplings)
+        self._count("prefill", started)
+        return out
+
     def decode(self):
         started = time.perf_counter()
         out = self.shard.decode()  # returns host arrays: the step (and its collectives) has finished

@@ -206,6 +206,9 @@ class GroupEngine:
     def prefill(self, slot, prompt, sampling):
         return self.group.call("prefill", slot, prompt, sampling)[0]
 
+    def prefill_many(self, slots, prompts, samplings):
+        return self.group.call("prefill_many", slots, prompts, samplings)[0]
+
     def decode(self):
         return self.decode_finish(self.decode_start())
 

@@ -89,6 +89,9 @@ class Shard:
     def prefill(self, slot, prompt, sampling):
         return self.engine.prefill(slot, prompt, sampling)
 
+    def prefill_many(self, slots, prompts, samplings):
+        return self.engine.prefill_many(slots, prompts, samplings)
+
     def decode(self):
         return self.engine.decode()
 
