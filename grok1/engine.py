@@ -1,6 +1,7 @@
 """The single-process engine: fixed decode slots over a preallocated KV cache, and three verbs.
 
     prefill(slot, prompt, sampling) -> first token   # runs the prompt into a free slot's cache rows
+    prefill_many(slots, prompts, samplings)           # the same for a burst: one call per bucket
     decode()                        -> one token per slot (inactive slots give -1)
     release(slot)                                     # the slot stops decoding at once
 
