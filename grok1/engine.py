@@ -174,9 +174,10 @@ class Engine:
 
     def prefill_batches(self, bucket: int) -> tuple[int, ...]:
         """Prompt counts one prefill call of this bucket takes: powers of PREFILL_BATCH_GROWTH, as long as the
-        call's tokens stay within max_len (the activation headroom the planner counts on)."""
+        call's tokens stay within the longest bucket (the prefill whose activations the planner counts on)."""
+        longest = self.config.engine.buckets_up_to_max_len()[-1]
         sizes = [1]
-        while sizes[-1] * PREFILL_BATCH_GROWTH * bucket <= self.max_len and sizes[-1] < self.max_slots:
+        while sizes[-1] * PREFILL_BATCH_GROWTH * bucket <= longest and sizes[-1] < self.max_slots:
             sizes.append(sizes[-1] * PREFILL_BATCH_GROWTH)
         return tuple(sizes)
 
