@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.driver import Driver
-from cluster.scheduler import InvalidRequest, Request, Scheduler, TokenEvent
+from cluster.scheduler import MAX_TIMEOUT_S, InvalidRequest, Request, Scheduler, TokenEvent
 from grok1.config import Grok1Config
 from workers.group import GroupEngine, GroupFailure, GroupSpec, LocalShardGroup, RayShardGroup
 
@@ -106,8 +106,10 @@ class Router:
         if request.request_id in self._streams:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         if timeout_s is not None:
-            if timeout_s <= 0:
-                raise InvalidRequest(f"timeout must be positive, got {timeout_s}")
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or \
+                    not 0 < timeout_s <= MAX_TIMEOUT_S:  # NaN fails this too: it would mean no deadline
+                raise InvalidRequest(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout_s!r}",
+                                     "timeout_s")
             request.deadline = time.monotonic() + timeout_s
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

@@ -8,6 +8,7 @@ tokens an engine produced, what each request receives and which ones are finishe
 from __future__ import annotations
 
 import collections
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +22,35 @@ class QueueFull(RuntimeError):
 
 
 class InvalidRequest(ValueError):
-    """The request can never be served as asked (empty prompt, too long, bad settings)."""
+    """The request can never be served as asked (empty prompt, too long, bad settings); `field` names the
+    setting at fault when there is one."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # Ray pickles it back to the caller: keep the field
+        return type(self), (self.args[0], self.field)
+
+
+# What the engine can represent (grok1.engine converts these to int32 / float32 / threefry keys on the host,
+# inside every shard worker: a value outside these ranges must stop here, not fail the whole shard group).
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+TOP_K_MAX = 2 ** 31 - 1
+TEMPERATURE_MAX = 100.0
+PENALTY_RANGE = (-2.0, 2.0)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGIT_BIAS = 300
+MAX_TIMEOUT_S = 86_400.0  # a request's deadline is at most a day away
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_in(value, lo: float, hi: float) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and lo <= value <= hi)
 
 
 @dataclass
@@ -62,23 +91,49 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ intake
     def validate(self, request: Request) -> None:
+        """Every field against what the engine can represent: one request's bad value ends that request only."""
         prompt = request.prompt
+        if not isinstance(request.request_id, str) or not request.request_id:
+            raise InvalidRequest("the request id must be a non-empty string", "request_id")
+        if not isinstance(prompt, list) or not all(_is_int(t) for t in prompt):
+            raise InvalidRequest("the prompt must be a list of token ids", "prompt")
         if not prompt:
-            raise InvalidRequest("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size})")
-        if request.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
+            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size})", "prompt")
+        if not _is_int(request.max_tokens) or request.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens!r}", "max_tokens")
         if len(prompt) + request.max_tokens > self.max_len:
             raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds "
-                                 f"the context of {self.max_len} tokens")
+                                 f"the context of {self.max_len} tokens", "max_tokens")
+        if not all(_is_int(t) and 0 <= t < self.vocab_size for t in request.stop_token_ids):
+            raise InvalidRequest(f"stop token ids must be in [0, {self.vocab_size})", "stop_token_ids")
         s = request.sampling
-        if s.temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {s.temperature}")
-        if not 0 < s.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {s.top_p}")
-        if s.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {s.top_k}")
+        if not _finite_in(s.temperature, 0.0, TEMPERATURE_MAX):
+            raise InvalidRequest(f"temperature must be in [0, {TEMPERATURE_MAX:g}], got {s.temperature!r}",
+                                 "temperature")
+        if not _finite_in(s.top_p, 0.0, 1.0) or s.top_p == 0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {s.top_p!r}", "top_p")
+        if not _is_int(s.top_k) or not 0 <= s.top_k <= TOP_K_MAX:
+            raise InvalidRequest(f"top_k must be an integer in [0, {TOP_K_MAX}], got {s.top_k!r}", "top_k")
+        if not _is_int(s.seed) or not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
+            raise InvalidRequest(f"seed must be a 64-bit signed integer, got {s.seed!r}", "seed")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(s, name, 0.0)
+            if not _finite_in(value, *PENALTY_RANGE):
+                raise InvalidRequest(f"{name} must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}], "
+                                     f"got {value!r}", name)
+        bias = getattr(s, "logit_bias", ())
+        if not isinstance(bias, tuple) or len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries", "logit_bias")
+        for entry in bias:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and _is_int(entry[0])
+                    and 0 <= entry[0] < self.vocab_size and _finite_in(entry[1], *LOGIT_BIAS_RANGE)):
+                raise InvalidRequest(f"logit_bias entries must be (token id in [0, {self.vocab_size}), bias in "
+                                     f"[{LOGIT_BIAS_RANGE[0]:g}, {LOGIT_BIAS_RANGE[1]:g}]), got {entry!r:.60}",
+                                     "logit_bias")
+        if len({token for token, _ in bias}) != len(bias):
+            raise InvalidRequest("logit_bias names a token id twice", "logit_bias")
 
     def submit(self, request: Request) -> None:
         self.validate(request)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -162,7 +163,8 @@ def cmd_generate_remote(args) -> int:
     """`grok1 generate --http URL | --grpc HOST:PORT`: the same generation, from a running server."""
     from ingress.client import ClientError, GrpcClient, HttpClient, Sampling
 
-    client = GrpcClient(args.grpc) if args.grpc else HttpClient(args.http)
+    api_key = os.environ.get("GROK1_API_KEY")
+    client = GrpcClient(args.grpc, api_key=api_key) if args.grpc else HttpClient(args.http, api_key=api_key)
     sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     try:
         if args.stream:
@@ -195,6 +197,8 @@ def cmd_serve(args) -> int:
         app_args["checkpoint"] = args.checkpoint
     if args.tokenizer:
         app_args["tokenizer"] = args.tokenizer
+    if args.api_key_file:
+        app_args["api_key_file"] = str(Path(args.api_key_file).resolve())
     return serve_forever(app_args, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                          model=config.name)
 
@@ -227,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     gen.add_argument("--json", action="store_true")
     gen.add_argument("--http", metavar="URL", help="ask a running server over HTTP (e.g. http://127.0.0.1:8000)")
-    gen.add_argument("--grpc", metavar="HOST:PORT", help="ask a running server over gRPC (e.g. 127.0.0.1:9000)")
+    gen.add_argument("--grpc", metavar="HOST:PORT", help="ask a running server over gRPC (e.g. 127.0.0.1:9000); "
+                                                         "with --http or --grpc, $GROK1_API_KEY is sent as the key")
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="serve HTTP (OpenAI-compatible) and gRPC with Ray Serve")
@@ -246,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 for all)")
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--api-key-file", help="accept only clients that send one of these keys (one per line; "
+                                             "re-read on change). Without it only loopback clients are served")
     srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="load generator against a running server: TTFT, TPOT, tokens/s")

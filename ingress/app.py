@@ -16,6 +16,7 @@
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (`request: Request`) at
 # runtime, through Serve's class wrapper.
+import asyncio
 import collections
 import os
 import time
@@ -29,12 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grok1_api.v1 import grok1_pb2 as pb
 from ingress import metrics, protocol
+from ingress.auth import ApiKeys, bearer, grpc_peer_host, read_keys
 from ingress.errors import ApiError, from_exception
 from ingress.generation import Generation
 from ingress.render import ChatRender, CompletionRender
 
 GRPC_SERVICER = "grok1_api.v1.grok1_pb2_grpc.add_Grok1ServiceServicer_to_server"
 HEALTH_PROBE_TIMEOUT_S = 30
+MAX_CLIENT_REQUEST_ID = 128  # characters of a gRPC client's request_id (echoed back, never used as the router's)
 
 
 @dataclass
@@ -52,6 +55,10 @@ class IngressOptions:
     backend: str = "ray"  # "local": the engine inside the router's process (one device; tests)
     num_replicas: int = 1  # model replicas (each one router + one shard group)
     use_gpus: bool = False
+    api_key_file: str | None = None  # one key per line; None: only loopback clients are served (ingress/auth.py)
+    auth_health: bool = False  # /health and gRPC Health need a key too
+    auth_metrics: bool = False  # /metrics needs a key too
+    body_timeout_s: float = 30.0  # the time a client has to send its whole request body (408 after it)
 
     @classmethod
     def from_args(cls, args: dict) -> "IngressOptions":
@@ -68,6 +75,8 @@ class IngressOptions:
                 values[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
             elif kind is int:
                 values[name] = int(value)
+            elif kind is float:
+                values[name] = float(value)
             else:
                 values[name] = str(value)
         options = cls(**values)
@@ -104,17 +113,25 @@ def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.http_status, headers=headers)
 
 
-async def _read_body(request: Request) -> dict:
+async def _read_body(request: Request, timeout_s: float) -> dict:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > protocol.MAX_BODY_BYTES:
         raise ApiError("too_large", f"the request body is {length} bytes; the limit is {protocol.MAX_BODY_BYTES}")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > protocol.MAX_BODY_BYTES:
-            raise ApiError("too_large", f"the request body is over the limit of {protocol.MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return protocol.parse_json_body(b"".join(chunks))
+
+    async def read() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > protocol.MAX_BODY_BYTES:
+                raise ApiError("too_large", f"the request body is over the limit of {protocol.MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:  # a client trickling its body must not hold a replica's request slot for ever
+        raw = await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError("body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
+    return protocol.parse_json_body(raw)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10, health_check_timeout_s=60)
@@ -136,6 +153,7 @@ class Grok1Ingress:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
             self.replica = f"pid{os.getpid()}"
+        self.keys = ApiKeys(self.options.api_key_file)
         self.router = start_router(config, checkpoint=config.checkpoint.path, ep=self.options.ep, tp=self.options.tp,
                                    placement_strategy=self.options.placement_strategy,
                                    max_queue=self.options.max_queue, backend=self.options.backend,
@@ -154,16 +172,22 @@ class Grok1Ingress:
 
     # ------------------------------------------------------------------------------------ HTTP
     @app.get("/v1/models")
-    async def http_models(self):
+    async def http_models(self, request: Request):
+        if denied := self._http_denied(request):
+            return denied
         return protocol.models_response(self.model, self.created)
 
     @app.get("/health")
-    async def http_health(self):
+    async def http_health(self, request: Request):
+        if self.options.auth_health and (denied := self._http_denied(request)):
+            return denied
         health = await self._health(probe=True)
         return JSONResponse({**health, "model": self.model.name}, status_code=200 if health["ok"] else 503)
 
     @app.get("/metrics")
-    async def http_metrics(self):
+    async def http_metrics(self, request: Request):
+        if self.options.auth_metrics and (denied := self._http_denied(request)):
+            return denied
         stats = await self.router.stats.remote()
         text = metrics.render(stats, self.model.name, self.replica, dict(self.counts))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
@@ -177,10 +201,13 @@ class Grok1Ingress:
         return await self._http_generate(request, chat=True)
 
     async def _http_generate(self, request: Request, chat: bool):
+        if denied := self._http_denied(request):
+            return denied
         try:
-            body = await _read_body(request)
+            body = await _read_body(request, self.options.body_timeout_s)
             parse = protocol.parse_chat if chat else protocol.parse_completion
-            params = parse(body, self.model, self.tokenizer)
+            # Tokenising is CPU work: off the event loop, so other streams of this replica keep flowing.
+            params = await asyncio.to_thread(parse, body, self.model, self.tokenizer)
             request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
             generation = await Generation(self.router, self.tokenizer, params, request_id).start()
         except Exception as err:  # noqa: BLE001 - every failure becomes an OpenAI error with its status
@@ -222,8 +249,9 @@ class Grok1Ingress:
 
     # ------------------------------------------------------------------------------------ gRPC
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        self._grpc_authorize(grpc_context)
         try:
-            params = self._grpc_params(request)
+            params = await asyncio.to_thread(self._grpc_params, request)
             request_id = request.request_id or protocol.new_id("gen")
             generation = await Generation(self.router, self.tokenizer, params, request_id).start()
             try:
@@ -239,8 +267,9 @@ class Grok1Ingress:
             usage=self._grpc_usage(generation), model=self.model.name)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context):
+        self._grpc_authorize(grpc_context)
         try:
-            params = self._grpc_params(request)
+            params = await asyncio.to_thread(self._grpc_params, request)
             request_id = request.request_id or protocol.new_id("gen")
             generation = await Generation(self.router, self.tokenizer, params, request_id).start()
         except Exception as err:  # noqa: BLE001
@@ -259,17 +288,29 @@ class Grok1Ingress:
             generation.close()
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context) -> pb.TokenizeResponse:
-        ids = self.tokenizer.encode(request.text)
+        self._grpc_authorize(grpc_context)
+        try:
+            text = protocol.check_text(request.text, "text", self.model.max_prompt_chars)
+        except ApiError as err:
+            self._grpc_fail(grpc_context, err)
+        ids = await asyncio.to_thread(self.tokenizer.encode, text)
         return pb.TokenizeResponse(token_ids=ids, pieces=[self.tokenizer.id_to_piece(i) for i in ids])
 
     async def Detokenize(self, request: pb.DetokenizeRequest, grpc_context) -> pb.DetokenizeResponse:
-        bad = [t for t in request.token_ids if not 0 <= t < self.model.vocab_size]
+        self._grpc_authorize(grpc_context)
+        ids = list(request.token_ids)
+        if len(ids) > self.model.max_len:
+            self._grpc_fail(grpc_context, protocol.invalid(
+                f"at most {self.model.max_len} token ids, got {len(ids)}", "token_ids"))
+        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
         if bad:
-            self._grpc_fail(grpc_context, ApiError(
-                "invalid_request", f"token ids must be in [0, {self.model.vocab_size}), got {bad[:5]}"))
-        return pb.DetokenizeResponse(text=self.tokenizer.decode(list(request.token_ids)))
+            self._grpc_fail(grpc_context, protocol.invalid(
+                f"token ids must be in [0, {self.model.vocab_size}), got {bad[:5]}", "token_ids"))
+        return pb.DetokenizeResponse(text=await asyncio.to_thread(self.tokenizer.decode, ids))
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
+        if self.options.auth_health:
+            self._grpc_authorize(grpc_context)
         health = await self._health(probe=request.probe)
         if not health["ok"]:
             self._grpc_fail(grpc_context, ApiError("unavailable", f"{health['state']}: {health['detail']}"))
@@ -284,7 +325,25 @@ class Grok1Ingress:
         except Exception as err:  # noqa: BLE001 - an unreachable router is an unhealthy replica
             return {"ok": False, "state": "unreachable", "detail": f"{type(err).__name__}: {err}"[:500]}
 
+    def _http_denied(self, request: Request) -> JSONResponse | None:
+        """A 401 response unless the request carries an accepted key (or, without keys, comes from loopback)."""
+        client = request.client.host if request.client else None
+        why = self.keys.check(bearer(request.headers.get("authorization")), client)
+        if why is None:
+            return None
+        self.counts["http", 401] += 1
+        return JSONResponse(ApiError("unauthenticated", why).body(), status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    def _grpc_authorize(self, grpc_context) -> None:
+        metadata = dict(grpc_context.invocation_metadata() or ())
+        why = self.keys.check(bearer(metadata.get("authorization")), grpc_peer_host(grpc_context.peer()))
+        if why is not None:
+            self._grpc_fail(grpc_context, ApiError("unauthenticated", why))
+
     def _grpc_params(self, request: pb.GenerateRequest) -> protocol.GenerationParams:
+        if len(request.request_id) > MAX_CLIENT_REQUEST_ID:
+            raise protocol.invalid(f"request_id is over {MAX_CLIENT_REQUEST_ID} characters", "request_id")
         body = {"max_tokens": request.max_tokens if request.HasField("max_tokens") else None,
                 "stop": list(request.stop), "model": request.model or None,
                 "timeout_s": request.timeout_s if request.HasField("timeout_s") else None,
@@ -328,6 +387,11 @@ def build_app(args: dict) -> serve.Application:
         ensure_random_checkpoint(config, checkpoint)
     options.checkpoint = str(checkpoint.resolve())
     options.config = str(Path(options.config).resolve())
+    if options.api_key_file:
+        options.api_key_file = str(Path(options.api_key_file).resolve())
+        read_keys(options.api_key_file)  # a missing or empty key file fails here, not in every replica
+    if not options.body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s must be positive, got {options.body_timeout_s}")
     slots = config.engine.max_slots
     return Grok1Ingress.options(
         num_replicas=options.num_replicas,

@@ -79,13 +79,16 @@ class Sampling:
 
 
 class HttpClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", model: str | None = None, timeout_s: float = 600):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", model: str | None = None, timeout_s: float = 600,
+                 api_key: str | None = None):
         import requests
 
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout_s = timeout_s
         self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def _body(self, prompt: str | list[int], sampling: Sampling, stream: bool) -> dict:
         body = {"prompt": prompt, "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
@@ -171,7 +174,8 @@ class HttpClient:
 
 
 class GrpcClient:
-    def __init__(self, target: str = "127.0.0.1:9000", application: str | None = None, timeout_s: float = 600):
+    def __init__(self, target: str = "127.0.0.1:9000", application: str | None = None, timeout_s: float = 600,
+                 api_key: str | None = None):
         import grpc
 
         from grok1_api.v1 import grok1_pb2_grpc
@@ -179,7 +183,8 @@ class GrpcClient:
         self._grpc = grpc
         self.channel = grpc.insecure_channel(target)
         self.stub = grok1_pb2_grpc.Grok1ServiceStub(self.channel)
-        self.metadata = (("application", application),) if application else ()
+        self.metadata = ((("application", application),) if application else ()) + \
+            ((("authorization", f"Bearer {api_key}"),) if api_key else ())
         self.timeout_s = timeout_s
 
     def _request(self, prompt: str | list[int], sampling: Sampling):

@@ -13,6 +13,8 @@ import grpc
 # kind -> (HTTP status, OpenAI error type, gRPC status code)
 KINDS = {
     "invalid_request": (400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
+    "unauthenticated": (401, "invalid_request_error", grpc.StatusCode.UNAUTHENTICATED),
+    "body_timeout": (408, "invalid_request_error", grpc.StatusCode.DEADLINE_EXCEEDED),
     "model_not_found": (404, "invalid_request_error", grpc.StatusCode.NOT_FOUND),
     "not_found": (404, "invalid_request_error", grpc.StatusCode.NOT_FOUND),
     "too_large": (413, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
@@ -67,7 +69,7 @@ def from_exception(err: BaseException) -> ApiError:
     cause = getattr(err, "cause", None)
     for candidate in (err, cause):
         if isinstance(candidate, InvalidRequest):
-            return ApiError("invalid_request", _first_line(candidate))
+            return ApiError("invalid_request", _first_line(candidate), getattr(candidate, "field", None))
         if isinstance(candidate, QueueFull):
             return ApiError("queue_full", _first_line(candidate))
         if isinstance(candidate, Unavailable):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from cluster.scheduler import Request
+from ingress import protocol
 from ingress.errors import ApiError, from_exception
 from ingress.protocol import GenerationParams
 from ingress.text import TextStream
@@ -34,15 +36,13 @@ class Delta:
 
 class _Choice:
     def __init__(self, generation: "Generation", index: int):
-        from cluster.scheduler import Request
-        from grok1.engine import Sampling
-
         params = generation.params
         self.generation = generation
         self.index = index
-        self.request_id = generation.request_id if params.n == 1 else f"{generation.request_id}-{index}"
-        request = Request(self.request_id, list(params.prompt), params.max_tokens,
-                          Sampling(params.temperature, params.top_p, params.top_k, params.seed + index),
+        # The router's id is ours, never the client's: a client reusing an id (its own or another client's)
+        # must not be able to collide with, or cancel, a running request.
+        self.request_id = protocol.new_id("r")
+        request = Request(self.request_id, list(params.prompt), params.max_tokens, protocol.sampling(params, index),
                           ignore_eos=params.ignore_eos)
         self.refs = generation.router.generate.options(num_returns="streaming").remote(
             request, timeout_s=params.timeout_s)
@@ -63,7 +63,11 @@ class _Choice:
             raise from_exception(err) from err
 
     async def start(self) -> None:
-        self.first = await self.next_event()
+        try:
+            self.first = await self.next_event()
+        except ApiError:
+            self.finished = True  # refused: the router holds nothing of it to cancel
+            raise
 
     async def deltas(self):
         event, self.first = self.first, None
@@ -129,7 +133,11 @@ class Generation:
 
     async def start(self) -> "Generation":
         self.choices = [_Choice(self, i) for i in range(self.params.n)]
-        results = await asyncio.gather(*(c.start() for c in self.choices), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(c.start() for c in self.choices), return_exceptions=True)
+        except BaseException:  # the client went away while its request was queued: cancel it there
+            self.close()
+            raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self.close()

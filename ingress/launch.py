@@ -34,8 +34,11 @@ def start_serving(app_args: dict, *, http_host: str = "127.0.0.1", http_port: in
     from ray import serve
 
     from ingress.app import build_app, serve_options
+    from ingress.edge import apply_proxy_env
 
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        apply_proxy_env()  # an existing cluster's nodes need it in their own environment (docs/deploy.md)
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus if address == "local" else None,
                  include_dashboard=False, log_to_driver=False)

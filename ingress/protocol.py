@@ -18,15 +18,22 @@ Decisions, documented in the README:
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from cluster.scheduler import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_TIMEOUT_S, PENALTY_RANGE, SEED_RANGE,
+                               TEMPERATURE_MAX, TOP_K_MAX, InvalidRequest, Request, Scheduler)
 from ingress.errors import ApiError, invalid
 
 MAX_N = 8
 MAX_STOP = 4
+MAX_STOP_CHARS = 256  # the text hold-back and stop search cost grows with it, per token
 MAX_LOGPROBS = 20
+MAX_INT_DIGITS = 40  # integer literals longer than this are never converted (see _HugeInt)
+CHARS_PER_TOKEN = 16  # a text prompt may have at most max_len * this many characters (tokenising is CPU work)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 256  # capped at the context left after the prompt
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full 8,192-token context is ~60 KiB as JSON ids, less as text
@@ -42,6 +49,10 @@ class ModelInfo:
     max_len: int
     vocab_size: int
     eos_token: int
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_len * CHARS_PER_TOKEN
 
 
 @dataclass
@@ -61,9 +72,40 @@ class GenerationParams:
     timeout_s: float | None = None
     ignore_eos: bool = False  # an extension (as in vLLM): generate exactly max_tokens tokens (benchmarks)
     prompt_text: str | None = None  # the prompt as text (for echo), when known
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+# Parameters each route implements (OpenAI's, and our extensions timeout_s, ignore_eos, top_k). `user` is an
+# end-user id for abuse tracking: accepted and not used for generation.
+_SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
+                            "stream_options", "user", "timeout_s", "ignore_eos", "presence_penalty",
+                            "frequency_penalty", "logit_bias", "logprobs"})
+COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt", "echo"}
+CHAT_FIELDS = _SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+# OpenAI parameters we do not implement, with the values that ask for nothing (accepted as such).
+UNSUPPORTED = {
+    "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None,), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "reasoning_effort": (None,), "service_tier": (None, "auto", "default"), "store": (None, False),
+    "metadata": (None, {}), "web_search_options": (None,),
+}
 
 
 # ------------------------------------------------------------------------------------------- body
+
+
+class _HugeInt:
+    """An integer literal of more than MAX_INT_DIGITS digits: kept as text so that Python never builds it (over
+    4,300 digits int() raises; a few hundred already overflow float()); every field check refuses it by name."""
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {len(self.digits)} digits>"
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -74,35 +116,67 @@ def parse_json_body(raw: bytes) -> dict:
     except UnicodeDecodeError as err:
         raise invalid(f"the request body is not valid UTF-8 ({err.reason} at byte {err.start})") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_int=lambda s: int(s) if len(s) <= MAX_INT_DIGITS else _HugeInt(s))
     except json.JSONDecodeError as err:
         raise invalid(f"the request body is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})") \
             from None
+    except RecursionError:
+        raise invalid("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     return body
 
 
+def check_fields(body: dict, known: frozenset[str], route: str) -> None:
+    """OpenAI parameters we do not implement are refused by name, never silently ignored (nor are typos)."""
+    for name, value in body.items():
+        if name in known:
+            continue
+        if name in UNSUPPORTED and value in UNSUPPORTED[name]:
+            continue  # the parameter's neutral value (e.g. best_of 1, an empty tool list) asks for nothing
+        if name in UNSUPPORTED:
+            raise invalid(f"{name} is not supported by this server", name)
+        raise invalid(f"unknown parameter {_show(name)} for {route}", str(name)[:64])
+
+
 # ------------------------------------------------------------------------------------------- fields
 
 
-def _number(body, name, default, lo=None):
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 40, 40, 40
+
+
+def _show(value) -> str:
+    """A short, safe rendering of a client's value for an error message (bounded depth and length)."""
+    return _REPR.repr(value)
+
+
+def _number(body, name, default, lo, hi):
+    """A finite number in [lo, hi] (a float; JSON integers are accepted)."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid(f"{name} must be a number, got {json.dumps(value)[:40]}", name)
-    return float(value)
+        raise invalid(f"{name} must be a number, got {_show(value)}", name)
+    if isinstance(value, int) and not -(10 ** 18) < value < 10 ** 18 or not math.isfinite(value):
+        raise invalid(f"{name} must be a finite number in [{lo}, {hi}], got {_show(value)}", name)
+    value = float(value)
+    if not lo <= value <= hi:
+        raise invalid(f"{name} must be in [{lo}, {hi}], got {value}", name)
+    return value
 
 
-def _integer(body, name, default):
+def _integer(body, name, default, lo, hi):
+    """An integer in [lo, hi] (a float with an integral value, such as 5.0, is accepted)."""
     value = body.get(name)
     if value is None:
         return default
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise invalid(f"{name} must be an integer, got {json.dumps(value)[:40]}", name)
+        raise invalid(f"{name} must be an integer, got {_show(value)}", name)
+    if not lo <= value <= hi:
+        raise invalid(f"{name} must be an integer in [{lo}, {hi}], got {_show(value)}", name)
     return value
 
 
@@ -111,8 +185,19 @@ def _boolean(body, name, default=False):
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise invalid(f"{name} must be true or false, got {json.dumps(value)[:40]}", name)
+        raise invalid(f"{name} must be true or false, got {_show(value)}", name)
     return value
+
+
+def check_text(text: str, name: str, max_chars: int) -> str:
+    """A client's string: bounded in length and encodable as UTF-8 (JSON can carry lone UTF-16 surrogates)."""
+    if len(text) > max_chars:
+        raise invalid(f"{name} is {len(text)} characters; the limit is {max_chars}", name)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise invalid(f"{name} contains a lone UTF-16 surrogate at character {err.start}", name) from None
+    return text
 
 
 def _stop(body) -> list[str]:
@@ -124,55 +209,82 @@ def _stop(body) -> list[str]:
         raise invalid("stop must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOP:
         raise invalid(f"at most {MAX_STOP} stop strings, got {len(stops)}", "stop")
-    return [s for s in stops if s]
+    return [check_text(s, "stop", MAX_STOP_CHARS) for s in stops if s]
+
+
+def _logit_bias(body, model: ModelInfo) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} with biases in [-100, 100], at most MAX_LOGIT_BIAS entries."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise invalid("logit_bias must be an object mapping token ids to biases", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise invalid(f"logit_bias has {len(value)} entries; the limit is {MAX_LOGIT_BIAS}", "logit_bias")
+    entries = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10
+                and int(key) < model.vocab_size):
+            raise invalid(f"logit_bias keys must be token ids in [0, {model.vocab_size}), got {_show(key)}",
+                          "logit_bias")
+        entries.append((int(key), _number({"logit_bias": bias}, "logit_bias", 0.0, *LOGIT_BIAS_RANGE)))
+    return tuple(sorted(entries))
 
 
 def check_model(body: dict, model: ModelInfo) -> None:
     name = body.get("model")
     if name is not None and name != model.name:
-        raise ApiError("model_not_found", f"the model {json.dumps(name)[:80]} does not exist; this server "
+        raise ApiError("model_not_found", f"the model {_show(name)} does not exist; this server "
                                           f"serves {model.name!r} (GET /v1/models)", "model")
 
 
 def _common(body: dict, model: ModelInfo, prompt: list[int], default_max_tokens: int) -> GenerationParams:
     check_model(body, model)
-    max_tokens = _integer(body, "max_tokens", None)
+    max_tokens = _integer(body, "max_tokens", None, 1, model.max_len)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_completion_tokens", None)
+        max_tokens = _integer(body, "max_completion_tokens", None, 1, model.max_len)
     if max_tokens is None:
         max_tokens = max(1, min(default_max_tokens, model.max_len - len(prompt)))
-    n = _integer(body, "n", 1)
-    if not 1 <= n <= MAX_N:
-        raise invalid(f"n must be between 1 and {MAX_N}, got {n}", "n")
+    n = _integer(body, "n", 1, 1, MAX_N)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise invalid("stream_options must be an object", "stream_options")
-    timeout_s = _number(body, "timeout_s", None)
-    if timeout_s is not None and timeout_s <= 0:
-        raise invalid(f"timeout_s must be positive, got {timeout_s}", "timeout_s")
     params = GenerationParams(
-        prompt=prompt, max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0),
-        top_p=_number(body, "top_p", 1.0), top_k=_integer(body, "top_k", 0), seed=_integer(body, "seed", 0),
-        stop=_stop(body), n=n, stream=_boolean(body, "stream"),
-        include_usage=_boolean(stream_options, "include_usage"), timeout_s=timeout_s,
-        ignore_eos=_boolean(body, "ignore_eos"))
+        prompt=prompt, max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 0.0, TEMPERATURE_MAX),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0), top_k=_integer(body, "top_k", 0, 0, TOP_K_MAX),
+        seed=_integer(body, "seed", 0, *SEED_RANGE), stop=_stop(body), n=n,
+        stream=_boolean(body, "stream"), include_usage=_boolean(stream_options, "include_usage"),
+        timeout_s=_number(body, "timeout_s", None, 0.0, MAX_TIMEOUT_S), ignore_eos=_boolean(body, "ignore_eos"),
+        presence_penalty=_number(body, "presence_penalty", 0.0, *PENALTY_RANGE),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, *PENALTY_RANGE),
+        logit_bias=_logit_bias(body, model))
+    if params.timeout_s is not None and params.timeout_s <= 0:
+        raise invalid(f"timeout_s must be positive, got {params.timeout_s}", "timeout_s")
     validate(params, model)
     return params
 
 
-def validate(params: GenerationParams, model: ModelInfo) -> None:
-    """The scheduler's checks (prompt, context, vocabulary, sampling ranges), as an ApiError."""
-    from cluster.scheduler import InvalidRequest, Request, Scheduler
+def choice_seed(seed: int, index: int) -> int:
+    """Choice i of n samples with seed + i, wrapped into int64 (a seed near 2**63 must not overflow)."""
+    return (seed + index + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+
+def sampling(params: GenerationParams, index: int = 0):
+    """The engine's sampling settings for choice `index`."""
     from grok1.engine import Sampling
 
+    return Sampling(params.temperature, params.top_p, params.top_k, choice_seed(params.seed, index),
+                    presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                    logit_bias=params.logit_bias)
+
+
+def validate(params: GenerationParams, model: ModelInfo) -> None:
+    """The scheduler's checks (prompt, context, vocabulary, sampling ranges), as an ApiError naming the field."""
     scheduler = Scheduler(1, model.max_len, model.vocab_size, model.eos_token)
     try:
-        scheduler.validate(Request("validate", params.prompt, params.max_tokens, Sampling(
-            params.temperature, params.top_p, params.top_k, params.seed)))
+        scheduler.validate(Request("validate", params.prompt, params.max_tokens, sampling(params)))
     except InvalidRequest as err:
-        raise invalid(str(err)) from None
-    if not -(2 ** 63) <= params.seed < 2 ** 63:
-        raise invalid("seed must fit in 64 bits", "seed")
+        raise invalid(str(err), err.field) from None
 
 
 def _prompt_ids(value, tokenizer, model: ModelInfo) -> tuple[list[int], str | None]:
@@ -180,8 +292,11 @@ def _prompt_ids(value, tokenizer, model: ModelInfo) -> tuple[list[int], str | No
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
         value = value[0]
     if isinstance(value, str):
-        return tokenizer.encode(value), value
+        return tokenizer.encode(check_text(value, "prompt", model.max_prompt_chars)), value
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if len(value) > model.max_len:
+            raise invalid(f"the prompt has {len(value)} tokens, which exceeds the context of {model.max_len}",
+                          "prompt")
         if any(not 0 <= t < model.vocab_size for t in value):
             raise invalid(f"token ids must be in [0, {model.vocab_size})", "prompt")
         return list(value), None
@@ -191,21 +306,18 @@ def _prompt_ids(value, tokenizer, model: ModelInfo) -> tuple[list[int], str | No
 
 
 def parse_completion(body: dict, model: ModelInfo, tokenizer) -> GenerationParams:
+    check_fields(body, COMPLETION_FIELDS, "/v1/completions")
     if "prompt" not in body:
         raise invalid("prompt is required", "prompt")
     prompt, text = _prompt_ids(body["prompt"], tokenizer, model)
     params = _common(body, model, prompt, DEFAULT_MAX_TOKENS)
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
-            raise invalid(f"logprobs must be an integer in [0, {MAX_LOGPROBS}]", "logprobs")
-        params.logprobs = logprobs
+    params.logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     params.echo = _boolean(body, "echo")
     params.prompt_text = text if text is not None else (tokenizer.decode(prompt) if params.echo else None)
     return params
 
 
-def render_chat(messages) -> str:
+def render_chat(messages, max_chars: int = MAX_BODY_BYTES) -> str:
     """Grok-1 has no chat format; this plain layout is ours (README, "Serving"). In message order:
 
         <system message>\n\n
@@ -219,10 +331,17 @@ def render_chat(messages) -> str:
     if not isinstance(messages, list) or not messages:
         raise invalid("messages must be a non-empty list", "messages")
     parts = []
+    if len(messages) > max_chars // 8:
+        raise invalid(f"messages has {len(messages)} entries; the limit is {max_chars // 8}", "messages")
+    total = 0
     for k, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
             raise invalid(f"messages[{k}] must be an object with role 'system', 'user' or 'assistant'",
                           "messages")
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise invalid(f"messages[{k}].{_show(extra[0])} is not supported by this server", "messages")
         content = message.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
@@ -231,21 +350,25 @@ def render_chat(messages) -> str:
             content = "".join(c["text"] for c in content)
         if not isinstance(content, str):
             raise invalid(f"messages[{k}].content must be a string", "messages")
+        total += len(check_text(content, f"messages[{k}].content", max_chars))
+        if total > max_chars:
+            raise invalid(f"the messages have over {max_chars} characters", "messages")
         speaker = ROLES[message["role"]]
         parts.append(f"{content.strip()}\n\n" if speaker is None else f"{speaker}: {content.strip()}\n\n")
     return "".join(parts) + "Assistant:"
 
 
 def parse_chat(body: dict, model: ModelInfo, tokenizer) -> GenerationParams:
-    text = render_chat(body.get("messages"))
+    check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+    text = render_chat(body.get("messages"), model.max_prompt_chars)
     prompt = tokenizer.encode(text)
     params = _common(body, model, prompt, DEFAULT_CHAT_MAX_TOKENS)
     params.stop = params.stop + [CHAT_STOP] if CHAT_STOP not in params.stop else params.stop
+    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if _boolean(body, "logprobs"):
-        top = _integer(body, "top_logprobs", 0)
-        if not 0 <= top <= MAX_LOGPROBS:
-            raise invalid(f"top_logprobs must be in [0, {MAX_LOGPROBS}]", "top_logprobs")
-        params.logprobs = top
+        params.logprobs = top or 0
+    elif top is not None:
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     params.prompt_text = text
     return params
 

@@ -268,3 +268,143 @@ def test_stubs_import_and_round_trip():
     back = pb.GenerateRequest.FromString(request.SerializeToString())
     assert back.WhichOneof("prompt") == "text" and back.sampling.HasField("temperature")
     assert not back.sampling.HasField("top_p") and not back.HasField("timeout_s")
+
+
+# ------------------------------------------------------------------------------------------ hardening
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "temperature": float("nan")}, "temperature"),
+    ({"prompt": "hi", "temperature": float("inf")}, "temperature"),
+    ({"prompt": "hi", "temperature": 10 ** 400}, "temperature"),
+    ({"prompt": "hi", "temperature": 101}, "temperature"),
+    ({"prompt": "hi", "top_p": float("nan")}, "top_p"),
+    ({"prompt": "hi", "timeout_s": float("nan")}, "timeout_s"),
+    ({"prompt": "hi", "timeout_s": float("inf")}, "timeout_s"),
+    ({"prompt": "hi", "timeout_s": 0}, "timeout_s"),
+    ({"prompt": "hi", "timeout_s": 10 ** 400}, "timeout_s"),
+    ({"prompt": "hi", "top_k": 2 ** 31}, "top_k"),
+    ({"prompt": "hi", "max_tokens": 10 ** 400}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": float("inf")}, "max_tokens"),
+    ({"prompt": "hi", "seed": 2 ** 63}, "seed"),
+    ({"prompt": "hi", "n": 10 ** 30}, "n"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "hi", "frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"1000": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": [1, 2]}, "logit_bias"),
+    ({"prompt": "\ud800hi"}, "prompt"),
+    ({"prompt": "a" * (64 * protocol.CHARS_PER_TOKEN + 1)}, "prompt"),
+    ({"prompt": "hi", "stop": ["\udfff"]}, "stop"),
+    ({"prompt": "hi", "stop": ["x" * (protocol.MAX_STOP_CHARS + 1)]}, "stop"),
+    ({"prompt": "hi", "best_of": 3}, "best_of"),
+    ({"prompt": "hi", "suffix": "end"}, "suffix"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+])
+def test_completion_fields_out_of_range_are_refused_by_name(body, param):
+    with pytest.raises(ApiError) as info:
+        protocol.parse_completion(body, MODEL, TOK)
+    assert info.value.kind == "invalid_request" and info.value.param == param, info.value.message
+    assert len(info.value.message) < 300
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"logit_bias": {"5": "high"}}, "logit_bias"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages"),
+    ({"messages": [{"role": {"a": 1}, "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "\ud83d"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * (64 * protocol.CHARS_PER_TOKEN + 1)}]},
+     "messages[0].content"),
+])
+def test_chat_fields_refused_by_name(extra, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(ApiError) as info:
+        protocol.parse_chat(body, MODEL, TOK)
+    assert info.value.kind == "invalid_request" and info.value.param == param, info.value.message
+
+
+def test_neutral_values_of_unimplemented_parameters_are_accepted():
+    body = {"prompt": "hi", "best_of": 1, "suffix": None, "user": "u1"}
+    assert protocol.parse_completion(body, MODEL, TOK).prompt == [104, 105]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"}, "tools": []}
+    assert protocol.parse_chat(chat, MODEL, TOK).prompt
+
+
+def test_penalties_and_logit_bias_reach_the_sampling():
+    p = protocol.parse_completion({"prompt": "hi", "presence_penalty": 0.5, "frequency_penalty": -1,
+                                   "logit_bias": {"7": -100, "3": 2.5}, "seed": 2 ** 63 - 1, "n": 3}, MODEL, TOK)
+    s = protocol.sampling(p, 2)
+    assert (s.presence_penalty, s.frequency_penalty, s.logit_bias) == (0.5, -1.0, ((3, 2.5), (7, -100.0)))
+    assert s.seed == -(2 ** 63) + 1  # seed + 2 wraps within int64 instead of overflowing it
+    assert [protocol.choice_seed(5, i) for i in range(3)] == [5, 6, 7]
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"prompt": "hi", "temperature": NaN}', None),
+    (b'{"prompt": "hi", "temperature": Infinity}', None),
+    (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", None),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+])
+def test_hostile_bodies_give_400_not_500(raw, words):
+    try:
+        body = protocol.parse_json_body(raw)
+        protocol.parse_completion(body, MODEL, TOK)
+    except ApiError as err:
+        assert err.kind == "invalid_request"
+        assert words is None or words in err.message
+        assert words is not None or err.param in ("temperature", "max_tokens"), err.message
+    else:
+        pytest.fail("accepted")
+
+
+def test_api_keys_file_rotation_and_loopback_rule(tmp_path, monkeypatch):
+    from ingress import auth
+
+    monkeypatch.setattr(auth, "RELOAD_S", 0.0)
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# comment\nold-key\n\n")
+    keys = auth.ApiKeys(str(keys_file))
+    assert keys.check("old-key", "10.0.0.5") is None
+    assert "required" in keys.check(None, "127.0.0.1")  # with keys, loopback needs one too
+    assert "not valid" in keys.check("old-key2", "127.0.0.1")
+    keys_file.write_text("old-key\nnew-key\n")
+    assert keys.allows("new-key") and keys.allows("old-key")
+    keys_file.write_text("new-key\n")
+    assert keys.allows("new-key") and not keys.allows("old-key")
+    keys_file.write_text("")  # a half-written Secret update: the last good keys stay
+    assert keys.allows("new-key")
+    none = auth.ApiKeys(None)
+    assert none.check(None, "127.0.0.1") is None and none.check(None, "::1") is None
+    assert "loopback" in none.check(None, "192.168.1.9") and "loopback" in none.check("any", None)
+    with pytest.raises(auth.KeyFileError):
+        auth.ApiKeys(str(tmp_path / "missing"))
+    assert auth.bearer("Bearer  abc ") == "abc" and auth.bearer("Basic abc") is None and auth.bearer("") is None
+    assert auth.grpc_peer_host("ipv4:127.0.0.1:5555") == "127.0.0.1"
+    assert auth.grpc_peer_host("ipv6:[::1]:5555") == "::1"
+    assert auth.grpc_peer_host("ipv4:10.1.2.3:80") == "10.1.2.3"
+
+
+def test_edge_middleware_strips_serve_control_headers():
+    import asyncio
+
+    from ingress.edge import StripControlHeaders, proxy_middlewares
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen.update(scope)
+
+    scope = {"type": "http", "headers": [(b"x-request-timeout-seconds", b"0"), (b"host", b"x"),
+                                         (b"X-Request-Disconnect-Disabled", b"?1")]}
+    asyncio.run(StripControlHeaders(app)(scope, None, None))
+    assert seen["headers"] == [(b"host", b"x")]
+    assert proxy_middlewares()[0].cls is StripControlHeaders

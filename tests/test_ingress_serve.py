@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 ENGINE = {"max_slots": 16, "max_len": 128, "prefill_buckets": [16, 32, 64], "moe_block_size": 8}
 MAX_QUEUE = 24
+BODY_TIMEOUT_S = 2.0
 APP = "grok1"
 
 
@@ -56,17 +57,20 @@ def server(golden_dir, tmp_path_factory):
 
     from ingress.app import build_app, serve_options
     from ingress.client import GrpcClient
+    from ingress.edge import apply_proxy_env
 
     model = json.loads((golden_dir / "config.json").read_text())
     config = {"name": "grok1-tiny", "model": model, "engine": ENGINE, "checkpoint": {"path": str(golden_dir)}}
     config_path = tmp_path_factory.mktemp("ingress") / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     http_port, grpc_port = _free_port(), _free_port()
+    apply_proxy_env()  # what `grok1 serve` does: the proxies' message bound and header stripping
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(**serve_options("127.0.0.1", http_port, grpc_port))
         handle = serve.run(build_app({"config": str(config_path), "ep": 1, "backend": "local",
-                                      "max_queue": MAX_QUEUE}), name=APP, route_prefix="/", blocking=False)
+                                      "max_queue": MAX_QUEUE, "body_timeout_s": BODY_TIMEOUT_S}),
+                           name=APP, route_prefix="/", blocking=False)
         http = f"http://127.0.0.1:{http_port}"
         loading_status = requests.post(f"{http}/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code
         loading_code = GrpcClient(f"127.0.0.1:{grpc_port}").health().state
@@ -399,4 +403,188 @@ def test_queue_full_is_resource_exhausted_then_serving(server, grpc_client):
     assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     wait_idle(server)
+    good_request(server)
+
+
+# ------------------------------------------------------------------------------------------ hardening
+#
+# Each of these reproduces a defect of the previous ingress: a 500 (or a crash of the whole shard group, then a
+# rebuild) where a 4xx naming the field was due, or a request that could hurt another client's.
+
+HOSTILE_RAW = {  # (body, the field the 400 must name or None when the body as a whole is at fault)
+    "NaN temperature": (b'{"prompt": "hi", "temperature": NaN}', "temperature"),
+    "infinite timeout": (b'{"prompt": "hi", "timeout_s": Infinity}', "timeout_s"),
+    "NaN timeout": (b'{"prompt": "hi", "timeout_s": NaN}', "timeout_s"),
+    "integer of 400 digits": (b'{"prompt": "hi", "temperature": 1' + b"0" * 400 + b"}", "temperature"),
+    "integer of 5000 digits": (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "max_tokens"),
+    "nested 100,000 deep": (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    "lone surrogate in the prompt": (b'{"prompt": "hi \\ud800 there"}', "prompt"),
+    "top_k past int32": (b'{"prompt": "hi", "top_k": 2147483648, "temperature": 1}', "top_k"),
+    "seed past int64": (b'{"prompt": "hi", "seed": 9223372036854775808}', "seed"),
+    "unimplemented parameter": (b'{"prompt": "hi", "best_of": 4}', "best_of"),
+    "unknown parameter": (b'{"prompt": "hi", "temprature": 1}', "temprature"),
+    "logit_bias out of range": (b'{"prompt": "hi", "logit_bias": {"5": 1000}}', "logit_bias"),
+    "stop string over the limit": (b'{"prompt": "hi", "stop": "' + b"x" * 300 + b'"}', "stop"),
+    "prompt over the character limit": (b'{"prompt": "' + b"word " * 50_000 + b'"}', "prompt"),
+}
+HOSTILE_CHAT = {
+    "chat role that is a list": ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages"),
+    "chat role that is an object": ({"messages": [{"role": {"x": 1}, "content": "hi"}]}, "messages"),
+    "chat lone surrogate": (b'{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages[0].content"),
+    "chat response_format": ({"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
+}
+
+
+def _post(server, route, body, **kwargs):
+    if isinstance(body, bytes):
+        return requests.post(f"{server.http}{route}", data=body, headers={"content-type": "application/json"},
+                             timeout=60, **kwargs)
+    return requests.post(f"{server.http}{route}", json=body, timeout=60, **kwargs)
+
+
+def _stream_tokens(server, body) -> list[int]:
+    """A streamed completion's token ids (logprobs carry one entry per token)."""
+    with requests.post(f"{server.http}/v1/completions", json={**body, "stream": True, "logprobs": 1},
+                       stream=True, timeout=300) as response:
+        assert response.status_code == 200, response.text
+        tokens = []
+        for line in response.iter_lines():
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                tokens += chunk["choices"][0]["logprobs"]["tokens"] if chunk["choices"] else []
+        return tokens
+
+
+def test_hostile_inputs_during_a_live_stream_end_only_themselves(server):
+    import ray
+
+    from cluster.scheduler import Request
+    from grok1.engine import Sampling
+
+    live = {"prompt": "A stream that must survive", "max_tokens": 60, "ignore_eos": True, "temperature": 0.9,
+            "seed": 11}
+    alone = _stream_tokens(server, live)
+    restarts = server.stats()["restarts"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        during = pool.submit(_stream_tokens, server, live)
+        time.sleep(0.5)
+        cases = [("/v1/completions", name, *case) for name, case in HOSTILE_RAW.items()] + \
+                [("/v1/chat/completions", name, *case) for name, case in HOSTILE_CHAT.items()]
+        for route, name, body, field in cases:
+            response = _post(server, route, body)
+            assert response.status_code == 400, (name, response.status_code, response.text[:300])
+            error = response.json()["error"]
+            assert error["param"] == field, (name, error)
+        # What used to crash every shard worker (seed + choice index past int64; top_k at the int32 edge) is
+        # served now, as the sampling it asks for.
+        for body in ({"prompt": "hi", "n": 2, "seed": 2 ** 63 - 1, "temperature": 1.0, "max_tokens": 2},
+                     {"prompt": "hi", "top_k": 2 ** 31 - 1, "temperature": 1.0, "max_tokens": 2}):
+            response = _post(server, "/v1/completions", body)
+            assert response.status_code == 200, response.text
+        # The router validates what any Ray caller sends, not only what the ingress parsed.
+        for sampling in (Sampling(top_k=2 ** 31), Sampling(seed=2 ** 64), Sampling(temperature=float("nan"))):
+            with pytest.raises(Exception, match="top_k|seed|temperature"):
+                gen = server.router.generate.options(num_returns="streaming").remote(
+                    Request(f"direct-{sampling}", [5, 6], 2, sampling))
+                ray.get(next(gen))
+        assert during.result(timeout=300) == alone  # token for token
+    assert server.stats()["restarts"] == restarts  # no shard group was rebuilt
+    good_request(server)
+    wait_idle(server)
+
+
+def test_slow_body_upload_is_cut_off(server):
+    host, port = server.http.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        started = time.monotonic()
+        reply = conn.recv(65536)
+        waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert BODY_TIMEOUT_S - 0.5 < waited < BODY_TIMEOUT_S + 20
+    good_request(server)
+
+
+def test_grpc_request_id_of_a_running_request_cannot_cancel_it(server, stub):
+    from grok1_api.v1 import grok1_pb2 as pb
+
+    request = pb.GenerateRequest(text="Shared id", max_tokens=40, ignore_eos=True, request_id="same-id")
+    expected = list(stub.Generate(request).token_ids)
+    call = stub.GenerateStream(request)
+    first = next(call)
+    second = stub.Generate(request)  # the same client-chosen id while the first one runs
+    assert list(second.token_ids) == expected and second.request_id == "same-id"
+    rest = [t for chunk in call for t in chunk.token_ids]
+    assert list(first.token_ids) + rest == expected
+    wait_idle(server)
+
+
+def _fill_slots(server, n_slots: int):
+    """n_slots streaming requests that run for a while; returns the open responses."""
+    streams = []
+    for k in range(n_slots):
+        response = requests.post(f"{server.http}/v1/completions", stream=True, timeout=300, json={
+            "prompt": f"busy {k}", "max_tokens": 100, "ignore_eos": True, "stream": True})
+        assert response.status_code == 200
+        streams.append(response)
+    deadline = time.monotonic() + 60
+    while server.stats()["running"] < n_slots:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return streams
+
+
+def test_client_gone_while_queued_is_cancelled_there(server):
+    before = server.stats()["requests_total"].get("cancelled", 0)
+    streams = _fill_slots(server, ENGINE["max_slots"])
+    try:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(f"{server.http}/v1/completions", json={"prompt": "queued", "max_tokens": 100},
+                          timeout=1.5)
+        deadline = time.monotonic() + 10
+        while server.stats()["queue_length"] > 0:  # it left the queue without being run
+            assert time.monotonic() < deadline, server.stats()
+            time.sleep(0.05)
+        assert server.stats()["requests_total"].get("cancelled", 0) == before + 1
+    finally:
+        for response in streams:
+            response.close()
+    wait_idle(server, 30)
+
+
+def test_serve_control_headers_from_clients_are_ignored(server):
+    # Serve's proxy would end this request after 0.2 s (x-request-timeout-seconds) ...
+    response = requests.post(f"{server.http}/v1/completions", timeout=120,
+                             headers={"x-request-timeout-seconds": "0.2"},
+                             json={"prompt": "Hi", "max_tokens": 60, "ignore_eos": True})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 60
+    # ... and keep this one running after its client went away (x-request-disconnect-disabled).
+    before = server.stats()["requests_total"].get("cancelled", 0)
+    response = requests.post(f"{server.http}/v1/completions", stream=True, timeout=120,
+                             headers={"x-request-disconnect-disabled": "?1"},
+                             json={"prompt": "Hi", "max_tokens": 120, "ignore_eos": True, "stream": True})
+    next(line for line in response.iter_lines() if line)
+    response.close()
+    stats = wait_idle(server, 15)
+    assert stats["requests_total"].get("cancelled", 0) == before + 1
+
+
+def test_grpc_messages_are_bounded(server, stub):
+    from grok1_api.v1 import grok1_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Tokenize(pb.TokenizeRequest(text="x" * (8 << 20)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # under the message bound, over the text bound
+        stub.Tokenize(pb.TokenizeRequest(text="x" * (ENGINE["max_len"] * 16 + 1)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Detokenize(pb.DetokenizeRequest(token_ids=[5] * (ENGINE["max_len"] + 1)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(text="hi", max_tokens=1, sampling={"temperature": float("nan")}))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in info.value.details()
+    assert stub.Tokenize(pb.TokenizeRequest(text="Hello")).token_ids
     good_request(server)

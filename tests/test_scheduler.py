@@ -11,9 +11,11 @@ bound, validation, stop conditions, cancellation, deadlines) and the driver carr
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import numpy as np
+
 import pytest
 
 from cluster.driver import Completion, Driver
@@ -157,14 +159,39 @@ def test_queue_bound_raises_queue_full_and_recovers():
     (dict(prompt=[1], sampling=Sampling(temperature=1.0, top_p=1.5)), "top_p"),
     (dict(prompt=[1], sampling=Sampling(temperature=1.0, top_p=-0.5)), "top_p"),
     (dict(prompt=[1], sampling=Sampling(top_k=-1)), "top_k"),
+    # What the engine cannot represent stops here, before any shard worker sees it (issue: one request
+    # crashing the whole shard group).
+    (dict(prompt=[1], sampling=Sampling(top_k=2 ** 31)), "top_k"),
+    (dict(prompt=[1], sampling=Sampling(seed=2 ** 63)), "seed"),
+    (dict(prompt=[1], sampling=Sampling(seed=-(2 ** 63) - 1)), "seed"),
+    (dict(prompt=[1], sampling=Sampling(temperature=float("nan"))), "temperature"),
+    (dict(prompt=[1], sampling=Sampling(temperature=float("inf"))), "temperature"),
+    (dict(prompt=[1], sampling=Sampling(temperature=1.0, top_p=float("nan"))), "top_p"),
+    (dict(prompt=[1], sampling=Sampling(temperature="1")), "temperature"),
+    (dict(prompt=[1], sampling=Sampling(top_k=2.0)), "top_k"),
+    (dict(prompt=[1], sampling=Sampling(seed=True)), "seed"),
+    (dict(prompt=[1], sampling=Sampling(presence_penalty=float("nan"))), "presence_penalty"),
+    (dict(prompt=[1], sampling=Sampling(frequency_penalty=2.5)), "frequency_penalty"),
+    (dict(prompt=[1], sampling=Sampling(logit_bias=((VOCAB, 1.0),))), "logit_bias"),
+    (dict(prompt=[1], sampling=Sampling(logit_bias=((3, 101.0),))), "logit_bias"),
+    (dict(prompt=[1], sampling=Sampling(logit_bias=((3, 1.0), (3, 2.0)))), "logit_bias"),
+    (dict(prompt=[1], sampling=Sampling(logit_bias=tuple((i, 1.0) for i in range(301)))), "logit_bias"),
+    (dict(prompt=[1.5]), "token ids"),
+    (dict(prompt="abc"), "token ids"),
+    (dict(prompt=[1], max_tokens=2.0), "max_tokens"),
+    (dict(prompt=[1], stop_token_ids=(VOCAB,)), "stop token ids"),
 ], ids=["empty", "id-vocab", "id-negative", "max_tokens-0", "max_tokens-negative", "prompt+max_tokens",
-        "prompt-max_len", "temperature", "top_p-0", "top_p-above-1", "top_p-negative", "top_k"])
+        "prompt-max_len", "temperature", "top_p-0", "top_p-above-1", "top_p-negative", "top_k",
+        "top_k-int32", "seed-2**63", "seed-below-int64", "temperature-nan", "temperature-inf", "top_p-nan",
+        "temperature-str", "top_k-float", "seed-bool", "presence-nan", "frequency-range", "bias-id", "bias-value",
+        "bias-twice", "bias-count", "prompt-float", "prompt-str", "max_tokens-float", "stop-id"])
 def test_invalid_requests_are_rejected_with_a_message(kwargs, message):
     driver, scheduler, engine = make()
     kwargs = {"max_tokens": 4, **kwargs}
     with pytest.raises(InvalidRequest, match=message) as info:
         driver.submit(Request("bad", **kwargs))
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ValueError) and info.value.field
+    assert pickle.loads(pickle.dumps(info.value)).field == info.value.field  # it crosses Ray intact
     assert not getattr(info.value, "retriable", False)
     assert not scheduler.queue and "bad" not in driver.completions
     # The scheduler keeps serving after a rejection.
@@ -178,12 +205,13 @@ def test_boundary_requests_are_accepted():
             sampling=Sampling(temperature=0.0, top_p=1.0, top_k=0), ignore_eos=True)])
     assert full.tokens == [(20 + i) % VOCAB for i in range(MAX_LEN - 20)]
     assert full.finish_reason == "length"
-    for sampling in (Sampling(temperature=2.0, top_p=1e-6, top_k=1), Sampling(top_k=VOCAB * 10)):
+    for sampling in (Sampling(temperature=2.0, top_p=1e-6, top_k=1), Sampling(top_k=VOCAB * 10),
+                     Sampling(top_k=2 ** 31 - 1, seed=2 ** 63 - 1), Sampling(seed=-(2 ** 63))):
         driver.submit(req("edge", [0, VOCAB - 1], max_tokens=1, sampling=sampling))
         driver.run_until_idle()
         assert driver.completions.pop("edge").tokens == [VOCAB - 1]
     # The request's sampling settings reach the engine unchanged.
-    assert engine.prefills[-1][2] == Sampling(top_k=VOCAB * 10)
+    assert engine.prefills[-3][2] == Sampling(top_k=VOCAB * 10)
 
 
 # ------------------------------------------------------------------------------------- stop conditions
