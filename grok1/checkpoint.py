@@ -6,8 +6,9 @@ parameter tree, in the order of `grok1.params.reference_leaves`. Large matrices 
 ``__main__.QuantizedWeight8bit`` (the release) or ``model.QuantizedWeight8bit`` (golden sets); the other
 leaves are numpy float arrays.
 
-Pickles can run arbitrary code, so nothing here calls `pickle.load`: `read_leaf` uses an unpickler that
-admits only numpy array reconstruction, ml_dtypes scalar types and the record class.
+Pickles can run arbitrary code, so nothing here calls `pickle.load`: `read_leaf` uses
+`grok1.release_pickle`, which admits only int8, float32 and bfloat16 arrays and the record class, and runs
+none of numpy's pickle code. Tensor files that are links to outside their directory are refused.
 
 Public API: `CheckpointError`, `QuantizedWeight8bit`, `read_leaf`, `load_checkpoint`, `save_checkpoint`,
 `random_params`, `write_random_checkpoint`.
@@ -17,10 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
-import math
 import os
-import pickle
 import re
 import sys
 import tempfile
@@ -42,16 +40,13 @@ from grok1.params import (
     top_shapes,
 )
 from grok1.params import dequantize as dequantize_weight
-
-try:
-    from numpy._core import multiarray as _multiarray
-except ImportError:  # numpy < 2
-    from numpy.core import multiarray as _multiarray
+from grok1.random_weights import random_params
+from grok1.release_pickle import ReleasePickler, RefusedPickle
+from grok1.release_pickle import load as load_pickle
 
 CKPT_SUBDIR = "ckpt-0"
 RECORD_CLASS_NAME = "QuantizedWeight8bit"
 RECORD_MODULES = ("__main__", "model")  # the release's and the golden sets' module for the record class
-PICKLE_PROTOCOL = 4  # what the reference's `pickle.dump` wrote (Python 3.10 default)
 TENSOR_FILE_RE = re.compile(r"^tensor(\d{5})_(\d{3})$")
 _LOAD_THREADS = 4
 
@@ -70,7 +65,7 @@ class QuantizedWeight8bit:
     def __setstate__(self, state):
         # The reference pickles a dataclass: its state is its __dict__. Keys beyond these two are dropped.
         if not isinstance(state, dict) or not {"weight", "scales"} <= state.keys():
-            raise pickle.UnpicklingError(
+            raise RefusedPickle(
                 f"{RECORD_CLASS_NAME} state must be a dict with 'weight' and 'scales', got {_describe(state)}")
         self.weight = state["weight"]
         self.scales = state["scales"]
@@ -80,57 +75,16 @@ class QuantizedWeight8bit:
 # Reading one file
 
 
-def _ml_dtypes_scalar_types() -> dict[str, type]:
-    return {name: value for name, value in vars(ml_dtypes).items()
-            if isinstance(value, type) and issubclass(value, np.generic)}
-
-
-@functools.cache
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    """Every (module, name) a checkpoint pickle may refer to, and the object it resolves to."""
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-    # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core; both mean the same functions.
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = _multiarray._reconstruct
-        allowed[(module, "scalar")] = _multiarray.scalar
-    for name, scalar_type in _ml_dtypes_scalar_types().items():
-        allowed[("ml_dtypes", name)] = scalar_type
-    for module in RECORD_MODULES:
-        allowed[(module, RECORD_CLASS_NAME)] = QuantizedWeight8bit
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals of `_allowed_globals`; anything else (os.system, ...) is refused."""
-
-    def __init__(self, file, source: str):
-        super().__init__(file)
-        self._source = source
-        self._allowed = _allowed_globals()
-
-    def find_class(self, module: str, name: str):
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise CheckpointError(f"{self._source}: refused to load global {module}.{name} "
-                                  "(not an array, dtype or QuantizedWeight8bit)") from None
-
-    def persistent_load(self, pid):
-        raise CheckpointError(f"{self._source}: refused persistent id {pid!r}")
-
-
 def read_leaf(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
     """Unpickle one checkpoint file safely: a numpy array or a `QuantizedWeight8bit` record."""
     path = Path(path)
     try:
         with open(path, "rb") as file:
-            value = _RestrictedUnpickler(file, str(path)).load()
+            value = load_pickle(file, {(module, RECORD_CLASS_NAME): QuantizedWeight8bit
+                                       for module in RECORD_MODULES})
             trailing = file.read(1)
-    except CheckpointError:
-        raise
+    except RefusedPickle as err:
+        raise CheckpointError(f"{path}: {err}") from err
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read: {err}") from err
     except Exception as err:  # any other failure inside the unpickler means the bytes are not a valid leaf
@@ -139,7 +93,16 @@ def read_leaf(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
         raise CheckpointError(f"{path}: unexpected bytes after the end of the pickle")
     if not isinstance(value, (np.ndarray, QuantizedWeight8bit)):
         raise CheckpointError(f"{path}: expected an array or {RECORD_CLASS_NAME}, got {_describe(value)}")
+    if isinstance(value, QuantizedWeight8bit) and not {"weight", "scales"} <= vars(value).keys():
+        raise CheckpointError(f"{path}: {RECORD_CLASS_NAME} record without weight and scales")
     return value
+
+
+def check_inside(file: Path, directory: Path) -> None:
+    """Refuse a file that is (or lies under) a link to outside `directory`: a checkpoint names only its own files."""
+    real, root = file.resolve(), directory.resolve()
+    if not real.is_relative_to(root):
+        raise CheckpointError(f"{file}: links to {real}, outside the checkpoint directory {root}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,6 +154,10 @@ def _check_file_set(ckpt_dir: Path, leaves: list[_Leaf]) -> None:
     for leaf in leaves:
         if not leaf.file.is_file():
             raise CheckpointError(f"{leaf.where}: file is missing")
+        try:
+            check_inside(leaf.file, ckpt_dir)
+        except CheckpointError as err:
+            raise CheckpointError(f"{leaf.param}: {err}") from None
     expected = {leaf.file.name for leaf in leaves}
     extra = sorted(entry.name for entry in _tensor_files(ckpt_dir) if entry.name not in expected)
     if extra:
@@ -199,11 +166,7 @@ def _check_file_set(ckpt_dir: Path, leaves: list[_Leaf]) -> None:
 
 
 def _is_float_dtype(dtype: np.dtype) -> bool:
-    return dtype.kind == "f" or dtype.type in _ML_FLOAT_TYPES
-
-
-_ML_FLOAT_TYPES = frozenset(t for name, t in _ml_dtypes_scalar_types().items()
-                            if name.startswith(("float", "bfloat")))
+    return dtype in (np.float32, ml_dtypes.bfloat16)  # the float dtypes of the release (all we read)
 
 
 def _check_float_array(leaf: _Leaf, value) -> np.ndarray:
@@ -352,39 +315,12 @@ class _NoProgress:
 # Saving a checkpoint
 
 
-class _ReleasePickler(pickle._Pickler):
-    """Pickles exactly as the reference did (numpy 1.x, `model.py` loaded as a module or __main__).
-
-    The pure-Python pickler is used because only it lets us choose the module a global is written under:
-    numpy 2 would write numpy._core (unreadable by numpy < 1.26), and our record class lives in
-    grok1.checkpoint, not in `__main__`/`model`. No module is registered in sys.modules for this.
-    """
-
-    def __init__(self, file, record_module: str):
-        super().__init__(file, protocol=PICKLE_PROTOCOL)
-        self._renamed = [
-            (_multiarray._reconstruct, "numpy.core.multiarray", "_reconstruct"),
-            (_multiarray.scalar, "numpy.core.multiarray", "scalar"),
-            (QuantizedWeight8bit, record_module, RECORD_CLASS_NAME),
-        ]
-
-    def save_global(self, obj, name=None):
-        for renamed_obj, module_name, global_name in self._renamed:
-            if obj is renamed_obj:
-                self.save(module_name)
-                self.save(global_name)
-                self.write(pickle.STACK_GLOBAL)
-                self.memoize(obj)
-                return
-        super().save_global(obj, name)
-
-
 def _write_leaf(path: Path, value, record_module: str) -> None:
     """Write one pickle under a temporary name, then rename, so a crash never leaves a half file at `path`."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
-            _ReleasePickler(file, record_module).dump(value)
+            ReleasePickler(file, {QuantizedWeight8bit: (record_module, RECORD_CLASS_NAME)}).dump(value)
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -430,89 +366,7 @@ def save_checkpoint(directory: str | os.PathLike, params: dict[str, Any], config
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Random weights
-
-
-_NORM_JITTER = 0.1  # norm scales are 1 +- this, as in the golden set (the reference initialises them to 0)
-_TARGET_LOGIT_STD = 3.0  # final norm is chosen so logits are peaked but finite (golden set: about 2.6)
-_EMBEDDING_CHUNK_ROWS = 8192
-
-
-def _validated_scale_groups(config: ModelConfig, scale_groups: dict[str, int] | None) -> dict[str, int]:
-    shapes = layer_shapes(config)
-    groups = {name: 1 for name in shapes if is_quantised(name)}
-    for name, count in (scale_groups or {}).items():
-        if name not in groups:
-            raise ValueError(f"scale_groups: {name!r} is not a quantised param (one of {sorted(groups)})")
-        k = shapes[name][-2]
-        if not isinstance(count, int) or count <= 0 or k % count:
-            raise ValueError(f"scale_groups[{name!r}] = {count!r} must be a positive divisor of K={k}")
-        groups[name] = count
-    return groups
-
-
-def _random_quantised(rng: np.random.Generator, shape: tuple[int, ...], groups: int):
-    """int8 uniform in [-127, 127] with per-output-channel scales so that x @ w keeps x's scale."""
-    *lead, k, n = shape
-    weight = rng.integers(-127, 128, size=shape, dtype=np.int8)
-    # Uniform ints in [-127, 127] have std 127/sqrt(3); dividing by that and sqrt(K) gives unit gain.
-    base = math.sqrt(3.0) / (127.0 * math.sqrt(k))
-    jitter = rng.uniform(0.9, 1.1, size=(*lead, groups, n)).astype(np.float32)
-    return weight, (base * jitter).astype(ml_dtypes.bfloat16)
-
-
-def _random_layer_leaf(rng: np.random.Generator, name: str, shape: tuple[int, ...], config: ModelConfig):
-    if name == "router":
-        return (rng.standard_normal(shape, dtype=np.float32) / math.sqrt(config.emb_size)).astype(np.float32)
-    return (1.0 + _NORM_JITTER * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-
-
-def _random_embedding(rng: np.random.Generator, config: ModelConfig) -> np.ndarray:
-    """N(0, 1) * init scale / embedding multiplier, so the model's scaled input has unit scale."""
-    std = config.embedding_init_scale / config.embedding_multiplier_scale
-    embedding = np.empty((config.vocab_size, config.emb_size), ml_dtypes.bfloat16)
-    for start in range(0, config.vocab_size, _EMBEDDING_CHUNK_ROWS):  # chunks: no full float32 copy
-        rows = min(_EMBEDDING_CHUNK_ROWS, config.vocab_size - start)
-        chunk = rng.standard_normal((rows, config.emb_size), dtype=np.float32) * np.float32(std)
-        embedding[start:start + rows] = chunk.astype(ml_dtypes.bfloat16)
-    return embedding
-
-
-def _final_norm_scale(config: ModelConfig) -> float:
-    """Logit std = scale * embedding std * sqrt(D) * output multiplier; pick the scale for the target."""
-    embedding_std = config.embedding_init_scale / config.embedding_multiplier_scale
-    return _TARGET_LOGIT_STD / (embedding_std * math.sqrt(config.emb_size) * config.output_multiplier_scale)
-
-
-def random_params(config: ModelConfig, seed: int = 0, *,
-                  scale_groups: dict[str, int] | None = None) -> dict[str, Any]:
-    """Random weights in our stacked pytree (numpy), quantised like the release.
-
-    `scale_groups` maps a quantised param (e.g. "ffn_out", "o_proj") to its number of scale groups G > 1.
-    """
-    groups = _validated_scale_groups(config, scale_groups)
-    rng = np.random.default_rng(seed)
-    shapes = layer_shapes(config)
-    num_layers = config.num_layers
-    layers: dict[str, Any] = {}
-    for name, shape in shapes.items():
-        if is_quantised(name):
-            scales_shape = (*shape[:-2], groups[name], shape[-1])
-            layers[name] = QuantizedWeight(np.empty((num_layers, *shape), np.int8),
-                                           np.empty((num_layers, *scales_shape), ml_dtypes.bfloat16))
-        else:
-            layers[name] = np.empty((num_layers, *shape), np.float32)
-    for layer in range(num_layers):  # one layer at a time: no temporaries larger than a layer
-        for name, shape in shapes.items():
-            if is_quantised(name):
-                layers[name].weight[layer], layers[name].scales[layer] = _random_quantised(rng, shape,
-                                                                                           groups[name])
-            else:
-                layers[name][layer] = _random_layer_leaf(rng, name, shape, config)
-    embedding = _random_embedding(rng, config)
-    final_norm = (_final_norm_scale(config)
-                  * (1.0 + 0.01 * rng.standard_normal(config.emb_size, dtype=np.float32))).astype(np.float32)
-    return {"embedding": embedding, "final_norm": final_norm, "layers": layers}
+# Random weights (generated by grok1.random_weights)
 
 
 def write_random_checkpoint(directory: str | os.PathLike, config: ModelConfig, seed: int = 0,

@@ -14,7 +14,9 @@ params pytree (`grok1.params`), which are then opened as memory maps:
 
 Each file is the C-order, little-endian bytes of its array and nothing else. Leaf names are the pytree paths
 joined by dots (`leaf_name`), so writer and reader agree by construction. The manifest is written last (to a
-temporary name, then renamed): a directory without one is an unfinished conversion and is refused.
+temporary name, then renamed): a directory without one is an unfinished conversion and is refused. Every
+file is written under a temporary name and renamed into place, so a process that still maps the files of
+a previous conversion keeps reading them unchanged. Tensor files are plain names in DST, not links out of it.
 
 Public API: `FORMAT`, `MANIFEST`, `leaf_name`, `leaf_names`, `convert`, `is_sliceable`, `open_sliceable`,
 `load_sliceable`, `load_sharded`, `sliceable_bytes`.
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +40,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from grok1.checkpoint import CheckpointError
+from grok1.checkpoint import CheckpointError, check_inside
 from grok1.config import ModelConfig
 from grok1.params import LAYER_PARAMS, TOP_PARAMS, QuantizedWeight, is_quantised, layer_shapes, top_shapes
 
@@ -113,22 +116,32 @@ def _little_endian_bytes(array: np.ndarray) -> memoryview:
 
 class _StackedFile:
     """One output file holding `slots` arrays of `slot_shape` back to back (the stacked [L, ...] array),
-    created at full size (sparse) when its first slot arrives."""
+    created at full size (sparse) under a temporary name when its first slot arrives; `commit` renames it."""
 
     def __init__(self, path: Path, slot_shape: tuple[int, ...], slots: int | None, dtype: np.dtype):
         self.path, self.dtype = path, np.dtype(dtype)
         self.shape = slot_shape if slots is None else (slots, *slot_shape)  # the array the file holds
         self.slot_bytes = math.prod(slot_shape) * self.dtype.itemsize
-        with open(path, "wb") as file:
+        # Never truncate `path` itself: another process may have it mapped (SIGBUS, or new bytes under it).
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        self.tmp = Path(tmp)
+        with os.fdopen(fd, "wb") as file:
             file.truncate(self.slot_bytes * (slots or 1))
 
     def write(self, slot: int, array: np.ndarray) -> None:
         data = _little_endian_bytes(array)
         if len(data) != self.slot_bytes:  # cannot happen after _read_checked's shape checks
             raise CheckpointError(f"{self.path}: slot {slot} takes {self.slot_bytes} bytes, got {len(data)}")
-        with open(self.path, "r+b") as file:
+        with open(self.tmp, "r+b") as file:
             file.seek(slot * self.slot_bytes)
             file.write(data)
+
+    def commit(self) -> None:
+        _fsync(self.tmp)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
 
 
 class _Writer:
@@ -213,18 +226,24 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, config: ModelConfig,
         value, scales_shape = _read_checked(leaf, dequantize=False)
         writer.put(leaf, value, scales_shape)
 
-    with ThreadPoolExecutor(_CONVERT_THREADS) as pool, _progress_bar(len(leaves), progress, "converting") as bar:
-        futures = [pool.submit(convert_leaf, leaf) for leaf in leaves]  # each holds memory only while it runs
-        try:
-            for future in futures:
-                future.result()
-                bar.update(1)
-        finally:
-            for future in futures:
-                future.cancel()
-    for stacked in writer.files.values():
-        _fsync(stacked.path)
-    _write_json_atomically(dst / MANIFEST, writer.manifest(config))
+    try:
+        with ThreadPoolExecutor(_CONVERT_THREADS) as pool, \
+                _progress_bar(len(leaves), progress, "converting") as bar:
+            futures = [pool.submit(convert_leaf, leaf) for leaf in leaves]  # each holds memory only while it runs
+            try:
+                for future in futures:
+                    future.result()
+                    bar.update(1)
+            finally:
+                for future in futures:
+                    future.cancel()
+        manifest = writer.manifest(config)
+        for stacked in writer.files.values():
+            stacked.commit()
+    finally:
+        for stacked in writer.files.values():
+            stacked.discard()  # a no-op after a commit; after a failure, removes the temporary file
+    _write_json_atomically(dst / MANIFEST, manifest)
     return dst
 
 
@@ -245,6 +264,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path}: no manifest; not a sliceable checkpoint (or an unfinished conversion)")
+    check_inside(path, directory)
     try:
         with open(path) as file:
             manifest = json.load(file)
@@ -287,13 +307,20 @@ def _expected_specs(config: ModelConfig) -> dict[str, tuple[str, tuple]]:
     return specs
 
 
-def _check_tensor(path: Path, name: str, entry: Any, dtype: str, shape: tuple) -> tuple[Path, tuple[int, ...]]:
-    """The file and shape of one manifest entry, after checking them against the config."""
+def _tensor_file(path: Path, name: str, entry: Any) -> Path:
+    """The file of one manifest entry: a plain name in the manifest's directory, not a link out of it."""
     if not isinstance(entry, dict) or not {"file", "dtype", "shape"} <= entry.keys():
         raise CheckpointError(f"{path}: tensor {name}: entry must have file, dtype and shape")
     file = entry["file"]
     if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
         raise CheckpointError(f"{path}: tensor {name}: file must be a plain file name, got {file!r}")
+    check_inside(path.parent / file, path.parent)
+    return path.parent / file
+
+
+def _check_tensor(path: Path, name: str, entry: Any, dtype: str, shape: tuple) -> tuple[Path, tuple[int, ...]]:
+    """The file and shape of one manifest entry, after checking them against the config."""
+    file = _tensor_file(path, name, entry)
     if entry["dtype"] != dtype:
         raise CheckpointError(f"{path}: tensor {name}: dtype is {entry['dtype']!r}, expected {dtype!r}")
     found = entry["shape"]
@@ -302,7 +329,7 @@ def _check_tensor(path: Path, name: str, entry: Any, dtype: str, shape: tuple) -
             or any(e is not None and e != n for e, n in zip(shape, found))):
         raise CheckpointError(f"{path}: tensor {name}: shape {found!r} does not match the config's "
                               f"{[('G' if e is None else e) for e in shape]}")
-    return path.parent / file, tuple(found)
+    return file, tuple(found)
 
 
 def open_sliceable(directory: str | os.PathLike, config: ModelConfig) -> dict[str, Any]:
@@ -387,10 +414,17 @@ def load_sharded(directory: str | os.PathLike, config: ModelConfig, shardings, *
 
 
 def sliceable_bytes(directory: str | os.PathLike) -> int:
-    """Bytes of all tensor files listed in the manifest."""
+    """Bytes of all tensor files listed in the manifest (checked as `open_sliceable` checks their names)."""
     directory = Path(directory)
     manifest = _read_manifest(directory)
-    return sum((directory / entry["file"]).stat().st_size for entry in manifest["tensors"].values())
+    path, total = directory / MANIFEST, 0
+    for name, entry in manifest["tensors"].items():
+        file = _tensor_file(path, name, entry)
+        try:
+            total += file.stat().st_size
+        except OSError as err:
+            raise CheckpointError(f"{file}: cannot read tensor {name}: {err}") from err
+    return total
 
 
 @contextlib.contextmanager

@@ -8,8 +8,13 @@ import os
 import pickle
 import pickletools
 import shutil
+import struct
+import subprocess
 import sys
+import textwrap
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -294,3 +299,198 @@ def test_scale_groups_must_agree_across_layers(damaged_copy, tmp_path):
         with pytest.raises(CheckpointError, match="scale groups") as error:
             load_checkpoint(damaged_copy, TINY, dequantize=dequantise)
         assert path in str(error.value) and file.name in str(error.value)
+
+
+def test_record_file_linking_outside_the_checkpoint_is_refused(damaged_copy, tmp_path):
+    file, path = leaf_file(damaged_copy, TINY, "q_proj", 1)
+    outside = tmp_path / "elsewhere"
+    shutil.move(file, outside)
+    file.symlink_to(outside)
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory") as error:
+        load_checkpoint(damaged_copy, TINY)
+    assert path in str(error.value) and str(file) in str(error.value)
+    file.unlink()
+    file.symlink_to(os.path.relpath(outside, file.parent))  # relative links are resolved too
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        load_checkpoint(damaged_copy, TINY)
+
+
+def test_links_inside_the_checkpoint_are_followed(tmp_path):
+    """A ckpt-0 that is itself a link, and tensor files linking to others in it, still load."""
+    real = write_random_checkpoint(tmp_path / "real", TINY, seed=7)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "ckpt-0").symlink_to(real / "ckpt-0")
+    expected = load_checkpoint(real, TINY)
+    assert_trees_bitwise_equal(load_checkpoint(tmp_path / "linked", TINY), expected)
+    file, _ = leaf_file(real, TINY, "final_norm")
+    moved = real / "ckpt-0" / "final_norm.pickle"
+    shutil.move(file, moved)
+    file.symlink_to(moved.name)
+    assert_trees_bitwise_equal(load_checkpoint(real, TINY), expected)
+
+
+# ---------------------------------------------------------------------------------------- crafted pickles
+# Hand-assembled pickles that numpy's own unpickling accepts with harm. Each is read in a fresh interpreter,
+# so that a segfault fails the test instead of killing pytest.
+
+
+@dataclass
+class Global:
+    module: str
+    name: str
+
+
+@dataclass
+class Call:
+    """`func(*args)` (REDUCE), then BUILD with `state` unless it is None."""
+
+    func: Any
+    args: tuple
+    state: Any = None
+
+
+def encode(value) -> bytes:
+    """Pickle opcodes building `value` (plain values, tuples, lists, dicts, Global, Call); no memo."""
+    if value is None:
+        return pickle.NONE
+    if isinstance(value, bool):
+        return pickle.NEWTRUE if value else pickle.NEWFALSE
+    if isinstance(value, int):
+        return pickle.LONG1 + bytes([8]) + value.to_bytes(8, "little", signed=True)
+    if isinstance(value, float):
+        return pickle.BINFLOAT + struct.pack(">d", value)
+    if isinstance(value, str):
+        return pickle.BINUNICODE + struct.pack("<I", len(value.encode())) + value.encode()
+    if isinstance(value, bytes):
+        return pickle.BINBYTES + struct.pack("<I", len(value)) + value
+    if isinstance(value, tuple):
+        return pickle.MARK + b"".join(map(encode, value)) + pickle.TUPLE
+    if isinstance(value, list):
+        return pickle.MARK + b"".join(map(encode, value)) + pickle.LIST
+    if isinstance(value, dict):
+        return pickle.EMPTY_DICT + pickle.MARK + b"".join(encode(k) + encode(v) for k, v in value.items()) \
+            + pickle.SETITEMS
+    if isinstance(value, Global):
+        return pickle.GLOBAL + f"{value.module}\n{value.name}\n".encode()
+    if isinstance(value, Call):
+        built = encode(value.func) + encode(tuple(value.args)) + pickle.REDUCE
+        return built if value.state is None else built + encode(value.state) + pickle.BUILD
+    raise TypeError(type(value))
+
+
+def crafted(value) -> bytes:
+    return pickle.PROTO + bytes([4]) + encode(value) + pickle.STOP
+
+
+NDARRAY = Global("numpy", "ndarray")
+BFLOAT16 = Global("ml_dtypes", "bfloat16")
+F4_STATE = (3, "<", None, None, None, -1, -1, 0)  # dtype states as numpy writes them
+I1_STATE = (3, "|", None, None, None, -1, -1, 0)
+BF16_STATE = (3, "<", None, None, None, 2, 2, 64)
+OBJECT_STATE = (3, "|", None, None, None, -1, -1, 63)
+
+
+def dtype(name, state, copy=True) -> Call:
+    return Call(Global("numpy", "dtype"), (name, False, copy), state)
+
+
+def array(shape, dtype_call, data, fortran=False, cls=NDARRAY) -> Call:
+    """An array as numpy 1.x pickles it: _reconstruct(cls, (0,), b"b"), then BUILD (1, shape, dtype, F, data)."""
+    return Call(Global("numpy.core.multiarray", "_reconstruct"), (cls, (0,), b"b"),
+                (1, shape, dtype_call, fortran, data))
+
+
+def object_field_dtype(flags: int) -> Call:
+    """A structured dtype with one object field; flags 0 hides from numpy that it holds pointers."""
+    return dtype("V8", (3, "|", None, ("a",), {"a": (dtype("O8", OBJECT_STATE), 0)}, 8, 1, flags))
+
+
+POINTER = (0x4141414141).to_bytes(8, "little")  # an address the file chooses
+BF16_ONE_FIVE = b"\xc0\x3f"
+
+
+def test_hand_assembled_pickles_load_as_numpy_writes_them(tmp_path):
+    """The assembler writes what numpy does: both readers agree on its arrays (so refusals below are real)."""
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    cases = {
+        "f4": (array((2, 3), dtype("f4", F4_STATE), values.tobytes()), values),
+        "fortran": (array((3, 2), dtype("f4", F4_STATE), values.tobytes(), fortran=True), values.T),
+        "i1": (array((3,), dtype("i1", I1_STATE), b"\x01\xff\x7f"), np.array([1, -1, 127], np.int8)),
+        "bf16": (array((1,), dtype(BFLOAT16, BF16_STATE), BF16_ONE_FIVE), np.array([1.5], ml_dtypes.bfloat16)),
+        "empty": (array((0, 4), dtype("f4", F4_STATE), b""), np.zeros((0, 4), np.float32)),
+    }
+    for name, (value, expected) in cases.items():
+        file = tmp_path / name
+        file.write_bytes(crafted(value))
+        for loaded in (pickle.loads(file.read_bytes()), read_leaf(file)):
+            assert (loaded.dtype, loaded.shape) == (expected.dtype, expected.shape), name
+            assert np.array_equal(loaded, expected) and loaded.flags.writeable, name
+
+
+HARMFUL = {  # name -> (the pickle's value, a fragment of the refusal); numpy's unpickling accepts these
+    "object_array": (array((2,), dtype("O8", OBJECT_STATE), [1, "x"]), "dtype 'O8'"),
+    "object_field_with_forged_flags": (array((1,), object_field_dtype(flags=0), POINTER), "dtype 'V8'"),  # segfault
+    "ndarray_called_with_forged_dtype": (Call(NDARRAY, ((1,), object_field_dtype(flags=0), POINTER)), "V8"),
+    "ndarray_called_on_a_buffer": (Call(NDARRAY, ((2,), dtype("f4", F4_STATE), bytes(8))), "called"),
+    # copy=False hands back numpy's process-wide bfloat16 descriptor; BUILD sets its item size to 1, so this
+    # array (and every later bfloat16 array) reads past its buffer.
+    "bfloat16_descriptor_rewritten": (array((2,), dtype(BFLOAT16, (3, "<", None, None, None, 1, 1, 64), copy=False),
+                                            BF16_ONE_FIVE), "would change it"),
+    "float32_byte_order_changed": (array((2,), dtype("f4", (3, ">", *F4_STATE[2:])), bytes(8)), "would change it"),
+    "float32_given_fields": (array((2,), dtype("f4", (3, "<", None, ("a",), {"a": (dtype("f4", F4_STATE), 0)},
+                                                      4, 4, 0)), bytes(8)), "would change it"),
+    "float16": (array((2,), dtype("f2", F4_STATE), bytes(4)), "dtype 'f2'"),
+    "data_is_str": (array((2,), dtype("f4", F4_STATE), "\0" * 8), "got str"),
+    "scalar_with_forged_object_field": (  # a record whose weight is a scalar read through a pointer: segfault
+        Call(Global("model", "QuantizedWeight8bit"),
+             (Call(Global("numpy.core.multiarray", "scalar"), (object_field_dtype(flags=0), POINTER)),
+              array((1,), dtype(BFLOAT16, BF16_STATE), BF16_ONE_FIVE))), "numpy.core.multiarray.scalar"),
+}
+REFUSED_BEFORE = {  # numpy or the allow-list already refused these; kept so that the reader still does
+    "object_field": (array((1,), object_field_dtype(flags=27), POINTER), "dtype 'V8'"),
+    "data_is_list": (array((2,), dtype("f4", F4_STATE), [1.0, 2.0]), "got list"),
+    "data_too_short": (array((4,), dtype("f4", F4_STATE), bytes(8)), "must be 16 bytes"),
+    "data_too_long": (array((1,), dtype("f4", F4_STATE), bytes(8)), "must be 4 bytes"),
+    "negative_shape": (array((-1,), dtype("f4", F4_STATE), b""), "shape"),
+    "dtype_not_from_numpy_dtype": (array((2,), "f4", bytes(8)), "dtype must come from numpy.dtype"),
+    "ndarray_subclass": (array((2,), dtype("f4", F4_STATE), bytes(8), cls=Global("numpy", "memmap")),
+                         "numpy.memmap"),
+    "record_class_as_array": (array((2,), dtype("f4", F4_STATE), bytes(8),
+                                    cls=Global("model", "QuantizedWeight8bit")), "plain numpy.ndarray"),
+    "os_system": (Call(Global("os", "system"), ("true",)), "os.system"),
+    "builtins_eval": (Call(Global("builtins", "eval"), ("1 + 1",)), "builtins.eval"),
+}
+CRAFTED = {**HARMFUL, **REFUSED_BEFORE}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_crafted_pickle_is_refused_and_harms_nothing(name, damaged_copy):
+    value, fragment = CRAFTED[name]
+    file, path = leaf_file(damaged_copy, TINY, "final_norm")
+    file.write_bytes(crafted(value))
+    code = f"""
+        import ml_dtypes, numpy as np
+        from grok1.checkpoint import CheckpointError, load_checkpoint, read_leaf
+        from grok1.config import ModelConfig
+        for attempt in (lambda: read_leaf({str(file)!r}),
+                        lambda: load_checkpoint({str(damaged_copy)!r}, ModelConfig(**{asdict(TINY)!r}))):
+            try:
+                value = attempt()
+                print("accepted", repr(value)[:300])  # repr touches every element, as any use would
+            except CheckpointError as err:
+                print("refused:", str(err).replace(chr(10), " "))
+        bf16 = np.array([1.5, -2.0], ml_dtypes.bfloat16)
+        assert np.dtype(ml_dtypes.bfloat16).itemsize == 2 and bf16.tobytes() == b"\\xc0\\x3f\\x00\\xc0"
+        assert np.dtype(np.float32).byteorder == "=" and np.float32(1.5).tobytes() == b"\\x00\\x00\\xc0\\x3f"
+        print("intact")
+    """
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"crashed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}"
+    read, loaded, intact = result.stdout.splitlines()
+    assert read.startswith("refused:") and str(file) in read and fragment in read, read
+    assert loaded.startswith("refused:") and path in loaded and file.name in loaded, loaded
+    assert intact == "intact"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -137,6 +138,18 @@ def test_convert_overwrites_a_previous_conversion(released, tmp_path):
     dst = convert(released["plain"], tmp_path / "sl", TINY)
     convert(released["grouped"], dst, TINY)
     assert_bitwise_equal(load_sliceable(dst, TINY), load_checkpoint(released["grouped"], TINY))
+
+
+def test_reconversion_leaves_maps_of_the_old_files_unchanged(released, tmp_path):
+    """convert replaces files by renaming new ones into place; a process mapping the old ones keeps them."""
+    dst = convert(released["plain"], tmp_path / "sl", TINY)
+    old_maps = open_sliceable(dst, TINY)
+    before = {name: np.array(leaf) for name, leaf in zip(leaf_names(old_maps), jax.tree.leaves(old_maps))}
+    convert(released["grouped"], dst, TINY)  # other weights, other scales shapes
+    for name, leaf in zip(leaf_names(old_maps), jax.tree.leaves(old_maps)):
+        assert np.asarray(leaf).tobytes() == before[name].tobytes(), name
+    assert_bitwise_equal(load_sliceable(dst, TINY), load_checkpoint(released["grouped"], TINY))
+    assert sorted(p.name for p in dst.iterdir() if p.name.startswith(".")) == []  # no temporary files left
 
 
 def test_load_sharded_single_device(sliceable):
@@ -304,6 +317,51 @@ def test_failed_conversion_leaves_nothing_loadable(released, tmp_path):
     assert not is_sliceable(dst)
     with pytest.raises(CheckpointError, match="no manifest"):
         open_sliceable(dst, TINY)
+    assert [p.name for p in dst.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_sliceable_bytes_checks_file_names(sliceable, tmp_path):
+    copy = Path(shutil.copytree(sliceable, tmp_path / "copy"))
+    (tmp_path / "escape.bin").write_bytes(bytes(100))
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["tensors"]["layers.router"]["file"] = "../escape.bin"
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"layers\.router: file must be a plain file name"):
+        sliceable_bytes(copy)
+
+
+def test_tensor_file_linking_outside_the_checkpoint_is_refused(sliceable, tmp_path):
+    copy = Path(shutil.copytree(sliceable, tmp_path / "copy"))
+    file = copy / "layers.router.bin"
+    outside = tmp_path / "router.bin"
+    shutil.move(file, outside)
+    file.symlink_to(outside)  # same bytes, but not the checkpoint's own file
+    for read in (lambda: open_sliceable(copy, TINY), lambda: sliceable_bytes(copy)):
+        with pytest.raises(CheckpointError, match="outside the checkpoint directory") as error:
+            read()
+        assert str(file) in str(error.value)
+    file.unlink()
+    file.symlink_to(copy / "final_norm.bin")  # a link inside the directory is fine (sizes are still checked)
+    with pytest.raises(CheckpointError, match=r"layers\.router\.bin: size"):
+        open_sliceable(copy, TINY)
+
+
+def test_manifest_linking_outside_is_refused(sliceable, tmp_path):
+    copy = Path(shutil.copytree(sliceable, tmp_path / "copy"))
+    shutil.move(copy / MANIFEST, tmp_path / MANIFEST)
+    (copy / MANIFEST).symlink_to(tmp_path / MANIFEST)
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        open_sliceable(copy, TINY)
+
+
+def test_convert_refuses_released_tensors_linking_outside(released, tmp_path):
+    src = Path(shutil.copytree(released["plain"], tmp_path / "src"))
+    file = src / "ckpt-0" / "tensor00001_000"
+    shutil.move(file, tmp_path / "tensor")
+    file.symlink_to(tmp_path / "tensor")
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory") as error:
+        convert(src, tmp_path / "out", TINY)
+    assert str(file) in str(error.value)
 
 
 def test_convert_refuses_a_missing_source(tmp_path):
