@@ -349,9 +349,11 @@ class Grok1Ingress:
                 "timeout_s": request.timeout_s if request.HasField("timeout_s") else None,
                 "ignore_eos": request.ignore_eos}
         sampling = request.sampling
-        for name in ("temperature", "top_p", "top_k", "seed"):
+        for name in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
             if sampling.HasField(name):
                 body[name] = getattr(sampling, name)
+        if sampling.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
         which = request.WhichOneof("prompt")
         if which is None:
             raise ApiError("invalid_request", "the prompt is empty (set text or tokens)", "prompt")

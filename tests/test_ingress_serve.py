@@ -588,3 +588,19 @@ def test_grpc_messages_are_bounded(server, stub):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in info.value.details()
     assert stub.Tokenize(pb.TokenizeRequest(text="Hello")).token_ids
     good_request(server)
+
+
+def test_logit_bias_and_penalties_are_applied_not_ignored(server, stub):
+    from grok1_api.v1 import grok1_pb2 as pb
+
+    forced = _post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5, "logit_bias": {"1234": 100}})
+    assert forced.status_code == 200 and forced.json()["usage"]["completion_tokens"] == 5
+    by_grpc = stub.Generate(pb.GenerateRequest(text="Hello", max_tokens=5, sampling={"logit_bias": {1234: 100}}))
+    assert list(by_grpc.token_ids) == [1234] * 5
+    plain = stub.Generate(pb.GenerateRequest(text="Hello", max_tokens=12, ignore_eos=True))
+    penalised = stub.Generate(pb.GenerateRequest(text="Hello", max_tokens=12, ignore_eos=True,
+                                                 sampling={"frequency_penalty": 2.0, "presence_penalty": 2.0}))
+    assert len(set(penalised.token_ids)) >= len(set(plain.token_ids))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(text="Hello", max_tokens=2, sampling={"logit_bias": {-3: 1.0}}))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in info.value.details()
