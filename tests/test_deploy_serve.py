@@ -73,6 +73,9 @@ def _free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
+API_KEY = "test-key-0123456789abcdef"  # written into the test's own key file, nowhere else
+
+
 def laptop_config(config: dict, http_port: int, grpc_port: int, scratch: Path) -> dict:
     """The manifest's serveConfigV2 with only what must differ on a laptop rewritten:
 
@@ -82,7 +85,10 @@ def laptop_config(config: dict, http_port: int, grpc_port: int, scratch: Path) -
     - `applications[*].args.checkpoint`, only if the args name one that does not exist here (a path on the
       pod's weights volume): a directory under `scratch`, where `random_if_missing` (which must then already
       be true) writes a random checkpoint. The tiny overlay names none: its checkpoint is the config's
-      relative `checkpoint.path`, which resolves under the working directory as in the pod (module docstring).
+      relative `checkpoint.path`, which resolves under the working directory as in the pod (module docstring);
+    - `applications[*].args.api_key_file` (the pod's mounted Secret, which the manifest must set): a file under
+      `scratch` holding API_KEY, in the Secret's format (one key per line, `#` comments), so the application
+      runs with keys required, as in the pod.
 
     import_path, every other argument (config, ep, tp, placement_strategy, random_if_missing, max_queue),
     route_prefix, proxy_location and grpc_servicer_functions stay exactly as the manifest has them.
@@ -98,6 +104,10 @@ def laptop_config(config: dict, http_port: int, grpc_port: int, scratch: Path) -
                 f"{app['name']}: checkpoint {args['checkpoint']} exists only in the pod and random_if_missing is "
                 f"not true, so this application cannot start here")
             args["checkpoint"] = str(scratch / "checkpoint")
+        assert args.get("api_key_file"), f"{app['name']}: the manifest serves without API keys"
+        key_file = scratch / "api-keys"
+        key_file.write_text(f"# the test's only key\n\n{API_KEY}\n")
+        args["api_key_file"] = str(key_file)
     return local
 
 
@@ -292,6 +302,7 @@ def test_tiny_overlay_serve_config_serves_http_and_grpc(tmp_path, tokenizer):
     for app, original in zip(rewritten["applications"], manifest["applications"]):
         if "checkpoint" in app.get("args", {}):
             app["args"]["checkpoint"] = original["args"]["checkpoint"]
+        app["args"]["api_key_file"] = original["args"]["api_key_file"]
     assert rewritten == manifest
     (app,) = config["applications"]
     config_path = tmp_path / "serve-config.yaml"
@@ -316,12 +327,13 @@ def test_tiny_overlay_serve_config_serves_http_and_grpc(tmp_path, tokenizer):
         assert serve_run.returncode == 0 and "Submitted deploy config successfully" in output, output[-5000:]
 
         http = f"http://127.0.0.1:{http_port}"
+        auth = {"Authorization": f"Bearer {API_KEY}"}  # sent with every request; /health needs none by default
         deadline = time.monotonic() + READY_TIMEOUT_S
         next_status = time.monotonic() + STATUS_EVERY_S
         last = "no answer"
         while True:
             try:
-                response = requests.get(f"{http}/health", timeout=35)
+                response = requests.get(f"{http}/health", headers=auth, timeout=35)
                 if response.status_code == 200:
                     break
                 last = f"{response.status_code} {response.text[:300]}"
@@ -339,16 +351,25 @@ def test_tiny_overlay_serve_config_serves_http_and_grpc(tmp_path, tokenizer):
         assert response.json()["ok"] is True
 
         completion = requests.post(f"{http}/v1/completions", json={"prompt": "The answer is", "max_tokens": 4},
-                                   timeout=REQUEST_TIMEOUT_S)
+                                   headers=auth, timeout=REQUEST_TIMEOUT_S)
         assert completion.status_code == 200, completion.text
+        for headers in ({}, {"Authorization": "Bearer not-a-key"}):  # no key, a wrong key: refused
+            refused = requests.post(f"{http}/v1/completions", json={"prompt": "The answer is", "max_tokens": 4},
+                                    headers=headers, timeout=REQUEST_TIMEOUT_S)
+            assert refused.status_code == 401, (headers, refused.status_code, refused.text[:300])
         body = completion.json()
         assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["finish_reason"] == "length", body
         assert isinstance(body["choices"][0]["text"], str)
 
         # Serve's gRPC proxy routes by the `application` metadata (the manifest's application name).
-        metadata = (("application", app["name"]),)
+        unauthenticated = (("application", app["name"]),)
+        metadata = (*unauthenticated, ("authorization", f"Bearer {API_KEY}"))
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = grok1_pb2_grpc.Grok1ServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Generate(pb.GenerateRequest(text="The answer is", max_tokens=4), metadata=unauthenticated,
+                              timeout=REQUEST_TIMEOUT_S)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value
             health = stub.Health(pb.HealthRequest(probe=True), metadata=metadata, timeout=REQUEST_TIMEOUT_S)
             assert health.ok and health.state == "ready", health
             generated = stub.Generate(pb.GenerateRequest(text="The answer is", max_tokens=4), metadata=metadata,
