@@ -66,11 +66,6 @@ HTTP_PORT, GRPC_PORT = 8000, 9000
 BUILD_APP_ARGS = {"config": str, "checkpoint": str, "ep": int, "tp": int, "placement_strategy": str,
                   "random_if_missing": bool, "max_queue": int,
                   "api_key_file": str, "auth_health": bool, "auth_metrics": bool}
-# The API-key arguments land with the application side (ingress/app.py's IngressOptions and grok1 serve's
-# --api-key-file), built on another branch at the same time: until then these, and only these, may be missing
-# from the code. Remove the tolerance when both are merged.
-PENDING_APP_ARGS = {"api_key_file", "auth_health", "auth_metrics"}
-PENDING_CLI_FLAGS = {"serve": ["--api-key-file"]}  # each takes one value
 # The API keys: a Secret the operator creates (never committed), mounted in every Ray pod.
 API_KEYS_SECRET, API_KEYS_KEY = "grok1-api-keys", "keys"
 API_KEYS_MOUNT = "/etc/grok1/api-keys"
@@ -196,27 +191,8 @@ def check_pins(requirements: list[str], where: str) -> list[str]:
     return problems
 
 
-def without_pending_flags(args: list[str]) -> list[str]:
-    """args less the PENDING_CLI_FLAGS (and their values) that grok1/cli.py does not know yet."""
-    if not args or args[0] not in PENDING_CLI_FLAGS:
-        return args
-    known = {option for action in grok1_parser()._subparsers._group_actions[0].choices[args[0]]._actions
-             for option in action.option_strings}
-    pending = [flag for flag in PENDING_CLI_FLAGS[args[0]] if flag not in known]
-    out, skip = [], False
-    for word in args:
-        if skip:
-            skip = False
-        elif word in pending:
-            skip = True
-        else:
-            out.append(word)
-    return out
-
-
 def check_grok1_command(args: list[str], where: str) -> argparse.Namespace:
     """Parse with the real CLI parser; fail with its own message if it rejects the command."""
-    args = without_pending_flags(args)
     stderr = io.StringIO()
     parsed = None
     with contextlib.suppress(SystemExit), contextlib.redirect_stderr(stderr):
@@ -678,6 +654,27 @@ def test_ray_pods_have_shared_memory_for_the_object_store_and_gpu_tolerations(ki
             assert toleration in pod.get("tolerations", []), f"{group}: GPU pods must tolerate the GPU taint"
 
 
+@pytest.mark.parametrize("kind, name", RAY_CLUSTERS)
+def test_every_ray_container_sets_the_serve_proxy_environment(kind, name):
+    """Serve runs a proxy on every node: each must strip clients' control headers and bound gRPC messages."""
+    from ingress.edge import PROXY_ENV
+
+    doc = the(kind, name)
+    for group, pod, _ in cluster_pods(doc["spec"].get("rayClusterConfig", doc["spec"])):
+        (container,) = [c for c in pod["containers"] if c["name"] in RAY_CONTAINERS]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in PROXY_ENV} == PROXY_ENV, f"{group}: {env}"
+
+
+@pytest.mark.parametrize("path", RAY_UP_YAMLS, ids=lambda p: p.name)
+def test_ray_up_nodes_set_the_serve_proxy_environment(path):
+    from ingress.edge import PROXY_ENV
+
+    setup = "\n".join(ray_up_commands(load_ray_up(path)))
+    for name, value in PROXY_ENV.items():
+        assert f"export {name}={value}" in setup.replace("\\n", "\n"), name
+
+
 def test_raycluster_is_the_rayservices_cluster():
     rayservice = the("RayService", "overlays/gpu-full")
     assert the("RayCluster", "raycluster")["spec"] == rayservice["spec"]["rayClusterConfig"]
@@ -725,15 +722,15 @@ def test_images_are_this_versions_and_ray_is_pyprojects(directory):
 
 def test_build_app_args_are_ingress_options():
     """BUILD_APP_ARGS is build_app's real argument list (ingress/app.py's IngressOptions), with the types the
-    dataclass declares; only PENDING_APP_ARGS may be missing, until the application side lands."""
+    dataclass declares."""
     import dataclasses
 
     from ingress.app import IngressOptions
 
     fields = {field.name: field.type for field in dataclasses.fields(IngressOptions)}
     missing = set(BUILD_APP_ARGS) - set(fields)
-    assert missing <= PENDING_APP_ARGS, f"not build_app arguments: {sorted(missing - PENDING_APP_ARGS)}"
-    for name in set(BUILD_APP_ARGS) & set(fields):
+    assert not missing, f"not build_app arguments: {sorted(missing)}"
+    for name in BUILD_APP_ARGS:
         declared = {arg for arg in typing.get_args(fields[name]) or (fields[name],) if arg is not type(None)}
         assert declared == {BUILD_APP_ARGS[name]}, f"{name}: IngressOptions declares {fields[name]}"
 

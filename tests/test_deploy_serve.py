@@ -111,8 +111,19 @@ def laptop_config(config: dict, http_port: int, grpc_port: int, scratch: Path) -
     return local
 
 
-def _subprocess_env(tokenizer: Path) -> dict[str, str]:
+def _pod_env(manifest: dict) -> dict[str, str]:
+    """The environment the overlay gives its Ray containers (all must agree: one local head plays them all)."""
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    envs = [{e["name"]: e["value"] for e in c.get("env", []) if e["name"].startswith("RAY_SERVE_")}
+            for pod in pods for c in pod["containers"]]
+    assert all(env == envs[0] for env in envs), envs
+    return envs[0]
+
+
+def _subprocess_env(tokenizer: Path, pod_env: dict[str, str]) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(pod_env)  # the Serve proxies' settings, as the pods set them
     # RAY_AUTH_MODE: `ray start` turns token authentication on when ~/.ray/auth_token exists (a local
     # `ray.init()` writes one), while a client given an explicit address never does; the pod's `ray start`
     # finds no token. Said explicitly, so that a token someone left in ~ changes nothing here.
@@ -312,7 +323,7 @@ def test_tiny_overlay_serve_config_serves_http_and_grpc(tmp_path, tokenizer):
     workdir.mkdir()
     (workdir / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
 
-    cluster = LocalCluster(workdir, _subprocess_env(tokenizer))
+    cluster = LocalCluster(workdir, _subprocess_env(tokenizer, _pod_env(the("RayService", OVERLAY))))
     try:
         cluster.start()
         serve_run = cluster.popen([str(BIN / "serve"), "run", str(config_path), "--address", cluster.address,
