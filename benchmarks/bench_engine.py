@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from grok1.cli import ensure_random_checkpoint, load_params
+from grok1.loading import ensure_random_checkpoint, load_params
 from grok1.config import load_config
 from grok1.engine import Engine, Sampling
 

@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from grok1.cli import ensure_random_checkpoint
+    from grok1.loading import ensure_random_checkpoint
     from grok1.config import load_config
 
     config = load_config(args.config)

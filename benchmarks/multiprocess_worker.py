@@ -75,7 +75,7 @@ def main() -> None:
     result = {"process_id": args.process_id, "seconds": time_decode(shard.engine, args.prompt_len, args.steps,
                                                                      args.repeats)}
     if args.plain:
-        from grok1.cli import load_params
+        from grok1.loading import load_params
         from grok1.engine import Engine
 
         shard.shutdown()

@@ -325,7 +325,7 @@ def start_router(config: Grok1Config, *, checkpoint: str, ep: int = 2, tp: int =
     """Create the router as a Ray actor; its shard group starts loading at once (see `wait_ready`)."""
     import ray
 
-    from sharding.mesh import MeshShape
+    from sharding.mesh_shape import MeshShape
 
     spec = GroupSpec(config=config, checkpoint=str(checkpoint), mesh=MeshShape(ep, tp), strategy=placement_strategy,
                      devices_per_process=devices_per_process, use_gpus=use_gpus,

@@ -384,7 +384,7 @@ def build_app(args: dict) -> serve.Application:
     config = options.load_config()
     checkpoint = Path(config.checkpoint.path)
     if options.random_if_missing:
-        from grok1.cli import ensure_random_checkpoint
+        from grok1.loading import ensure_random_checkpoint
 
         ensure_random_checkpoint(config, checkpoint)
     options.checkpoint = str(checkpoint.resolve())

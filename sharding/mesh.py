@@ -1,49 +1,15 @@
-"""The device mesh: `ep` (expert parallel) x `tp` (tensor parallel), chosen from config and validated.
-
-Decisions, so that every layout that is accepted runs the same numbers as one device:
-- `ep` must divide the experts (8 for Grok-1) and the decode slots (attention runs data parallel over ep).
-- `tp` must divide the KV heads (8 for Grok-1): KV heads are split, never replicated, so tp is 1, 2, 4 or 8.
-  It must also divide the query heads, the FFN size and the vocabulary, and any scale groups (the release
-  has G = 8 on the attention output and the experts' output matrices).
-"""
+"""The device mesh of one replica: its devices laid out as `ep` x `tp` (see sharding/mesh_shape.py)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from grok1.config import ConfigError, Grok1Config
-from sharding.rules import EP, TP
+from grok1.config import ConfigError
+from sharding.mesh_shape import EP, TP, MeshShape
 
-
-@dataclass(frozen=True)
-class MeshShape:
-    ep: int = 1
-    tp: int = 1
-
-    @property
-    def size(self) -> int:
-        return self.ep * self.tp
-
-    def validate(self, config: Grok1Config) -> "MeshShape":
-        model = config.model
-        if self.ep < 1 or self.tp < 1:
-            raise ConfigError(f"mesh ep={self.ep} tp={self.tp}: both must be positive")
-        checks = [
-            (EP, self.ep, model.num_experts, "model.num_experts"),
-            (EP, self.ep, config.engine.max_slots, "engine.max_slots (decode slots are split over ep)"),
-            (TP, self.tp, model.num_kv_heads, "model.num_kv_heads (KV heads are split, not replicated)"),
-            (TP, self.tp, model.num_q_heads, "model.num_q_heads"),
-            (TP, self.tp, model.ffn_size, "the FFN size"),
-            (TP, self.tp, model.vocab_size, "model.vocab_size"),
-        ]
-        for axis, size, total, what in checks:
-            if total % size:
-                raise ConfigError(f"mesh {axis}={size} does not divide {what} = {total}")
-        return self
+__all__ = ["MeshShape", "make_mesh"]
 
 
 def make_mesh(shape: MeshShape, devices=None) -> Mesh:

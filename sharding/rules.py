@@ -16,8 +16,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grok1.params import QuantizedWeight
+from sharding.mesh_shape import EP, TP
 
-EP, TP = "ep", "tp"
 
 # (regex on the parameter path, spec of the weight). Stacked layer params carry a leading L axis.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (

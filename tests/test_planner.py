@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from grok1.cli import main
+from cli.main import main
 from grok1.config import ConfigError, load_config
 from grok1.params import is_quantised, layer_shapes, top_shapes
 from sharding.planner import RELEASE_SCALE_GROUPS, PlanError, choose_mesh, parse_memory_size, plan
@@ -135,7 +135,7 @@ def test_the_chosen_layout_keeps_tp_inside_a_host(hosts, per_host, ep, tp):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "grok1.cli", "plan", "--config", "configs/grok-1.yaml", *args],
+    return subprocess.run([sys.executable, "-m", "cli.main", "plan", "--config", "configs/grok-1.yaml", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from grok1.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
-from grok1.cli import main as cli_main
+from cli.main import main as cli_main
 from grok1.config import ModelConfig, load_config
 from grok1.sliceable import (
     FORMAT,

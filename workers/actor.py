@@ -15,7 +15,7 @@ import time
 import ray
 
 from sharding.distributed import ProcessGroup, node_ip, pick_free_port
-from sharding.mesh import MeshShape
+from sharding.mesh_shape import MeshShape
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from grok1.config import Grok1Config
 from sharding.distributed import ProcessGroup
-from sharding.mesh import MeshShape
+from sharding.mesh_shape import MeshShape
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from grok1.config import Grok1Config
 from sharding.distributed import ProcessGroup, initialize
-from sharding.mesh import MeshShape
+from sharding.mesh_shape import MeshShape
 
 
 class ShardLoadError(RuntimeError):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from grok1.config import ConfigError, Grok1Config, load_config
+from grok1.loading import ensure_random_checkpoint, load_params
 
 DEFAULT_CONFIG = "configs/grok-1-tiny.yaml"
 
@@ -37,27 +38,6 @@ def _checkpoint_dir(config: Grok1Config, config_path: str) -> Path:
     if not config.checkpoint.path:
         raise ConfigError(f"{config_path}: checkpoint.path is not set; pass --checkpoint DIR")
     return Path(config.checkpoint.path)
-
-
-def ensure_random_checkpoint(config: Grok1Config, directory: Path, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint for `config` at `directory` unless one is there already."""
-    from grok1.checkpoint import write_random_checkpoint
-
-    if (directory / "ckpt-0").is_dir():
-        return directory
-    print(f"writing a random-weight {config.name} checkpoint to {directory} (seed {seed})", file=sys.stderr)
-    return write_random_checkpoint(directory, config.model, seed=seed)
-
-
-def load_params(config: Grok1Config, directory: Path):
-    import jax
-    import jax.numpy as jnp
-
-    from grok1.checkpoint import load_checkpoint
-
-    params = load_checkpoint(directory, config.model, dequantize=config.checkpoint.dequantize_on_load,
-                             progress=sys.stderr.isatty())
-    return jax.tree.map(jnp.asarray, params)
 
 
 def cmd_generate(args) -> int:
