@@ -1,7 +1,12 @@
-"""Token sampling inside the jitted step: temperature (0 = greedy), top-k, top-p, per-request seeds.
+"""Token sampling inside the jitted step: temperature (0 = greedy), top-k, top-p, per-request seeds, and
+OpenAI's presence/frequency penalties and logit_bias.
 
 Each slot carries its own settings and PRNG key; the n-th token of a request uses fold_in(key, n), so a seed
 gives the same tokens whatever else shares the batch.
+
+Order of the steps, as vLLM does it: penalties and bias change the logits first (both the greedy argmax and the
+draw see them), then temperature, top-k, top-p, and the draw. Every costly step is skipped by `lax.cond` when
+no row of the batch asks for it.
 """
 
 from __future__ import annotations
@@ -10,26 +15,77 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries per request
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """uint32 [2]: `jax.random.key_data(jax.random.PRNGKey(seed))` (threefry), for any Python int.
+
+    PRNGKey raises outside int64 (so would one request's seed, inside every shard worker); this is total and
+    equal to it wherever PRNGKey accepts the seed. Without x64 (this project's setting) JAX first wraps the seed
+    to 32 bits, so the key is [0, seed mod 2**32]; with x64 it is seed mod 2**64 as [high 32 bits, low 32 bits].
+    """
+    if jax.config.jax_enable_x64:
+        wrapped = int(seed) % 2**64
+        return np.asarray([wrapped >> 32, wrapped & 0xFFFFFFFF], np.uint32)
+    return np.asarray([0, int(seed) % 2**32], np.uint32)
+
+
+class LogitPenalties(NamedTuple):
+    """Per-slot OpenAI penalties: presence f32 [B], frequency f32 [B] (0 off), and the sparse logit_bias as
+    ids int32 [B, MAX_LOGIT_BIAS] and values f32 [B, MAX_LOGIT_BIAS] (padding entries: id 0, value 0)."""
+
+    presence: jax.Array
+    frequency: jax.Array
+    bias_ids: jax.Array
+    bias_values: jax.Array
+
+    @staticmethod
+    def defaults(batch: int) -> "LogitPenalties":
+        return LogitPenalties(jnp.zeros(batch, jnp.float32), jnp.zeros(batch, jnp.float32),
+                              jnp.zeros((batch, MAX_LOGIT_BIAS), jnp.int32),
+                              jnp.zeros((batch, MAX_LOGIT_BIAS), jnp.float32))
 
 
 class SlotSampling(NamedTuple):
     """Per-slot sampling settings, all [B]: temperature f32 (0 greedy), top_p f32 (1 off),
-    top_k int32 (0 off), key uint32 [B, 2] (the request's seed)."""
+    top_k int32 (0 off), key uint32 [B, 2] (the request's seed); penalties None means none (a static choice:
+    the engine's state always has them, hand-made settings in tests may leave them out)."""
 
     temperature: jax.Array
     top_p: jax.Array
     top_k: jax.Array
     key: jax.Array
+    penalties: LogitPenalties | None = None
 
     @staticmethod
     def defaults(batch: int) -> "SlotSampling":
         return SlotSampling(jnp.zeros(batch, jnp.float32), jnp.ones(batch, jnp.float32),
-                            jnp.zeros(batch, jnp.int32), jnp.zeros((batch, 2), jnp.uint32))
+                            jnp.zeros(batch, jnp.int32), jnp.zeros((batch, 2), jnp.uint32),
+                            LogitPenalties.defaults(batch))
 
     @staticmethod
     def single(temperature: float, top_p: float, top_k: int, seed: int) -> "SlotSampling":
         return SlotSampling(jnp.asarray([temperature], jnp.float32), jnp.asarray([top_p], jnp.float32),
-                            jnp.asarray([top_k], jnp.int32), jax.random.key_data(jax.random.PRNGKey(seed))[None])
+                            jnp.asarray([top_k], jnp.int32), jnp.asarray(seed_key_data(seed))[None])
+
+
+def apply_penalties(logits, penalties: LogitPenalties, counts):
+    """OpenAI's penalties as vLLM applies them, then the logit bias. logits [B, V] f32; counts [B, V] int32:
+    how often each token was generated so far by the row's request (None: nothing yet, as at prefill).
+
+        logits[t] - frequency * count[t] - presence * (count[t] > 0) + bias[t]
+
+    A row with zero penalties and no bias comes out bit for bit unchanged (x - 0 = x, x + 0 = x).
+    """
+    if counts is not None:
+        logits = logits - penalties.frequency[:, None] * counts.astype(jnp.float32)
+        logits = logits - penalties.presence[:, None] * (counts > 0).astype(jnp.float32)
+    rows = jnp.arange(logits.shape[0])[:, None]  # [B, 1]
+    # Padding entries add 0 to token 0; ids are in [0, V) (the host drops others), "drop" is a second guard.
+    return logits.at[rows, penalties.bias_ids].add(penalties.bias_values, mode="drop")
 
 
 def _filter_top_k_top_p(scaled, top_k, top_p):
@@ -46,18 +102,34 @@ def _filter_top_k_top_p(scaled, top_k, top_p):
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
-def sample(logits, sampling: SlotSampling, step):
-    """Choose one token per row. logits [B, V]; step [B] the index of the token being chosen.
+def sample(logits, sampling: SlotSampling, step, counts=None):
+    """Choose one token per row. logits [B, V]; step [B] the index of the token being chosen; counts [B, V]
+    int32 the row's generated-token counts for the penalties (None: nothing generated yet).
 
-    Returns tokens [B] int32 and their log-probabilities under the model's own distribution [B].
+    Returns tokens [B] int32 and their log-probabilities [B] under the model's own distribution: log_softmax of
+    the logits as given, before penalties, bias, temperature and filters (what OpenAI's logprobs report).
     """
     logits = logits.astype(jnp.float32)
     greedy = sampling.temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, sampling.temperature)[:, None]
+    divisor = jnp.where(greedy, 1.0, sampling.temperature)[:, None]  # [B, 1]
+
+    def argmax_and_scaled(adjusted):  # [B] int32, [B, V]
+        return jnp.argmax(adjusted, axis=-1).astype(jnp.int32), adjusted / divisor
+
+    if sampling.penalties is None:
+        argmax, scaled = argmax_and_scaled(logits)
+    else:
+        penalties = sampling.penalties
+        in_use = (jnp.any(penalties.presence != 0) | jnp.any(penalties.frequency != 0)
+                  | jnp.any(penalties.bias_values != 0))
+        # Reading every count costs a pass over [B, V]: skip it when no row has penalties or a bias. Both
+        # branches end in the scaling, so that the plain one makes no copy of the logits (which the
+        # logprobs below still read).
+        argmax, scaled = jax.lax.cond(in_use, lambda x: argmax_and_scaled(apply_penalties(x, penalties, counts)),
+                                      argmax_and_scaled, logits)
     needs_filter = jnp.any(~greedy & ((sampling.top_k > 0) | (sampling.top_p < 1.0)))
     scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, sampling.top_k,
                           sampling.top_p)
-    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(scaled):
         keys = jax.vmap(lambda key, n: jax.random.fold_in(jax.random.wrap_key_data(key), n))(sampling.key, step)

@@ -214,9 +214,11 @@ def weight_kind(path: str) -> str:
 # f32 [T, D] copies alive at once in a decoder layer: the residual h, the rms_norm input widened to f32 and
 # its output, the attention output's partial sum before the tp all-reduce, and the expert combine's sum.
 RESIDUAL_F32_COPIES = 5
-# f32 [rows, V] copies in sampling: the widened logits, the scaled ones, and for top-k/top-p the sorted
-# copy, its softmax and cumulative sum (grok1.sampling._filter_top_k_top_p).
-SAMPLING_F32_COPIES = 5
+# f32 [rows, V] copies in sampling: the widened logits, the penalised ones (grok1.sampling.apply_penalties:
+# the logprobs still read the widened ones), the scaled ones, and for top-k/top-p the sorted copy, its
+# softmax and cumulative sum (grok1.sampling._filter_top_k_top_p). The [B, V] int32 token counts the
+# penalties read are decode state (counted there, updated in place), not a temporary.
+SAMPLING_F32_COPIES = 6
 
 
 def step_activations(model: ModelConfig, mesh: MeshShape, block: int, *, batch: int, tokens: int,
@@ -332,7 +334,7 @@ class Plan:
             ("KV cache, all slots", format_bytes(self.kv_bytes_per_slot * self.slots),
              f"{self.slots} slots, {self.slots // self.mesh.ep} per ep rank"),
             ("decode state per device", format_bytes(self.state_bytes_per_device),
-             f"KV cache + {self.state_bytes_per_slot} B per slot of lengths, tokens, sampling"),
+             f"KV cache + {self.state_bytes_per_slot} B per slot of lengths, tokens, sampling, token counts"),
             ("activation headroom", format_bytes(self.headroom_bytes), self.headroom_step),
             *[(f"  {term}", format_bytes(size), "") for term, size in self.headroom.items()],
             ("used per device", format_bytes(self.used_per_device),

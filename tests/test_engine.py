@@ -475,3 +475,118 @@ def test_too_long_prompt_is_rejected(engine):
         with pytest.raises(ValueError, match="prompt length"):
             engine.prefill(0, [5] * length, Sampling())
     assert not np.asarray(engine.state.active).any()
+
+
+# --------------------------------------------------------------------- penalties and logit_bias (OpenAI)
+
+PENALISED = Sampling(presence_penalty=0.5, frequency_penalty=1.0)
+PENALISED_HOT = Sampling(temperature=1.0, seed=17, presence_penalty=1.5, frequency_penalty=0.5,
+                         logit_bias=((1000, 3.0),))
+
+
+def reference_scores(logits: np.ndarray, tokens: list[int], sampling: Sampling) -> np.ndarray:
+    """What each step's choice maximises, in plain numpy: vLLM's penalties over the tokens generated before
+    it, the bias, the temperature, and for a seeded request the Gumbel noise of jax.random.categorical
+    (argmax of logits + gumbel(fold_in(PRNGKey(seed), n)), checked below). logits [N, V] -> [N, V]."""
+    counts = np.zeros(logits.shape[-1], np.int64)
+    scores = []
+    for step, token in enumerate(tokens):
+        x = logits[step].astype(np.float32).copy()
+        x -= np.float32(sampling.frequency_penalty) * counts.astype(np.float32)
+        x -= np.float32(sampling.presence_penalty) * (counts > 0).astype(np.float32)
+        for biased, bias in sampling.logit_bias:
+            x[biased] += np.float32(bias)
+        if sampling.temperature > 0:
+            key = jax.random.fold_in(jax.random.PRNGKey(sampling.seed), step)
+            tempered = x / np.float32(sampling.temperature)
+            x = tempered + np.asarray(jax.random.gumbel(key, x.shape))
+            assert int(jax.random.categorical(key, jnp.asarray(tempered))) == int(np.argmax(x))  # JAX's noise
+        scores.append(x)
+        counts[token] += 1
+    return np.stack(scores)
+
+
+def assert_argmax_up_to_near_ties(scores: np.ndarray, tokens: list[int], tie: float, what: str) -> None:
+    """Each token is its step's best score, or within `tie` of it (bf16 rounding of the two forwards)."""
+    best = scores.argmax(-1)
+    top2 = np.sort(scores, axis=-1)[:, -2:]
+    for step, token in enumerate(tokens):
+        assert scores[step, token] > top2[step, 1] - tie, (
+            f"{what} step {step}: chose {token} ({scores[step, token]:.3f}), reference {best[step]} "
+            f"({top2[step, 1]:.3f})\nengine {tokens}\nreference {best.tolist()}")
+    decisive = top2[:, 1] - top2[:, 0] >= tie
+    np.testing.assert_array_equal(np.asarray(tokens)[decisive], best[decisive], err_msg=what)
+
+
+@pytest.mark.parametrize("sampling", [PENALISED, PENALISED_HOT], ids=["greedy", "seeded"])
+def test_penalties_follow_a_numpy_reference_over_the_generated_sequence(engine, golden, alone, sampling):
+    p = list(golden.cases["prompt_ids"][0])
+    plain = alone(p, GREEDY_TOKENS, Sampling(temperature=sampling.temperature, seed=sampling.seed))
+    penalised = alone(p, GREEDY_TOKENS, sampling)
+    assert penalised.tokens != plain.tokens  # the penalties matter here: the golden model repeats itself
+    if sampling.temperature == 0:
+        assert len(set(penalised.tokens)) > len(set(plain.tokens))
+    reference = full_forward_logits(golden, [p, p, p], [penalised.tokens, plain.tokens, plain.tokens])
+    scores = reference_scores(reference[0], penalised.tokens, sampling)
+    tie = NEAR_TIE / max(sampling.temperature, 1.0)
+    assert_argmax_up_to_near_ties(scores, penalised.tokens, tie, f"{sampling}")
+    # The logprobs stay the model's own (no penalties, bias or temperature in them).
+    expected = log_softmax(reference[0])[np.arange(GREEDY_TOKENS), penalised.tokens]
+    np.testing.assert_allclose(penalised.logprobs, expected, rtol=0, atol=LOGPROB_ATOL)
+
+
+def test_logit_bias_forces_and_bans(engine, golden, alone):
+    p = list(golden.cases["prompt_ids"][1])
+    forced_token = 4321
+    for sampling in (Sampling(logit_bias=((forced_token, 100.0),)),
+                     Sampling(temperature=1.0, seed=3, logit_bias=((forced_token, 100.0), (7, -5.0)))):
+        forced = alone(p, 8, sampling)
+        assert forced.tokens == [forced_token] * 8, sampling
+    plain = alone(p, GREEDY_TOKENS)
+    banned_token = plain.tokens[0]
+    banned = alone(p, GREEDY_TOKENS, Sampling(logit_bias={banned_token: -100.0}))
+    assert banned_token not in banned.tokens
+    reference = full_forward_logits(golden, [p, p, p], [banned.tokens, plain.tokens, plain.tokens])
+    assert_argmax_up_to_near_ties(reference_scores(reference[0], banned.tokens, Sampling(
+        logit_bias={banned_token: -100.0})), banned.tokens, NEAR_TIE, "banned")
+
+
+def test_counts_restart_with_each_request_in_a_slot(engine, golden, alone):
+    """A penalised request after another in the same slot (released, or prefilled over without release)
+    gets the tokens it gets alone: the earlier request's tokens are not counted."""
+    p = list(golden.cases["prompt_ids"][0])
+    expected = alone(p, GREEDY_TOKENS, PENALISED).tokens
+    plain = alone(p, GREEDY_TOKENS).tokens  # the tokens whose leftover counts would change `expected`
+    driver, _, recording = make_driver(engine)
+    first, = driver.generate([Request("first", p, GREEDY_TOKENS, ignore_eos=True)])
+    second, = driver.generate([Request("second", p, GREEDY_TOKENS, PENALISED, ignore_eos=True)])
+    assert first.tokens == plain and recording.slot_of["first"] == recording.slot_of["second"]
+    assert second.tokens == expected
+    # The engine's verbs directly: prefill the slot again while it still decodes.
+    slot = 3
+    for sampling, want in ((Sampling(), plain), (PENALISED, expected)):
+        tokens = [int(engine.prefill(slot, p, sampling).tokens[0])]
+        for _ in range(GREEDY_TOKENS - 1):
+            tokens.append(int(engine.decode().tokens[slot]))
+        assert tokens == want, sampling
+    assert np.asarray(engine.state.token_counts[slot]).sum() == GREEDY_TOKENS
+    engine.release(slot)
+    assert not np.asarray(engine.state.token_counts[slot]).any()  # an idle slot holds no counts
+
+
+def test_penalised_requests_leave_their_neighbours_unchanged(engine, golden, alone):
+    """Plain, seeded and penalised requests in one batch each get their alone tokens."""
+    g = [list(p) for p in golden.cases["prompt_ids"]]
+    requests = [Request("plain", g[1], 10, ignore_eos=True),
+                Request("penalised", g[0], 10, PENALISED, ignore_eos=True),
+                Request("seeded", g[2], 10, Sampling(temperature=2.0, seed=5), ignore_eos=True),
+                Request("biased", g[1], 10, Sampling(temperature=1.0, seed=4, frequency_penalty=-0.5,
+                                                     logit_bias={g[1][0]: 20.0}), ignore_eos=True),
+                Request("plain-long", prompt(40, 3), 10, ignore_eos=True)]
+    for request in requests:
+        alone(request.prompt, request.max_tokens, request.sampling)
+    driver, _, recording = make_driver(engine)
+    completions = driver.generate(requests)
+    assert recording.prefilled == [r.request_id for r in requests]
+    for request, done in zip(requests, completions):
+        check_like_alone(done, alone, request, "next to penalised requests: ")

@@ -1,4 +1,6 @@
-"""grok1.sampling.sample: greedy, temperature, top-k, top-p (nucleus), per-row seeds and settings.
+"""grok1.sampling.sample: greedy, temperature, top-k, top-p (nucleus), per-row seeds and settings,
+presence/frequency penalties and logit_bias (against a numpy reference); and the engine's host conversion of a
+request's settings, which must not raise whatever the request holds.
 
 Everything runs on small hand-made vocabularies; many draws are taken at once as rows of one batch (each row
 its own key and step), so a whole distribution costs a single call of the jitted sampler.
@@ -11,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok1.sampling import SlotSampling, sample
+from grok1.engine import Sampling, _slot_sampling
+from grok1.sampling import MAX_LOGIT_BIAS, LogitPenalties, SlotSampling, sample, seed_key_data
 
 _sample = jax.jit(sample)
 
@@ -194,7 +197,8 @@ def test_different_steps_and_seeds_vary(random_logits):
 def test_single_matches_batch_settings():
     one = SlotSampling.single(0.7, 0.9, 5, 1234)
     batch = settings(1, temperature=0.7, top_p=0.9, top_k=5, seed=1234)
-    for got, want in zip(one, batch):
+    assert one.penalties is None and batch.penalties is None
+    for got, want in zip(one[:4], batch[:4]):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert got.dtype == want.dtype
 
@@ -260,3 +264,193 @@ def test_unfiltered_row_is_unchanged_by_a_filtered_neighbour(random_logits):
     together = np.asarray(together)
     np.testing.assert_array_equal(together[0::2], alone)
     assert set(together[1::2].tolist()) <= set(np.argsort(-neighbour)[:3].tolist())
+
+
+# --------------------------------------------------------------------- penalties and logit_bias (OpenAI)
+
+
+def penalties(rows: int, presence=0.0, frequency=0.0, bias: dict | None = None) -> LogitPenalties:
+    """LogitPenalties for `rows` rows: scalar penalties for all rows, one bias map for all rows."""
+    ids = np.zeros((rows, MAX_LOGIT_BIAS), np.int32)
+    values = np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
+    for entry, (token, value) in enumerate((bias or {}).items()):
+        ids[:, entry], values[:, entry] = token, value
+    return LogitPenalties(jnp.broadcast_to(jnp.asarray(presence, jnp.float32), (rows,)),
+                          jnp.broadcast_to(jnp.asarray(frequency, jnp.float32), (rows,)),
+                          jnp.asarray(ids), jnp.asarray(values))
+
+
+def reference_penalised(logits, counts, presence, frequency, bias) -> np.ndarray:
+    """vLLM's formula, one row at a time in float32 numpy: the slow, obvious version."""
+    out = np.array(logits, np.float32)
+    for row in range(out.shape[0]):
+        out[row] -= np.float32(frequency[row]) * counts[row].astype(np.float32)
+        out[row] -= np.float32(presence[row]) * (counts[row] > 0).astype(np.float32)
+        for token, value in bias.items():
+            out[row, token] += np.float32(value)
+    return out
+
+
+def generate_with_penalties(logits_per_step, sampling: SlotSampling) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [steps, B] and logprobs chosen by `sample` over a sequence, counts kept as the engine keeps them."""
+    steps, rows, vocab = logits_per_step.shape
+    counts = jnp.zeros((rows, vocab), jnp.int32)
+    tokens, logprobs = [], []
+    for step in range(steps):
+        token, logprob = _sample(jnp.asarray(logits_per_step[step]), sampling, jnp.full(rows, step, jnp.int32),
+                                 counts)
+        counts = counts.at[jnp.arange(rows), token].add(1)
+        tokens.append(np.asarray(token))
+        logprobs.append(np.asarray(logprob))
+    return np.stack(tokens), np.stack(logprobs)
+
+
+@pytest.fixture(scope="module")
+def logits_sequence() -> np.ndarray:
+    """[12 steps, 4 rows, 50] float32: one step's logits varied a little, so the same tokens stay on top and
+    penalties decide what comes next."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.0, 2.0, size=(4, 50))
+    return (base[None] + rng.normal(0.0, 0.1, size=(12, 4, 50))).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_penalties_follow_the_numpy_reference_over_a_sequence(logits_sequence, temperature):
+    steps, rows, vocab = logits_sequence.shape
+    presence, frequency = np.array([0.0, 0.7, 1.5, -0.5]), np.array([0.0, 0.4, 0.0, 1.2])
+    bias = {3: 2.5, 17: -4.0}
+    sampling = settings(rows, temperature=temperature, seed=np.arange(rows) + 21)._replace(
+        penalties=penalties(rows, presence, frequency, bias))
+    tokens, logprobs = generate_with_penalties(logits_sequence, sampling)
+    counts = np.zeros((rows, vocab), np.int64)
+    plain = settings(rows, temperature=temperature, seed=np.arange(rows) + 21)  # penalties None: skipped
+    for step in range(steps):
+        expected = reference_penalised(logits_sequence[step], counts, presence, frequency, bias)
+        if temperature == 0.0:
+            np.testing.assert_array_equal(tokens[step], expected.argmax(-1), err_msg=f"step {step}")
+        # Seeded: the draw from the reference's logits with the same key and step (fold_in(key, n)).
+        want, _ = _sample(jnp.asarray(expected), plain, jnp.full(rows, step, jnp.int32))
+        np.testing.assert_array_equal(tokens[step], np.asarray(want), err_msg=f"step {step}")
+        # The logprob stays the model's own: log_softmax of the unpenalised logits.
+        np.testing.assert_allclose(logprobs[step], log_softmax(logits_sequence[step])[np.arange(rows), tokens[step]],
+                                   rtol=1e-5, atol=1e-5)
+        counts[np.arange(rows), tokens[step]] += 1
+    # Not vacuous: row 0 (no penalties) repeats its tokens, the penalised rows vary theirs.
+    assert len(set(tokens[:, 0].tolist())) <= 3 if temperature == 0.0 else True
+    assert all(len(set(tokens[:, row].tolist())) >= 5 for row in (1, 3))
+
+
+def test_logit_bias_plus_100_forces_and_minus_100_bans(random_logits):
+    rows = random_logits.shape[0]
+    forced_token, steps = 7, jnp.arange(rows, dtype=jnp.int32)
+    for temperature in (0.0, 1.0, 3.0):
+        forced = settings(rows, temperature=temperature, seed=np.arange(rows))._replace(
+            penalties=penalties(rows, bias={forced_token: 100.0}))
+        tokens, logprobs = _sample(jnp.asarray(random_logits), forced, steps)
+        np.testing.assert_array_equal(np.asarray(tokens), forced_token)
+        np.testing.assert_allclose(np.asarray(logprobs), log_softmax(random_logits)[:, forced_token], atol=1e-5)
+    best = random_logits.argmax(-1)
+    row = 0
+    banned = settings(256, temperature=1.0, seed=3)._replace(penalties=penalties(256, bias={int(best[row]): -100.0}))
+    logits = jnp.broadcast_to(jnp.asarray(random_logits[row]), (256, 50))
+    drawn, _ = _sample(logits, banned, jnp.arange(256, dtype=jnp.int32))
+    assert int(best[row]) not in set(np.asarray(drawn).tolist())
+    greedy = settings(1)._replace(penalties=penalties(1, bias={int(best[row]): -100.0}))
+    token, _ = _sample(logits[:1], greedy, jnp.zeros(1, jnp.int32))
+    assert int(token[0]) == np.argsort(-random_logits[row])[1]  # the runner-up
+
+
+def test_no_penalties_is_bit_identical_to_none(random_logits):
+    """Zero penalties and no bias (the engine's default) give exactly the tokens and logprobs of a sampler
+    without the penalty step, for greedy, sampled and filtered rows."""
+    rows = random_logits.shape[0]
+    counts = jnp.asarray(np.random.default_rng(2).integers(0, 5, size=(rows, 50)), jnp.int32)
+    steps = jnp.arange(rows, dtype=jnp.int32)
+    for kwargs in (dict(), dict(temperature=1.3), dict(temperature=0.9, top_k=np.arange(rows) % 4,
+                                                       top_p=np.where(np.arange(rows) % 2, 0.7, 1.0))):
+        plain = settings(rows, seed=np.arange(rows) + 5, **kwargs)
+        zero = plain._replace(penalties=penalties(rows))
+        for step in (0, 3):
+            want = _sample(jnp.asarray(random_logits), plain, steps + step)
+            got = _sample(jnp.asarray(random_logits), zero, steps + step, counts)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_plain_rows_are_unchanged_by_a_penalised_neighbour(random_logits):
+    """The penalty step runs for the whole batch when any row asks; rows without penalties must not notice."""
+    rows = random_logits.shape[0]
+    counts = jnp.asarray(np.random.default_rng(3).integers(0, 3, size=(rows, 50)), jnp.int32)
+    plain = settings(rows, temperature=np.where(np.arange(rows) % 2, 1.0, 0.0), seed=np.arange(rows))
+    mixed = plain._replace(penalties=LogitPenalties(
+        jnp.asarray([1.0] + [0.0] * (rows - 1), jnp.float32), jnp.asarray([0.0, 1.5] + [0.0] * (rows - 2), jnp.float32),
+        jnp.zeros((rows, MAX_LOGIT_BIAS), jnp.int32).at[2, 0].set(int(random_logits[2].argmin())),
+        jnp.zeros((rows, MAX_LOGIT_BIAS), jnp.float32).at[2, 0].set(100.0)))
+    steps = jnp.arange(rows, dtype=jnp.int32)
+    want_tokens, want_logprobs = _sample(jnp.asarray(random_logits), plain, steps)
+    tokens, logprobs = _sample(jnp.asarray(random_logits), mixed, steps, counts)
+    assert int(tokens[2]) == int(random_logits[2].argmin())  # the biased row did change
+    np.testing.assert_array_equal(np.asarray(tokens)[3:], np.asarray(want_tokens)[3:])
+    np.testing.assert_array_equal(np.asarray(logprobs)[3:], np.asarray(want_logprobs)[3:])
+    # The biased row's logprob is still the model's own, of the token it was forced to.
+    np.testing.assert_allclose(float(logprobs[2]), log_softmax(random_logits[2]).min(), rtol=1e-5)
+
+
+# ------------------------------------------------------------- the host conversion cannot raise (engine)
+
+VOCAB = 131072
+
+
+def convert(samplings):
+    return _slot_sampling(samplings, VOCAB)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**62 + 3, 2**63 - 1, -1, -5,
+                                  -2**31, -2**63])
+def test_seed_keys_equal_prng_key_wherever_it_accepts_the_seed(seed):
+    want = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)))
+    np.testing.assert_array_equal(seed_key_data(seed), want)
+    np.testing.assert_array_equal(np.asarray(convert([Sampling(seed=seed)]).key)[0], want)
+    with jax.enable_x64(True):  # JAX keeps all 64 bits of the seed there: [high, low] of seed mod 2**64
+        np.testing.assert_array_equal(seed_key_data(seed), np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))))
+        np.testing.assert_array_equal(seed_key_data(seed), [(seed % 2**64) >> 32, seed % 2**32])
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**63 + 7, 2**64 + 5, -2**63 - 1, 10**30])
+def test_seeds_outside_int64_convert(seed):
+    """PRNGKey raises OverflowError for these (e.g. a seed near 2**63 plus the choice index for n > 1)."""
+    key = np.asarray(convert([Sampling(temperature=1.0, seed=seed), Sampling()]).key)
+    np.testing.assert_array_equal(key[0], [0, seed % 2**32])  # wrapped as JAX wraps the seeds it accepts
+    np.testing.assert_array_equal(key[1], [0, 0])
+
+
+@pytest.mark.parametrize("top_k,expected", [(2**31, VOCAB), (2**31 - 1, VOCAB), (2**40, VOCAB), (10**30, VOCAB),
+                                            (-2**31 - 1, 0)])
+def test_top_k_is_clamped_into_the_vocabulary(top_k, expected):
+    converted = convert([Sampling(temperature=1.0, top_k=top_k), Sampling(top_k=40)])
+    np.testing.assert_array_equal(np.asarray(converted.top_k), [expected, 40])
+    assert converted.top_k.dtype == np.int32
+
+
+def test_logit_bias_converts_into_the_sparse_rows():
+    many = tuple((token, 1.0) for token in range(MAX_LOGIT_BIAS + 50))
+    converted = convert([
+        Sampling(logit_bias={"5": -100, 9: 250.0, 5: 3.0, VOCAB: 1.0, -1: 1.0, 2**70: 1.0}),
+        Sampling(presence_penalty=float("nan"), frequency_penalty=1e30, logit_bias=many),
+        Sampling()])
+    penalised = converted.penalties
+    assert penalised.bias_ids.shape == (3, MAX_LOGIT_BIAS) and penalised.bias_ids.dtype == np.int32
+    # Repeated id: the last bias; out of the vocabulary: dropped; values clipped to [-100, 100].
+    np.testing.assert_array_equal(penalised.bias_ids[0, :3], [5, 9, 0])
+    np.testing.assert_array_equal(penalised.bias_values[0, :3], [3.0, 100.0, 0.0])
+    np.testing.assert_array_equal(penalised.bias_ids[1], np.arange(MAX_LOGIT_BIAS))  # the first 300 kept
+    np.testing.assert_array_equal(penalised.presence, [0.0, 0.0, 0.0])  # NaN: off
+    np.testing.assert_array_equal(penalised.frequency, [0.0, 2.0, 0.0])  # OpenAI's range
+    assert not penalised.bias_values[2].any()
+
+
+def test_sampling_stays_positional_and_hashable():
+    assert Sampling(0.7, 0.9, 5, 42) == Sampling(temperature=0.7, top_p=0.9, top_k=5, seed=42)
+    biased = Sampling(0.7, 0.9, 5, 42, logit_bias={7: -100})
+    assert biased.logit_bias == ((7, -100.0),)
+    assert hash(biased) == hash(Sampling(0.7, 0.9, 5, 42, logit_bias=((7, -100.0),)))
