@@ -39,19 +39,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.driver import Driver
-from cluster.scheduler import MAX_TIMEOUT_S, InvalidRequest, Request, Scheduler, TokenEvent
+from cluster.scheduler import Scheduler
 from grok1.config import Grok1Config
+from grok1.engine_api import (  # noqa: F401 - Unavailable re-exported for the router's callers
+    FinishReason, InvalidRequest, Request, TokenEvent, Unavailable)
+from grok1.limits import MAX_TIMEOUT_S
 from workers.group import GroupEngine, GroupFailure, GroupSpec, LocalShardGroup, RayShardGroup
 
 IDLE_PING_S = 2.0  # how often an idle router checks that its workers are alive
 REBUILD_ATTEMPTS = 5  # consecutive failed rebuilds before the router gives up (state "failed")
 SAMPLES = 2048  # recent TTFT / TPOT samples kept for the metrics
-
-
-class Unavailable(RuntimeError):
-    """The replica is loading, recovering from a failure, or has failed; retry later or elsewhere."""
-
-    retriable = True
 
 
 @dataclass
@@ -167,7 +164,7 @@ class Router:
         except Exception as err:  # noqa: BLE001 - any failure means unhealthy; say which
             return {"ok": False, "state": self.state, "detail": f"probe failed: {err!r}"}
         last = events[-1]
-        ok = last.finish_reason == "length" and last.token is not None
+        ok = last.finish_reason == FinishReason.LENGTH and last.token is not None
         return {"ok": ok, "state": self.state, "detail": "probe generated 1 token" if ok else f"probe {last}"}
 
     async def stats(self) -> dict:
@@ -253,7 +250,7 @@ class Router:
     def _fail_queued(self, message: str) -> None:
         while self.scheduler.queue:
             request = self.scheduler.queue.popleft()
-            self._on_event(TokenEvent(request.request_id, None, None, "error", message))
+            self._on_event(TokenEvent(request.request_id, None, None, FinishReason.ERROR, message))
         self._drain_inbox(block=False, refuse=message)
 
     def _drain_inbox(self, block: bool, refuse: str | None = None) -> None:
@@ -296,7 +293,7 @@ class Router:
                 timing.tokens += 1
                 timing.last_token = now
         if event.finish_reason:
-            self._finished[event.finish_reason] += 1
+            self._finished[FinishReason(event.finish_reason).value] += 1  # plain words: the stats travel to the ingress
             if timing is not None:
                 self._timings.pop(event.request_id, None)
                 if timing.tokens > 1:

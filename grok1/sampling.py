@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries per request
+from grok1.limits import MAX_LOGIT_BIAS
+
 
 
 def seed_key_data(seed: int) -> np.ndarray:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import grpc
 
+from grok1.engine_api import InvalidRequest, QueueFull, Unavailable
+
 # kind -> (HTTP status, OpenAI error type, gRPC status code)
 KINDS = {
     "invalid_request": (400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
@@ -61,9 +63,6 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 
 def from_exception(err: BaseException) -> ApiError:
     """The ApiError for an exception raised by the router (through Ray) or by the ingress itself."""
-    from cluster.router import Unavailable
-    from cluster.scheduler import InvalidRequest, QueueFull
-
     if isinstance(err, ApiError):
         return err
     cause = getattr(err, "cause", None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from cluster.scheduler import Request
+from grok1.engine_api import FinishReason, Request
 from ingress import protocol
 from ingress.errors import ApiError, from_exception
 from ingress.protocol import GenerationParams
@@ -96,17 +96,17 @@ class _Choice:
                 delta.token_texts.append(tokenizer.id_to_piece(event.token).replace("\u2581", " "))
             delta.text = self.text.add(event.token)
         if self.text.stopped:
-            delta.finish_reason = "stop"
+            delta.finish_reason = FinishReason.STOP.value
             self.generation.cancel(self.request_id)  # the router may still be generating: free the slot
             self.finished = True
-        elif event.finish_reason in ("stop", "length"):
+        elif event.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             delta.text += self.text.finish()
-            delta.finish_reason = event.finish_reason
+            delta.finish_reason = FinishReason(event.finish_reason).value
             self.finished = True
-        elif event.finish_reason == "deadline":
+        elif event.finish_reason == FinishReason.DEADLINE:
             self.finished = True
             raise ApiError("deadline", f"the request ran past its timeout of {self.generation.params.timeout_s}s")
-        elif event.finish_reason is not None:  # "error": the shard group failed; "cancelled": not by us
+        elif event.finish_reason is not None:  # ERROR: the shard group failed; CANCELLED: not by us
             self.finished = True
             raise ApiError("unavailable", event.error or f"the request ended: {event.finish_reason}; retry it")
         return delta

@@ -24,8 +24,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from cluster.scheduler import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_TIMEOUT_S, PENALTY_RANGE, SEED_RANGE,
-                               TEMPERATURE_MAX, TOP_K_MAX, InvalidRequest, Request, Scheduler)
+from grok1.engine_api import InvalidRequest, Request, Sampling, validate_request
+from grok1.limits import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_TIMEOUT_S, PENALTY_RANGE, SEED_RANGE, TEMPERATURE_MAX,
+                          TOP_K_MAX)
 from ingress.errors import ApiError, invalid
 
 MAX_N = 8
@@ -271,8 +272,6 @@ def choice_seed(seed: int, index: int) -> int:
 
 def sampling(params: GenerationParams, index: int = 0):
     """The engine's sampling settings for choice `index`."""
-    from grok1.engine import Sampling
-
     return Sampling(params.temperature, params.top_p, params.top_k, choice_seed(params.seed, index),
                     presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                     logit_bias=params.logit_bias)
@@ -280,9 +279,9 @@ def sampling(params: GenerationParams, index: int = 0):
 
 def validate(params: GenerationParams, model: ModelInfo) -> None:
     """The scheduler's checks (prompt, context, vocabulary, sampling ranges), as an ApiError naming the field."""
-    scheduler = Scheduler(1, model.max_len, model.vocab_size, model.eos_token)
     try:
-        scheduler.validate(Request("validate", params.prompt, params.max_tokens, sampling(params)))
+        validate_request(Request("validate", params.prompt, params.max_tokens, sampling(params)), model.max_len,
+                         model.vocab_size)
     except InvalidRequest as err:
         raise invalid(str(err), err.field) from None
 

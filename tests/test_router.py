@@ -136,7 +136,7 @@ def test_invalid_request_fails_at_first_read_and_router_keeps_serving():
         await router.wait_ready(10)
         with pytest.raises(InvalidRequest, match="exceeds the context of 64"):
             await collect(router, Request("too-long", [1] * 60, 10))
-        with pytest.raises(InvalidRequest, match="timeout must be positive"):
+        with pytest.raises(InvalidRequest, match="timeout must be in"):
             await collect(router, Request("t", [1], 1), timeout_s=0)
         assert [e.token for e in await collect(router, Request("ok", [4], 2, ignore_eos=True))] == [4, 5]
         await router.shutdown()

@@ -14,6 +14,7 @@ import time
 
 import ray
 
+from grok1.engine_api import ENGINE_VERBS
 from sharding.distributed import ProcessGroup, node_ip, pick_free_port
 from sharding.mesh_shape import MeshShape
 
@@ -39,28 +40,22 @@ class ShardWorker:
 
         self.shard = Shard(config, checkpoint, mesh_shape, group, capacity_factor=capacity_factor)
         if warmup:
-            self.shard.warmup()  # compile every step now, together, rather than on the first requests
+            self.shard.engine.warmup()  # compile every step now, together, rather than on the first requests
         return self.shard.info()
 
     def ping(self) -> int:
         return os.getpid()
 
-    def prefill(self, slot, prompt, sampling):
+    def execute(self, verb: str, *args):
+        """Run one of the engine's verbs (grok1.engine_api.ENGINE_VERBS) on this process's shard: the one entry
+        point for every multi-worker operation (workers.group), so a new verb needs no forwarding code."""
+        if verb in ("ping", "timings"):  # the worker's own: liveness, and the time spent inside verbs
+            return getattr(self, verb)(*args)
+        if verb not in ENGINE_VERBS:
+            raise ValueError(f"{verb!r} is not an engine verb ({sorted(ENGINE_VERBS)})")
         started = time.perf_counter()
-        out = self.shard.prefill(slot, prompt, sampling)
-        self._count("prefill", started)
-        return out
-
-    def prefill_many(self, slots, prompts, samplings):
-        started = time.perf_counter()
-        out = self.shard.prefill_many(slots, prompts, samplings)
-        self._count("prefill", started)
-        return out
-
-    def decode(self):
-        started = time.perf_counter()
-        out = self.shard.decode()  # returns host arrays: the step (and its collectives) has finished
-        self._count("decode", started)
+        out = getattr(self.shard.engine, verb)(*args)  # host arrays: the step and its collectives have finished
+        self._count(verb.removesuffix("_many"), started)
         return out
 
     def _count(self, verb: str, started: float) -> None:
@@ -74,9 +69,6 @@ class ShardWorker:
         if reset:
             self._timings = {}
         return out
-
-    def release(self, slot):
-        self.shard.release(slot)
 
     def shutdown(self):
         if self.shard is not None:

@@ -1,6 +1,7 @@
 """A replica's shard group, and the one fan-out primitive everything goes through.
 
-`group.call(method, *args)` runs `method` on every shard and returns their results (all equal: every step's
+`group.call(method, *args)` runs `method` (an engine verb, grok1.engine_api.ENGINE_VERBS, through
+`ShardWorker.execute`) on every shard and returns their results (all equal: every step's
 outputs are replicated); `submit` / `collect` split the same call in two so that the router can start a step
 and read it later. Two backends share the interface:
 
@@ -119,7 +120,7 @@ class RayShardGroup:
 
     # The fan-out primitive.
     def submit(self, method: str, *args):
-        return [getattr(worker, method).remote(*args) for worker in self.workers]
+        return [worker.execute.remote(method, *args) for worker in self.workers]
 
     def collect(self, handle, timeout_s: float | None = None) -> list:
         """Every worker's result. Results are read as they arrive, so a dead worker is reported at once even
@@ -225,3 +226,9 @@ class GroupEngine:
 
     def ping(self):
         return self.group.call("ping", timeout_s=10) if hasattr(self.group, "workers") else None
+
+    def check_health(self) -> bool:
+        return all(self.group.call("check_health"))
+
+    def shutdown(self) -> None:
+        self.group.shutdown()

@@ -85,21 +85,5 @@ class Shard:
     def info(self) -> ShardInfo:
         return self._info
 
-    # The engine's verbs; the driver calls the same ones on the in-process engine.
-    def prefill(self, slot, prompt, sampling):
-        return self.engine.prefill(slot, prompt, sampling)
-
-    def prefill_many(self, slots, prompts, samplings):
-        return self.engine.prefill_many(slots, prompts, samplings)
-
-    def decode(self):
-        return self.engine.decode()
-
-    def release(self, slot):
-        self.engine.release(slot)
-
-    def warmup(self):
-        self.engine.warmup()
-
     def shutdown(self):
         self.engine.shutdown()
