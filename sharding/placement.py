@@ -32,7 +32,8 @@ class Placement:
         return jax.device_put(params, self.param_shardings(params))
 
     def state_shardings(self, state):
-        """The decode state: KV cache split by slot over ep and by KV head over tp, the rest replicated."""
+        """The decode state: KV cache split by slot over ep and by KV head over tp, the rest (lengths, sampling
+        settings, the [B, V] token counts of the penalties) replicated."""
         from grok1.engine import DecodeState
 
         cache = NamedSharding(self.mesh, KV_CACHE_SPEC)
