@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/grok-1-tiny.yaml
 PROMPT ?= The answer to life the universe and everything is of course
 
-.PHONY: setup run test test-fast bench checkpoint clean
+.PHONY: setup run test test-fast lint bench checkpoint clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ checkpoint: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

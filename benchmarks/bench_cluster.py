@@ -170,9 +170,9 @@ def main(argv=None) -> None:
     from ray.cluster_utils import Cluster
 
     from benchmarks.bench_multiprocess import Layout, measure
-    from grok1.loading import ensure_random_checkpoint, load_params
     from grok1.config import load_config
     from grok1.engine import Engine
+    from grok1.loading import ensure_random_checkpoint, load_params
     from sharding.mesh import MeshShape
     from workers.group import GroupEngine, GroupSpec, RayShardGroup
 

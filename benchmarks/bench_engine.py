@@ -15,9 +15,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from grok1.loading import ensure_random_checkpoint, load_params
 from grok1.config import load_config
 from grok1.engine import Engine, Sampling
+from grok1.loading import ensure_random_checkpoint, load_params
 
 CONFIGS = ["configs/grok-1-tiny.yaml", "configs/grok-1-cpu.yaml"]
 CONCURRENCY = [1, 8, 32]

@@ -76,8 +76,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from grok1.loading import ensure_random_checkpoint
     from grok1.config import load_config
+    from grok1.loading import ensure_random_checkpoint
 
     config = load_config(args.config)
     checkpoint = args.checkpoint or str(ensure_random_checkpoint(config, Path(config.checkpoint.path)))

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         results = [baseline, run_http(http, spec), run_grpc(grpc_target, spec)]
     finally:
         serve.shutdown()
-    print(f"\n{config.name}, ep={args.ep} tp={args.tp}, backend {args.backend}, {platform.processor() or platform.machine()}"
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{config.name}, ep={args.ep} tp={args.tp}, backend {args.backend}, {cpu}"
           f": {args.concurrency} streams, {args.requests} requests, prompt {args.prompt_len}, output {args.output_len}")
     print(format_table(results, baseline))
     summary = [{**r.summary(), "ratio_to_router": round(r.tokens_per_s / baseline.tokens_per_s, 3)

@@ -75,8 +75,8 @@ def main() -> None:
     result = {"process_id": args.process_id, "seconds": time_decode(shard.engine, args.prompt_len, args.steps,
                                                                      args.repeats)}
     if args.plain:
-        from grok1.loading import load_params
         from grok1.engine import Engine
+        from grok1.loading import load_params
 
         shard.shutdown()
         engine = Engine(config, load_params(config, Path(args.checkpoint)))

@@ -41,8 +41,7 @@ import numpy as np
 from cluster.driver import Driver
 from cluster.scheduler import Scheduler
 from grok1.config import Grok1Config
-from grok1.engine_api import (  # noqa: F401 - Unavailable re-exported for the router's callers
-    FinishReason, InvalidRequest, Request, TokenEvent, Unavailable)
+from grok1.engine_api import FinishReason, InvalidRequest, Request, TokenEvent, Unavailable
 from grok1.limits import MAX_TIMEOUT_S
 from workers.group import GroupEngine, GroupFailure, GroupSpec, LocalShardGroup, RayShardGroup
 
@@ -134,7 +133,8 @@ class Router:
                 return await asyncio.wait_for(asyncio.shield(waiting), 1.0)
             except asyncio.TimeoutError:
                 if self.state in ("failed", "stopped"):
-                    raise Unavailable(f"the replica is {self.state}" + (f": {self.error}" if self.error else ""))
+                    detail = f": {self.error}" if self.error else ""
+                    raise Unavailable(f"the replica is {self.state}{detail}") from None
 
     async def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id, None))

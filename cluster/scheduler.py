@@ -11,8 +11,10 @@ import collections
 import time
 from dataclasses import dataclass
 
-from grok1.engine_api import (  # noqa: F401 - the request types, re-exported for the scheduler's users
-    FinishReason, InvalidRequest, QueueFull, Request, TokenEvent, validate_request)
+from grok1.engine_api import FinishReason, InvalidRequest, QueueFull, Request, TokenEvent, validate_request
+
+# The request types are the engine API's; re-exported for the scheduler's users.
+__all__ = ["InvalidRequest", "QueueFull", "Request", "Scheduler", "TokenEvent"]
 
 
 @dataclass

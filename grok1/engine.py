@@ -6,10 +6,11 @@
     release(slot)                                     # the slot stops decoding at once
 
 The device state (`DecodeState`) holds the cache, each slot's length, the token it feeds next, its
-sampling settings and how often it generated each token (for the penalties), so consecutive decode steps need
-nothing from the host: sampled tokens stay on the device. Both steps are jitted once per shape (decode: one shape; prefill: one per prompt bucket) and donate
-the state, so the cache is updated in place. Which request owns which slot, and when it ends, is the
-scheduler's business (cluster/scheduler.py), not this module's.
+sampling settings and how often it generated each token (for the penalties), so consecutive decode steps
+need nothing from the host: sampled tokens stay on the device. Both steps are jitted once per shape (decode:
+one shape; prefill: one per prompt bucket) and donate the state, so the cache is updated in place. Which
+request owns which slot, and when it ends, is the scheduler's business (cluster/scheduler.py), not this
+module's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from grok1 import model
 from grok1.config import Grok1Config
-from grok1.engine_api import Sampling, StepOutput  # noqa: F401 - the engine's types, re-exported
+from grok1.engine_api import Sampling, StepOutput
 from grok1.limits import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE
 from grok1.sampling import LogitPenalties, SlotSampling, sample, seed_key_data
 

@@ -16,8 +16,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from grok1.limits import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE, SEED_RANGE, TEMPERATURE_MAX,
-                          TOP_K_MAX)
+from grok1.limits import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE, SEED_RANGE, TEMPERATURE_MAX, TOP_K_MAX
 
 # The verbs a shard group runs on every worker's engine (workers.actor.ShardWorker.execute).
 ENGINE_VERBS = frozenset({"prefill", "prefill_many", "decode", "release", "check_health"})

@@ -20,7 +20,6 @@ import numpy as np
 from grok1.limits import MAX_LOGIT_BIAS
 
 
-
 def seed_key_data(seed: int) -> np.ndarray:
     """uint32 [2]: `jax.random.key_data(jax.random.PRNGKey(seed))` (threefry), for any Python int.
 

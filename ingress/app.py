@@ -397,7 +397,8 @@ def build_app(args: dict) -> serve.Application:
     slots = config.engine.max_slots
     return Grok1Ingress.options(
         num_replicas=options.num_replicas,
-        max_ongoing_requests=options.max_queue + slots + 32,  # Serve queues beyond this; the router's queue is the limit
+        # Serve queues beyond this; the router's queue is the limit.
+        max_ongoing_requests=options.max_queue + slots + 32,
         max_queued_requests=-1,
     ).bind(asdict(options))
 

@@ -25,8 +25,15 @@ import uuid
 from dataclasses import dataclass, field
 
 from grok1.engine_api import InvalidRequest, Request, Sampling, validate_request
-from grok1.limits import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_TIMEOUT_S, PENALTY_RANGE, SEED_RANGE, TEMPERATURE_MAX,
-                          TOP_K_MAX)
+from grok1.limits import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_TIMEOUT_S,
+    PENALTY_RANGE,
+    SEED_RANGE,
+    TEMPERATURE_MAX,
+    TOP_K_MAX,
+)
 from ingress.errors import ApiError, invalid
 
 MAX_N = 8

@@ -8,7 +8,8 @@ the experts run through sharding.expert_parallel's all-to-all.
 from __future__ import annotations
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from grok1.config import Grok1Config
 from sharding.expert_parallel import make_expert_parallel_moe

@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from grok1.params import QuantizedWeight
 from sharding.mesh_shape import EP, TP
-
 
 # (regex on the parameter path, spec of the weight). Stacked layer params carry a leading L axis.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (

@@ -92,8 +92,9 @@ def main(golden_dir: Path) -> dict:
 
 
 def _unstacked_rules():
-    from sharding.rules import PARTITION_RULES
     from jax.sharding import PartitionSpec as P
+
+    from sharding.rules import PARTITION_RULES
 
     # The same table without the leading layer axis.
     return tuple((pattern, P(*tuple(spec)[1:]) if pattern.startswith("^layers/") else spec)

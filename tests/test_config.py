@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grok1.config import ConfigError, EngineConfig, Grok1Config, ModelConfig, config_from_dict, load_config, \
-    reference_ffn_size
+from grok1.config import (
+    ConfigError,
+    EngineConfig,
+    Grok1Config,
+    ModelConfig,
+    config_from_dict,
+    load_config,
+    reference_ffn_size,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json"))

@@ -117,7 +117,8 @@ class Alone:
         self.engine = engine
         self.cache: dict[tuple, Result] = {}
 
-    def __call__(self, prompt_ids, max_tokens: int, sampling: Sampling = Sampling()) -> Result:
+    def __call__(self, prompt_ids, max_tokens: int, sampling: Sampling | None = None) -> Result:
+        sampling = sampling or Sampling()
         key = (tuple(prompt_ids), sampling)
         cached = self.cache.get(key)
         if cached is None or len(cached.tokens) < max_tokens:

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 import pytest
+from test_scheduler import VOCAB, FakeEngine
 
 from cluster.router import Router, Unavailable
 from cluster.scheduler import InvalidRequest, QueueFull, Request
 from grok1.config import Grok1Config, ModelConfig
 from grok1.engine import Sampling, StepOutput
-from test_scheduler import FakeEngine, VOCAB
 from workers.group import GroupFailure, GroupSpec, LocalShardGroup
 
 MAX_SLOTS = 4

@@ -15,7 +15,6 @@ import pickle
 import time
 
 import numpy as np
-
 import pytest
 
 from cluster.driver import Completion, Driver

@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok1.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
 from cli.main import main as cli_main
+from grok1.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
 from grok1.config import ModelConfig, load_config
 from grok1.sliceable import (
     FORMAT,
@@ -247,8 +247,8 @@ def test_reading_a_slice_reads_only_its_bytes(tmp_path):
     numbers = json.loads(out.strip().splitlines()[-1])
     total = numbers["total"]
     print(f"\nFFN bytes {total}; RSS growth: experts 0..E/4 {numbers['quarter']} "
-          f"({numbers['quarter'] / total:.2f}x), then everything {numbers['all']} ({numbers['all'] / total:.2f}x); bytes read from disk (with "
-          f"readahead): {numbers['quarter_io']}, {numbers['all_io']}")
+          f"({numbers['quarter'] / total:.2f}x), then everything {numbers['all']} ({numbers['all'] / total:.2f}x); "
+          f"bytes read from disk (with readahead): {numbers['quarter_io']}, {numbers['all_io']}")
     assert total > 60e6
     assert 0.1 * total < numbers["quarter"] < 0.5 * total
     assert 0.8 * total < numbers["all"] < 1.5 * total

@@ -91,7 +91,8 @@ class RayShardGroup:
                                       f"(cluster resources: {ray.cluster_resources()})") from None
             options = {"num_gpus": spec.devices_per_process} if spec.use_gpus else {"num_cpus": 1}
             self.workers = [ShardWorker.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=k),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                     placement_group_bundle_index=k),
                 **options).remote(dict(spec.env)) for k in range(n)]
             self.locations = self._get([w.location.remote() for w in self.workers], deadline, "report its node")
             port = self._get([self.workers[0].free_port.remote()], deadline, "pick a port")[0]
