@@ -6,12 +6,17 @@ parameter tree, in the order of `grok1.params.reference_leaves`. Large matrices 
 ``__main__.QuantizedWeight8bit`` (the release) or ``model.QuantizedWeight8bit`` (golden sets); the other
 leaves are numpy float arrays.
 
+Dtypes travel unchanged both ways: `load_checkpoint` returns each leaf in the dtype its file holds (the release:
+bfloat16 embedding and scales, float32 norms and router; another checkpoint may hold float32 where the release
+has bfloat16, or the reverse) and `save_checkpoint` writes each leaf in the dtype it has, so loading and
+saving again reproduces the files byte for byte. The model casts each param where it uses it.
+
 Pickles can run arbitrary code, so nothing here calls `pickle.load`: `read_leaf` uses
 `grok1.release_pickle`, which admits only int8, float32 and bfloat16 arrays and the record class, and runs
 none of numpy's pickle code. Tensor files that are links to outside their directory are refused.
 
 Public API: `CheckpointError`, `QuantizedWeight8bit`, `read_leaf`, `load_checkpoint`, `save_checkpoint`,
-`random_params`, `write_random_checkpoint`.
+`random_params`, `write_random_checkpoint`, `release_dtypes`.
 """
 
 from __future__ import annotations
@@ -179,7 +184,7 @@ def _check_float_array(leaf: _Leaf, value) -> np.ndarray:
 
 
 def _check_record(leaf: _Leaf, value) -> tuple[np.ndarray, np.ndarray]:
-    """The record's int8 weight [..., K, N] and its scales [..., G, N] as bfloat16, G dividing K."""
+    """The record's int8 weight [..., K, N] and its float scales [..., G, N] (their own dtype), G dividing K."""
     if not isinstance(value, QuantizedWeight8bit):
         raise CheckpointError(f"{leaf.where}: expected a {RECORD_CLASS_NAME} record (int8 weight + scales), "
                               f"found {_describe(value)}")
@@ -194,7 +199,7 @@ def _check_record(leaf: _Leaf, value) -> tuple[np.ndarray, np.ndarray]:
     if groups is None or groups == 0 or k % groups or scales.shape != (*lead, groups, n):
         raise CheckpointError(f"{leaf.where}: scales shape {scales.shape} is not [..., G, N] = "
                               f"{(*lead, 'G', n)} with G dividing K={k}")
-    return weight, scales.astype(ml_dtypes.bfloat16, copy=False)
+    return weight, scales
 
 
 def _check_shape(leaf: _Leaf, what: str, expected: tuple, actual: tuple) -> None:
@@ -210,13 +215,22 @@ def _read_checked(leaf: _Leaf, dequantize: bool):
     except CheckpointError as err:  # read_leaf names the file; add which param it holds
         raise CheckpointError(f"{leaf.param}: {err}") from err
     if not is_quantised(leaf.name):
-        target = ml_dtypes.bfloat16 if leaf.name == "embedding" else np.float32
-        return _check_float_array(leaf, value).astype(target, copy=False), None
+        return _check_float_array(leaf, value), None
     weight, scales = _check_record(leaf, value)
     quantised = QuantizedWeight(weight=weight, scales=scales)
     if dequantize:
         return dequantize_weight(quantised, dtype=ml_dtypes.bfloat16), scales.shape
     return quantised, scales.shape
+
+
+def release_dtypes(leaf: _Leaf, value):
+    """A leaf as `_read_checked` returns it, cast to the release's dtypes: bfloat16 embedding and scales, float32
+    norms and router (for formats that fix one dtype per param, such as grok1.sliceable)."""
+    if isinstance(value, QuantizedWeight):
+        return QuantizedWeight(value.weight, value.scales.astype(ml_dtypes.bfloat16, copy=False))
+    if is_quantised(leaf.name):  # dequantised on load: already bfloat16
+        return value
+    return value.astype(ml_dtypes.bfloat16 if leaf.name == "embedding" else np.float32, copy=False)
 
 
 def _ordered_bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, window: int) -> Iterator:
@@ -253,12 +267,22 @@ class _LayerStack:
             if leaf.name not in self.stacked:
                 self.stacked[leaf.name] = QuantizedWeight(self._empty_like(value.weight),
                                                           self._empty_like(value.scales))
-            self.stacked[leaf.name].weight[leaf.layer] = value.weight
-            self.stacked[leaf.name].scales[leaf.layer] = value.scales
+            stacked = self.stacked[leaf.name]
+            self._check_dtype(leaf, "scales ", stacked.scales, value.scales)
+            stacked.weight[leaf.layer] = value.weight
+            stacked.scales[leaf.layer] = value.scales
         else:
             if leaf.name not in self.stacked:
                 self.stacked[leaf.name] = self._empty_like(value)
+            self._check_dtype(leaf, "", self.stacked[leaf.name], value)
             self.stacked[leaf.name][leaf.layer] = value
+
+    @staticmethod
+    def _check_dtype(leaf: _Leaf, what: str, stacked: np.ndarray, value: np.ndarray) -> None:
+        """One stacked array has one dtype: a layer stored in another would be silently cast into it."""
+        if value.dtype != stacked.dtype:
+            raise CheckpointError(f"{leaf.where}: {what}dtype {value.dtype} differs from other layers' "
+                                  f"{stacked.dtype}; a param's dtype must be equal across layers")
 
     def _empty_like(self, one_layer: np.ndarray) -> np.ndarray:
         return np.empty((self.num_layers, *one_layer.shape), one_layer.dtype)
@@ -271,8 +295,9 @@ def load_checkpoint(directory: str | os.PathLike, config: ModelConfig, *, dequan
                     progress: bool = False) -> dict[str, Any]:
     """Load a released-layout checkpoint into our stacked params pytree (numpy arrays).
 
-    Returns {"embedding": bf16 [V, D], "final_norm": f32 [D], "layers": {name: [L, ...]}}, where quantised
-    params are QuantizedWeight(int8 [L, ..., K, N], bf16 [L, ..., G, N]), or bf16 arrays if `dequantize`.
+    Returns {"embedding": [V, D], "final_norm": [D], "layers": {name: [L, ...]}}, where quantised params are
+    QuantizedWeight(int8 [L, ..., K, N], scales [L, ..., G, N]), or bf16 arrays if `dequantize`. Float leaves
+    and scales keep the dtype of their files (the release: bf16 embedding and scales, f32 norms and router).
     """
     ckpt_dir = _resolve_ckpt_dir(directory)
     leaves = _expected_leaves(ckpt_dir, config)
@@ -329,12 +354,12 @@ def _write_leaf(path: Path, value, record_module: str) -> None:
 
 
 def _leaf_to_save(leaf: _Leaf, params: dict[str, Any]):
-    """The object to pickle for one leaf: a numpy float array or a QuantizedWeight8bit record."""
+    """The object to pickle for one leaf: a numpy float array or a QuantizedWeight8bit record, each array in
+    the dtype the param has (float32 or bfloat16; nothing is cast, so a loaded checkpoint saves byte for byte).
+    """
     value = params[leaf.name] if leaf.layer is None else params["layers"][leaf.name]
     if not is_quantised(leaf.name):
         array = np.asarray(value if leaf.layer is None else value[leaf.layer])
-        if leaf.name != "embedding":  # the release's norms and router are float32
-            array = array.astype(np.float32, copy=False)
         return np.ascontiguousarray(_check_float_array(leaf, array))
     if not isinstance(value, QuantizedWeight):
         raise CheckpointError(f"{leaf.where}: can only save quantised params as QuantizedWeight, "
@@ -348,6 +373,9 @@ def _leaf_to_save(leaf: _Leaf, params: dict[str, Any]):
 def save_checkpoint(directory: str | os.PathLike, params: dict[str, Any], config: ModelConfig, *,
                     record_module: str = "__main__") -> Path:
     """Write `params` (our stacked pytree, quantised) as `directory/ckpt-0/tensor{i:05d}_000`, as released.
+
+    Each leaf is written in its own dtype, which must be one the release uses (float32 or bfloat16 floats,
+    int8 weights with float scales); `random_params` makes the release's dtypes.
 
     `record_module` is the module the record class is pickled under: "__main__" as in the release, or
     "model" as in the golden sets. Returns `directory`.

@@ -67,7 +67,8 @@ def _final_norm_scale(config: ModelConfig) -> float:
 
 def random_params(config: ModelConfig, seed: int = 0, *,
                   scale_groups: dict[str, int] | None = None) -> dict[str, Any]:
-    """Random weights in our stacked pytree (numpy), quantised like the release.
+    """Random weights in our stacked pytree (numpy), quantised like the release and in its dtypes (bfloat16
+    embedding and scales, float32 norms and router), which `save_checkpoint` writes unchanged.
 
     `scale_groups` maps a quantised param (e.g. "ffn_out", "o_proj") to its number of scale groups G > 1.
     """

@@ -40,12 +40,12 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from grok1.checkpoint import CheckpointError, check_inside
+from grok1.checkpoint import CheckpointError, check_inside, release_dtypes
 from grok1.config import ModelConfig
 from grok1.params import LAYER_PARAMS, TOP_PARAMS, QuantizedWeight, is_quantised, layer_shapes, top_shapes
 
 # Internal helpers of the released-layout loader, reused so that conversion checks and converts every leaf
-# exactly as `load_checkpoint` does (same errors, same dtypes).
+# exactly as `load_checkpoint` does (same errors; dtypes then cast to the release's, which the format fixes).
 from grok1.checkpoint import _check_file_set, _expected_leaves, _Leaf, _read_checked, _resolve_ckpt_dir
 
 FORMAT = "grok1-sliceable-v1"
@@ -224,7 +224,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, config: ModelConfig,
 
     def convert_leaf(leaf: _Leaf) -> None:
         value, scales_shape = _read_checked(leaf, dequantize=False)
-        writer.put(leaf, value, scales_shape)
+        writer.put(leaf, release_dtypes(leaf, value), scales_shape)  # the format fixes each param's dtype
 
     try:
         with ThreadPoolExecutor(_CONVERT_THREADS) as pool, \

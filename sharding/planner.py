@@ -130,8 +130,8 @@ def _validated(mesh: MeshShape, config: Grok1Config) -> MeshShape:
 
 def param_structs(model: ModelConfig, scale_groups: Mapping[str, int] = RELEASE_SCALE_GROUPS,
                   dequantized: bool = False):
-    """The params pytree as `load_checkpoint` returns it, as ShapeDtypeStructs: bf16 embedding, f32 norms
-    and router, QuantizedWeight(int8 [L, ..., K, N], bf16 scales [L, ..., G, N]) or bf16 if dequantized."""
+    """The params pytree as `load_checkpoint` returns the release's, as ShapeDtypeStructs: bf16 embedding, f32
+    norms and router, QuantizedWeight(int8 [L, ..., K, N], bf16 scales [L, ..., G, N]) or bf16 if dequantized."""
     layers: dict[str, Any] = {}
     for name, shape in layer_shapes(model).items():
         stacked = (model.num_layers, *shape)

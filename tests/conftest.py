@@ -97,6 +97,20 @@ def golden_dir_path() -> Path:
     return Path(os.environ.get("GROK1_GOLDEN_DIR", DEFAULT_GOLDEN_DIR))
 
 
+def is_public_golden_set(directory: Path) -> bool:
+    """True if `directory` is the public golden set (the default one), or one whose config.json is the same:
+    only then does configs/grok-1-tiny.yaml describe its model."""
+    public = DEFAULT_GOLDEN_DIR / "config.json"
+    if not public.is_file():
+        return False
+    if directory.resolve() == DEFAULT_GOLDEN_DIR.resolve():
+        return True
+    try:
+        return json.loads((directory / "config.json").read_text()) == json.loads(public.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _missing_golden_files(directory: Path) -> list[str]:
     return [name for name in GOLDEN_FILES if not (directory / name).exists()]
 

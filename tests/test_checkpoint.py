@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import pickletools
+import re
 import shutil
 import struct
 import subprocess
@@ -84,6 +85,30 @@ def assert_trees_bitwise_equal(a, b, where="params"):
         assert a.tobytes() == b.tobytes(), where
 
 
+def listed_dtypes(entry: dict) -> tuple[np.dtype, np.dtype | None, tuple[int, ...] | None]:
+    """A leaves.json entry's dtype field -> (dtype, scales dtype, scales shape): "float32" or, for a record,
+    "int8+bfloat16 scales [8, 1, 688]" (scales shape of one layer, G on the axis before the last)."""
+    found = re.fullmatch(r"int8\+(\w+) scales \[([\d, ]*)\]", entry["dtype"])
+    if found is None:
+        return np.dtype(getattr(ml_dtypes, entry["dtype"], entry["dtype"])), None, None
+    scales_dtype = np.dtype(getattr(ml_dtypes, found[1], found[1]))
+    return np.dtype(np.int8), scales_dtype, tuple(int(n) for n in found[2].split(","))
+
+
+def loop_dequantised(weight: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Obviously correct dequantisation, a loop over scale groups: rows g*K/G .. (g+1)*K/G of the int8 weight
+    [..., K, N] times scales[..., g, :], multiplied in the scales' dtype (as the reference and our model do),
+    then rounded once to bfloat16. int8 times a bfloat16 scale is exact in float32."""
+    k, groups = weight.shape[-2], scales.shape[-2]
+    rows = k // groups
+    product = np.empty(weight.shape, np.float64)  # exact: 8 bits times at most 24
+    for g in range(groups):
+        block = weight[..., g * rows:(g + 1) * rows, :].astype(np.float64)
+        product[..., g * rows:(g + 1) * rows, :] = block * scales[..., g:g + 1, :].astype(np.float64)
+    # To float32 (a float32 multiply's one rounding; exact for bfloat16 scales), then to bfloat16.
+    return product.astype(np.float32).astype(ml_dtypes.bfloat16)
+
+
 def pickle_globals(path: Path) -> set[str]:
     """The "module name" pairs a pickle file refers to (read with pickletools, nothing is executed)."""
     strings, found = [], set()
@@ -99,19 +124,31 @@ def pickle_globals(path: Path) -> set[str]:
 
 
 def test_golden_loads_with_documented_shapes_and_dtypes(golden):
+    """Shapes from the config; dtypes (and the scales' shape, which says G) as leaves.json lists them."""
     directory, config = golden
     params = load_checkpoint(directory, config)
-    assert params["embedding"].dtype == ml_dtypes.bfloat16
-    assert params["embedding"].shape == (config.vocab_size, config.emb_size)
-    assert params["final_norm"].dtype == np.float32 and params["final_norm"].shape == (config.emb_size,)
     layers, num_layers = params["layers"], config.num_layers
-    assert layers["router"].dtype == np.float32
+    assert params["embedding"].shape == (config.vocab_size, config.emb_size)
+    assert params["final_norm"].shape == (config.emb_size,)
     assert layers["router"].shape == (num_layers, config.emb_size, config.num_experts)
     assert layers["pre_moe_norm"].shape == (num_layers, config.emb_size)
     ffn_in = layers["ffn_gelu_in"]
-    assert ffn_in.weight.dtype == np.int8 and ffn_in.scales.dtype == ml_dtypes.bfloat16
     assert ffn_in.weight.shape == (num_layers, config.num_experts, config.emb_size, config.ffn_size)
-    assert ffn_in.scales.shape == (num_layers, config.num_experts, 1, config.ffn_size)
+    groups = ffn_in.scales.shape[-2]
+    assert config.emb_size % groups == 0
+    assert ffn_in.scales.shape == (num_layers, config.num_experts, groups, config.ffn_size)
+
+    release_floats = {np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)}
+    listed = json.loads((directory / "leaves.json").read_text())
+    for entry, (_, name, layer) in zip(listed, reference_leaves(config), strict=True):
+        value = params[name] if layer is None else params["layers"][name]
+        dtype, scales_dtype, scales_shape = listed_dtypes(entry)
+        if isinstance(value, QuantizedWeight):
+            assert value.weight.dtype == dtype == np.int8, entry["path"]
+            assert value.scales.dtype == scales_dtype and scales_dtype in release_floats, entry["path"]
+            assert value.scales.shape[1:] == scales_shape, entry["path"]
+        else:
+            assert value.dtype == dtype and dtype in release_floats, entry["path"]
 
 
 def test_golden_shapes_match_leaves_json(golden):
@@ -126,20 +163,22 @@ def test_golden_shapes_match_leaves_json(golden):
 
 
 def test_golden_dequantised_leaf_matches_manual_product(golden):
+    """Every quantised leaf of the golden set, with however many scale groups G its scales have."""
     directory, config = golden
-    file, _ = leaf_file(directory, config, "ffn_out", 1)
-    raw = read_leaf(file)
-    assert isinstance(raw, QuantizedWeight8bit)
-    manual = raw.weight.astype(np.float32) * raw.scales.astype(np.float32)
-
-    quantised = load_checkpoint(directory, config)["layers"]["ffn_out"]
-    assert quantised.weight[1].tobytes() == raw.weight.tobytes()
-    assert quantised.scales[1].tobytes() == raw.scales.tobytes()
-    dequantised = load_checkpoint(directory, config, dequantize=True)["layers"]["ffn_out"]
-    assert dequantised.dtype == ml_dtypes.bfloat16
-    # int8 times a bfloat16 scale is exact in float32; the bf16 result is that product rounded once.
-    np.testing.assert_array_equal(dequantised[1], manual.astype(ml_dtypes.bfloat16))
-    np.testing.assert_allclose(dequantised[1].astype(np.float32), manual, rtol=2**-8)
+    quantised = load_checkpoint(directory, config)["layers"]
+    dequantised = load_checkpoint(directory, config, dequantize=True)["layers"]
+    for name in quantised:
+        if not isinstance(quantised[name], QuantizedWeight):
+            continue
+        for layer in range(config.num_layers):
+            file, _ = leaf_file(directory, config, name, layer)
+            raw = read_leaf(file)
+            assert isinstance(raw, QuantizedWeight8bit)
+            assert quantised[name].weight[layer].tobytes() == raw.weight.tobytes()
+            assert quantised[name].scales[layer].tobytes() == raw.scales.tobytes()
+            assert dequantised[name].dtype == ml_dtypes.bfloat16
+            manual = loop_dequantised(raw.weight, raw.scales)
+            np.testing.assert_array_equal(dequantised[name][layer], manual, err_msg=f"{name}[{layer}]")
 
 
 def test_reference_leaf_order_matches_golden_leaves_json(golden):
@@ -195,10 +234,68 @@ def test_round_trip_with_grouped_scales(tmp_path):
         assert_trees_bitwise_equal(dequantised["layers"][name], expected, name)
 
 
+def test_dequantised_with_several_scale_groups_matches_a_loop_over_groups(tmp_path):
+    """G = 2 and 4 (and 1), random int8 weights and scales written by our writer: the loader's dequantisation
+    equals a numpy loop over the groups, and each group's scale reaches only its own block of rows."""
+    groups = {"ffn_out": 4, "ffn_gelu_in": 2, "o_proj": 2, "q_proj": 4}
+    params = random_params(TINY, seed=8, scale_groups=groups)
+    rng = np.random.default_rng(8)
+    for name in groups:  # scales far apart per group, so that a group applied to the wrong rows shows
+        scales = params["layers"][name].scales
+        scales[...] = rng.uniform(0.5, 8.0, size=scales.shape).astype(ml_dtypes.bfloat16)
+    save_checkpoint(tmp_path, params, TINY)
+    loaded = load_checkpoint(tmp_path, TINY)
+    dequantised = load_checkpoint(tmp_path, TINY, dequantize=True)["layers"]
+    for name, value in loaded["layers"].items():
+        if not isinstance(value, QuantizedWeight):
+            continue
+        assert value.scales.shape[-2] == groups.get(name, 1), name
+        np.testing.assert_array_equal(dequantised[name], loop_dequantised(value.weight, value.scales),
+                                      err_msg=name)
+
+
 def test_progress_bar_goes_to_stderr(tiny_checkpoint, capsys):
     load_checkpoint(tiny_checkpoint, TINY, progress=True)
     captured = capsys.readouterr()
     assert "loading checkpoint" in captured.err and captured.out == ""
+
+
+def retyped(params, dtype_of):
+    """A copy of `params` with float leaves and scales cast by `dtype_of(name, current dtype)`."""
+    def cast(name, array):
+        return array.astype(dtype_of(name, array.dtype))
+    layers = {name: QuantizedWeight(value.weight, cast(name, value.scales)) if isinstance(value, QuantizedWeight)
+              else cast(name, value) for name, value in params["layers"].items()}
+    return {"embedding": cast("embedding", params["embedding"]),
+            "final_norm": cast("final_norm", params["final_norm"]), "layers": layers}
+
+
+def swapped_float_dtype(name, dtype):
+    return np.dtype(np.float32) if dtype == ml_dtypes.bfloat16 else np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("dtype_of", [swapped_float_dtype, lambda name, dtype: np.dtype(np.float32),
+                                      lambda name, dtype: np.dtype(ml_dtypes.bfloat16)],
+                         ids=["swapped", "all_float32", "all_bfloat16"])
+def test_saving_keeps_each_leaf_dtype_and_resaving_is_byte_identical(tmp_path, dtype_of):
+    """float32 where the release has bfloat16 and the reverse: loaded as stored, saved as loaded."""
+    params = retyped(random_params(TINY, seed=9), dtype_of)
+    save_checkpoint(tmp_path / "first", params, TINY, record_module="model")
+    loaded = load_checkpoint(tmp_path / "first", TINY)
+    assert_trees_bitwise_equal(loaded, params)
+    save_checkpoint(tmp_path / "second", loaded, TINY, record_module="model")
+    for index in range(len(reference_leaves(TINY))):
+        name = f"tensor{index:05d}_000"
+        assert filecmp.cmp(tmp_path / "first" / "ckpt-0" / name, tmp_path / "second" / "ckpt-0" / name,
+                           shallow=False), name
+
+
+def test_saving_refuses_dtypes_the_release_format_cannot_hold(tmp_path):
+    params = random_params(TINY, seed=10)
+    params["final_norm"] = params["final_norm"].astype(np.float64)
+    with pytest.raises(CheckpointError, match="float64"):
+        save_checkpoint(tmp_path, params, TINY)
+    assert not (tmp_path / "ckpt-0").exists()  # nothing written
 
 
 def test_random_params_are_deterministic_and_sane():
@@ -299,6 +396,14 @@ def test_scale_groups_must_agree_across_layers(damaged_copy, tmp_path):
         with pytest.raises(CheckpointError, match="scale groups") as error:
             load_checkpoint(damaged_copy, TINY, dequantize=dequantise)
         assert path in str(error.value) and file.name in str(error.value)
+
+
+def test_dtypes_must_agree_across_layers(damaged_copy):
+    file, path = leaf_file(damaged_copy, TINY, "pre_moe_norm", 1)
+    file.write_bytes(pickle.dumps(np.ones(TINY.emb_size, ml_dtypes.bfloat16), protocol=4))
+    with pytest.raises(CheckpointError, match="dtype bfloat16 differs") as error:
+        load_checkpoint(damaged_copy, TINY)
+    assert path in str(error.value) and file.name in str(error.value)
 
 
 def test_record_file_linking_outside_the_checkpoint_is_refused(damaged_copy, tmp_path):
