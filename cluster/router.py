@@ -21,6 +21,11 @@ Data flow, from request to last token:
    from the checkpoint, and serving resumes. While idle the router pings the workers every few seconds, so
    a loss is noticed even without traffic.
 
+Where things live: the request types and errors are the engine API's (grok1/engine_api.py, no JAX: this actor
+never loads the model); the decisions are cluster/scheduler.py's, the step loop cluster/driver.py's; the fan-out
+to the workers is workers/group.py (`call(verb)` -> each `ShardWorker.execute(verb)`), and the expert
+all-to-all is sharding/expert_parallel.py, inside the jitted step.
+
 Why a thread: steps are blocking calls (to Ray or to JAX), and the callers' streams must keep flowing while
 one runs; the scheduler and driver are touched only by that thread.
 """

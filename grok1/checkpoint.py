@@ -46,7 +46,7 @@ from grok1.params import (
 )
 from grok1.params import dequantize as dequantize_weight
 from grok1.random_weights import random_params
-from grok1.release_pickle import ReleasePickler, RefusedPickle
+from grok1.release_pickle import RefusedPickle, ReleasePickler
 from grok1.release_pickle import load as load_pickle
 
 CKPT_SUBDIR = "ckpt-0"

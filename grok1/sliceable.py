@@ -40,13 +40,20 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from grok1.checkpoint import CheckpointError, check_inside, release_dtypes
-from grok1.config import ModelConfig
-from grok1.params import LAYER_PARAMS, TOP_PARAMS, QuantizedWeight, is_quantised, layer_shapes, top_shapes
-
 # Internal helpers of the released-layout loader, reused so that conversion checks and converts every leaf
 # exactly as `load_checkpoint` does (same errors; dtypes then cast to the release's, which the format fixes).
-from grok1.checkpoint import _check_file_set, _expected_leaves, _Leaf, _read_checked, _resolve_ckpt_dir
+from grok1.checkpoint import (
+    CheckpointError,
+    _check_file_set,
+    _expected_leaves,
+    _Leaf,
+    _read_checked,
+    _resolve_ckpt_dir,
+    check_inside,
+    release_dtypes,
+)
+from grok1.config import ModelConfig
+from grok1.params import LAYER_PARAMS, TOP_PARAMS, QuantizedWeight, is_quantised, layer_shapes, top_shapes
 
 FORMAT = "grok1-sliceable-v1"
 MANIFEST = "manifest.json"

@@ -190,7 +190,10 @@ def test_reference_leaf_order_matches_golden_leaves_json(golden):
 
 def test_reference_leaf_order_sorts_layers_as_strings():
     paths = [path for path, _, _ in reference_leaves(ModelConfig(num_layers=64))]
-    first = lambda layer: next(i for i, p in enumerate(paths) if f"/decoder_layer_{layer}/" in p)
+
+    def first(layer):
+        return next(i for i, p in enumerate(paths) if f"/decoder_layer_{layer}/" in p)
+
     assert first(10) < first(2)
     assert len(paths) == 2 + 64 * 12
 

@@ -112,8 +112,8 @@ def check_experts(expert_index: np.ndarray, case, positions: int, what: str) -> 
     mismatch = np.argwhere((np.sort(ours, -1) != np.sort(gold, -1)).any(-1))
     assert mismatch.size == 0, (
         f"case {case.index} {what}: {len(mismatch)} (layer, position) pairs route to other experts than the "
-        f"reference, first {mismatch[:5].tolist()}: ours {[ours[l, t].tolist() for l, t in mismatch[:5]]}, "
-        f"golden {[gold[l, t].tolist() for l, t in mismatch[:5]]}")
+        f"reference, first {mismatch[:5].tolist()}: ours {[ours[k, t].tolist() for k, t in mismatch[:5]]}, "
+        f"golden {[gold[k, t].tolist() for k, t in mismatch[:5]]}")
 
 
 def forced_override(case) -> np.ndarray:
