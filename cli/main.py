@@ -141,11 +141,11 @@ def cmd_plan(args) -> int:
 
 def cmd_generate_remote(args) -> int:
     """`grok1 generate --http URL | --grpc HOST:PORT`: the same generation, from a running server."""
-    from ingress.client import ClientError, GrpcClient, HttpClient, Sampling
+    from ingress.client import ClientError, GenerationParams, GrpcClient, HttpClient
 
     api_key = os.environ.get("GROK1_API_KEY")
     client = GrpcClient(args.grpc, api_key=api_key) if args.grpc else HttpClient(args.http, api_key=api_key)
-    sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    sampling = GenerationParams(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     try:
         if args.stream:
             for chunk in client.stream(args.prompt, sampling):

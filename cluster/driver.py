@@ -29,7 +29,7 @@ from cluster.scheduler import Request, Scheduler, TokenEvent
 
 
 @dataclass
-class Completion:
+class FinishedSequence:
     request_id: str
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -44,7 +44,7 @@ class Driver:
         self.on_event = on_event
         self.pipelined = pipelined
         self.keep_completions = keep_completions  # the router streams events instead
-        self.completions: dict[str, Completion] = {}
+        self.completions: dict[str, FinishedSequence] = {}
         self.expert_counts: np.ndarray | None = None  # cumulative [L, E] tokens per expert
         self._in_flight = None  # (handle, {slot: request_id}) of a started, unread decode step
 
@@ -55,7 +55,7 @@ class Driver:
     def submit(self, request: Request) -> None:
         self.scheduler.submit(request)
         if self.keep_completions:
-            self.completions[request.request_id] = Completion(request.request_id)
+            self.completions[request.request_id] = FinishedSequence(request.request_id)
 
     def cancel(self, request_id: str) -> None:
         ended = self.scheduler.cancel(request_id)
@@ -98,14 +98,14 @@ class Driver:
             self._finish(event)
         return events
 
-    def run_until_idle(self, max_steps: int = 1_000_000) -> dict[str, Completion]:
+    def run_until_idle(self, max_steps: int = 1_000_000) -> dict[str, FinishedSequence]:
         for _ in range(max_steps):
             if self.idle:
                 return self.completions
             self.step()
         raise RuntimeError(f"requests still running after {max_steps} steps")
 
-    def generate(self, requests: list[Request]) -> list[Completion]:
+    def generate(self, requests: list[Request]) -> list[FinishedSequence]:
         """Submit requests, run until all finish, return their completions in order."""
         for request in requests:
             self.submit(request)

@@ -7,7 +7,7 @@ parameter tree, in the order of `grok1.params.reference_leaves`. Large matrices 
 leaves are numpy float arrays.
 
 Dtypes travel unchanged both ways: `load_checkpoint` returns each leaf in the dtype its file holds (the release:
-bfloat16 embedding and scales, float32 norms and router; another checkpoint may hold float32 where the release
+bfloat16 embedding and scales, float32 norms and gate; another checkpoint may hold float32 where the release
 has bfloat16, or the reverse) and `save_checkpoint` writes each leaf in the dtype it has, so loading and
 saving again reproduces the files byte for byte. The model casts each param where it uses it.
 
@@ -225,7 +225,7 @@ def _read_checked(leaf: _Leaf, dequantize: bool):
 
 def release_dtypes(leaf: _Leaf, value):
     """A leaf as `_read_checked` returns it, cast to the release's dtypes: bfloat16 embedding and scales, float32
-    norms and router (for formats that fix one dtype per param, such as grok1.sliceable)."""
+    norms and gate (for formats that fix one dtype per param, such as grok1.sliceable)."""
     if isinstance(value, QuantizedWeight):
         return QuantizedWeight(value.weight, value.scales.astype(ml_dtypes.bfloat16, copy=False))
     if is_quantised(leaf.name):  # dequantised on load: already bfloat16
@@ -297,7 +297,7 @@ def load_checkpoint(directory: str | os.PathLike, config: ModelConfig, *, dequan
 
     Returns {"embedding": [V, D], "final_norm": [D], "layers": {name: [L, ...]}}, where quantised params are
     QuantizedWeight(int8 [L, ..., K, N], scales [L, ..., G, N]), or bf16 arrays if `dequantize`. Float leaves
-    and scales keep the dtype of their files (the release: bf16 embedding and scales, f32 norms and router).
+    and scales keep the dtype of their files (the release: bf16 embedding and scales, f32 norms and gate).
     """
     ckpt_dir = _resolve_ckpt_dir(directory)
     leaves = _expected_leaves(ckpt_dir, config)

@@ -156,24 +156,24 @@ def release_slot(state: DecodeState, slot) -> DecodeState:
 class Engine:
     """Owns the params and the device state of one model replica.
 
-    `placement` (sharding.placement.Placement) spreads them over a device mesh, possibly spanning processes;
+    `layout` (sharding.layout.MeshLayout) spreads them over a device mesh, possibly spanning processes;
     without it everything lives on this process's default device.
     """
 
-    def __init__(self, config: Grok1Config, params, placement=None):
+    def __init__(self, config: Grok1Config, params, layout=None):
         self.config = config
-        self.placement = placement
-        moe_fn = model.moe if placement is None else placement.moe_fn
+        self.layout = layout
+        moe_fn = model.moe if layout is None else layout.moe_fn
         state = init_state(config)
-        if placement is not None:
-            params = placement.put_params(params)
-            state = jax.device_put(state, placement.state_shardings(state))
+        if layout is not None:
+            params = layout.put_params(params)
+            state = jax.device_put(state, layout.state_shardings(state))
         self.params = params
         self.state = state
-        keep = {} if placement is None else {"out_shardings": placement.state_shardings(state)}
-        with_outputs = {} if placement is None else {
-            "out_shardings": (placement.state_shardings(state), placement.replicated, placement.replicated,
-                              placement.replicated)}
+        keep = {} if layout is None else {"out_shardings": layout.state_shardings(state)}
+        with_outputs = {} if layout is None else {
+            "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated,
+                              layout.replicated)}
         self._prefill = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn),
                                 donate_argnums=(1,), **with_outputs)
         self._decode = jax.jit(functools.partial(decode_step, config=config, moe_fn=moe_fn),

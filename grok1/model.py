@@ -2,7 +2,7 @@
 
 No haiku, no flax, no mesh, no Ray: parallelism is applied from outside (sharding/). Dimension letters are
 listed in grok1.params. Dtypes follow the reference step by step, because the golden logits were made with
-them: activations bfloat16, router and attention softmax float32, and, inside the experts, the float32
+them: activations bfloat16, gate and attention softmax float32, and, inside the experts, the float32
 intermediates that the reference's one-hot einsum produces.
 
 One forward function serves every use: teacher-forced logits (a fresh cache as long as the sequence),
@@ -148,13 +148,13 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
 # ------------------------------------------------------------------------------------ mixture of experts
 
 
-def route(x, router_w, num_selected: int, override=None):
-    """Router: float32 softmax over experts, top-k; gates are the raw probabilities (no renormalisation).
+def select_experts(x, gate_w, num_selected: int, override=None):
+    """The MoE gate: float32 softmax over experts, top-k; gates are the raw probabilities (no renormalisation).
 
     x [N, D]; returns gates [N, k] float32 and expert indices [N, k]. `override` [N, k] forces the experts
-    (for tests near routing ties) while the gates still come from this router's probabilities.
+    (for tests near routing ties) while the gates still come from the gate's probabilities.
     """
-    logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))  # [N, E]
+    logits = jnp.dot(x.astype(jnp.float32), gate_w.astype(jnp.float32))  # [N, E]
     probs = jax.nn.softmax(logits, axis=-1)
     if override is None:
         return jax.lax.top_k(probs, num_selected)
@@ -258,8 +258,8 @@ def moe(x, layer, config: ModelConfig, valid, block: int, override=None):
     batch, steps, dim = x.shape
     tokens = x.reshape(batch * steps, dim)  # [N, D]
     k = config.num_selected_experts
-    gates, expert_index = route(
-        tokens, layer["router"], k, None if override is None else override.reshape(batch * steps, k))
+    gates, expert_index = select_experts(
+        tokens, layer["gate"], k, None if override is None else override.reshape(batch * steps, k))
     dispatch = plan_dispatch(expert_index, valid.reshape(-1), config.num_experts, block)
     token_of_assignment = jnp.repeat(jnp.arange(batch * steps), k)  # [A]
     x_sorted = jnp.zeros((dispatch.rows + 1, dim), x.dtype).at[dispatch.slot].set(

@@ -62,7 +62,7 @@ LAYER_PARAMS: dict[str, LeafSpec] = {
     "k_proj": LeafSpec(_LAYER + "multi_head_attention/key/w", True),
     "v_proj": LeafSpec(_LAYER + "multi_head_attention/value/w", True),
     "o_proj": LeafSpec(_LAYER + "multi_head_attention/linear/w", True),
-    "router": LeafSpec(_LAYER + "router/w", False),
+    "gate": LeafSpec(_LAYER + "router/w", False),  # the MoE gate; the release calls it "router"
     "ffn_gelu_in": LeafSpec(_LAYER + "moe/linear/w", True),  # gelu(x @ w) ...
     "ffn_value_in": LeafSpec(_LAYER + "moe/linear_v/w", True),  # ... * (x @ w_v) ...
     "ffn_out": LeafSpec(_LAYER + "moe/linear_1/w", True),  # ... @ w_1
@@ -78,7 +78,7 @@ def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "k_proj": (d, config.num_kv_heads * k),
         "v_proj": (d, config.num_kv_heads * k),
         "o_proj": (config.num_q_heads * k, d),
-        "router": (d, e),
+        "gate": (d, e),
         "ffn_gelu_in": (e, d, f),
         "ffn_value_in": (e, d, f),
         "ffn_out": (e, f, d),

@@ -43,7 +43,7 @@ def _random_quantised(rng: np.random.Generator, shape: tuple[int, ...], groups: 
 
 
 def _random_layer_leaf(rng: np.random.Generator, name: str, shape: tuple[int, ...], config: ModelConfig):
-    if name == "router":
+    if name == "gate":
         return (rng.standard_normal(shape, dtype=np.float32) / math.sqrt(config.emb_size)).astype(np.float32)
     return (1.0 + _NORM_JITTER * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
 
@@ -68,7 +68,7 @@ def _final_norm_scale(config: ModelConfig) -> float:
 def random_params(config: ModelConfig, seed: int = 0, *,
                   scale_groups: dict[str, int] | None = None) -> dict[str, Any]:
     """Random weights in our stacked pytree (numpy), quantised like the release and in its dtypes (bfloat16
-    embedding and scales, float32 norms and router), which `save_checkpoint` writes unchanged.
+    embedding and scales, float32 norms and gate), which `save_checkpoint` writes unchanged.
 
     `scale_groups` maps a quantised param (e.g. "ffn_out", "o_proj") to its number of scale groups G > 1.
     """

@@ -64,7 +64,7 @@ class Health:
 
 
 @dataclass
-class Sampling:
+class GenerationParams:
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -90,7 +90,7 @@ class HttpClient:
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
-    def _body(self, prompt: str | list[int], sampling: Sampling, stream: bool) -> dict:
+    def _body(self, prompt: str | list[int], sampling: GenerationParams, stream: bool) -> dict:
         body = {"prompt": prompt, "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
                 "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed, "stream": stream}
         if self.model:
@@ -115,8 +115,8 @@ class HttpClient:
             message = response.text[:500]
         raise ClientError(message, response.status_code, response.status_code in RETRIABLE_HTTP)
 
-    def generate(self, prompt: str | list[int], sampling: Sampling | None = None, **kwargs) -> Completion:
-        sampling = sampling or Sampling(**kwargs)
+    def generate(self, prompt: str | list[int], sampling: GenerationParams | None = None, **kwargs) -> Completion:
+        sampling = sampling or GenerationParams(**kwargs)
         response = self.session.post(f"{self.base_url}/v1/completions", json=self._body(prompt, sampling, False),
                                      timeout=self.timeout_s)
         self._raise(response)
@@ -127,8 +127,8 @@ class HttpClient:
                                                                          data["usage"]["completion_tokens"]),
                           logprobs=logprobs, request_id=data["id"])
 
-    def stream(self, prompt: str | list[int], sampling: Sampling | None = None, **kwargs) -> Iterator[Chunk]:
-        sampling = sampling or Sampling(**kwargs)
+    def stream(self, prompt: str | list[int], sampling: GenerationParams | None = None, **kwargs) -> Iterator[Chunk]:
+        sampling = sampling or GenerationParams(**kwargs)
         with self.session.post(f"{self.base_url}/v1/completions", json=self._body(prompt, sampling, True),
                                stream=True, timeout=self.timeout_s) as response:
             self._raise(response)
@@ -187,7 +187,7 @@ class GrpcClient:
             ((("authorization", f"Bearer {api_key}"),) if api_key else ())
         self.timeout_s = timeout_s
 
-    def _request(self, prompt: str | list[int], sampling: Sampling):
+    def _request(self, prompt: str | list[int], sampling: GenerationParams):
         from grok1_api.v1 import grok1_pb2 as pb
 
         request = pb.GenerateRequest(max_tokens=sampling.max_tokens, stop=sampling.stop, logprobs=sampling.logprobs,
@@ -212,14 +212,14 @@ class GrpcClient:
         code = err.code().name if hasattr(err, "code") else "UNKNOWN"
         return ClientError(err.details() if hasattr(err, "details") else str(err), code, code in RETRIABLE_GRPC)
 
-    def generate(self, prompt: str | list[int], sampling: Sampling | None = None, **kwargs) -> Completion:
-        sampling = sampling or Sampling(**kwargs)
+    def generate(self, prompt: str | list[int], sampling: GenerationParams | None = None, **kwargs) -> Completion:
+        sampling = sampling or GenerationParams(**kwargs)
         r = self._call(self.stub.Generate, self._request(prompt, sampling))
         return Completion(r.text, r.finish_reason, Usage(r.usage.prompt_tokens, r.usage.completion_tokens),
                           list(r.token_ids), list(r.logprobs), r.request_id)
 
-    def stream(self, prompt: str | list[int], sampling: Sampling | None = None, **kwargs) -> Iterator[Chunk]:
-        sampling = sampling or Sampling(**kwargs)
+    def stream(self, prompt: str | list[int], sampling: GenerationParams | None = None, **kwargs) -> Iterator[Chunk]:
+        sampling = sampling or GenerationParams(**kwargs)
         call = self.stub.GenerateStream(self._request(prompt, sampling), metadata=self.metadata,
                                         timeout=self.timeout_s)
         try:

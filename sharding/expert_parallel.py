@@ -1,7 +1,7 @@
 """Expert-parallel top-2 MoE: tokens go to the ranks that own their experts and come back, by all-to-all.
 
 Named steps, each run on every rank inside one `shard_map` (tokens split over `ep`, replicated over `tp`):
-1. route     — the router picks two experts per local token (float32 softmax, raw gates);
+1. gate      — the gate picks two experts per local token (float32 softmax, raw gates);
 2. dispatch  — each (token, expert) assignment is written into a send buffer [ep, C, D] at
                (owner rank, its rank among assignments to that owner); C is the per-pair capacity;
 3. exchange  — `all_to_all` over `ep`: every rank receives the rows for its own experts;
@@ -26,14 +26,14 @@ from grok1 import model
 from grok1.params import QuantizedWeight
 from sharding.rules import EP, TP
 
-MOE_PARAMS = ("router", "ffn_gelu_in", "ffn_value_in", "ffn_out")
+MOE_PARAMS = ("gate", "ffn_gelu_in", "ffn_value_in", "ffn_out")
 
 
 def capacity(local_tokens: int, num_selected: int, experts_per_rank: int, ep: int,
              capacity_factor: float | None, distinct_experts: bool = True) -> int:
     """Rows each rank may send to each other rank. Dropless: all of a rank's assignments to one owner.
 
-    A router's top-k picks distinct experts, so one token sends at most experts_per_rank rows to one owner;
+    A gate's top-k picks distinct experts, so one token sends at most experts_per_rank rows to one owner;
     a forced routing (tests) may repeat an expert, so then every choice counts.
     """
     per_token = min(num_selected, experts_per_rank) if distinct_experts else num_selected
@@ -51,12 +51,12 @@ def dispatch_positions(owner, ep: int, cap: int):
     return pos, sent & (pos < cap), sent & (pos >= cap)
 
 
-def _local_moe(tokens, valid, override, router, w_gelu, w_value, w_out, *, config, ep, cap, block):
+def _local_moe(tokens, valid, override, gate, w_gelu, w_value, w_out, *, config, ep, cap, block):
     """Steps 1-5 on one rank. tokens [n, D] local; weights hold this rank's experts and FFN slice."""
     n, dim = tokens.shape
     k = config.num_selected_experts
     experts_per_rank = config.num_experts // ep
-    gates, expert_index = model.route(tokens, router, k, override)  # 1. route: [n, k]
+    gates, expert_index = model.select_experts(tokens, gate, k, override)  # 1. gate: [n, k]
     owner = jnp.where(valid[:, None], expert_index // experts_per_rank, ep).reshape(-1)  # [A]
     local_expert = (expert_index % experts_per_rank).reshape(-1)
     pos, kept, dropped = dispatch_positions(owner, ep, cap)  # 2. dispatch

@@ -1,11 +1,11 @@
 """The sharding planner: will one replica of a config fit on hosts x devices, and with how many decode slots?
 
 Everything here is arithmetic on shapes; no device is touched, so a laptop can plan a 16-GPU layout.
-Per-device bytes come from the tables the loader and placement use, so the plan cannot drift from them:
+Per-device bytes come from the tables the loader and the mesh layout use, so the plan cannot drift from them:
 
 1. params: the pytree of `grok1.params` (shapes from `layer_shapes`/`top_shapes`, dtypes as
    `grok1.checkpoint.load_checkpoint` returns them) as `ShapeDtypeStruct`s, split by `sharding.rules.param_specs`;
-2. decode state: `jax.eval_shape` of `grok1.engine.init_state`, split as `Placement.state_shardings` does
+2. decode state: `jax.eval_shape` of `grok1.engine.init_state`, split as `MeshLayout.state_shardings` does
    (KV cache by `KV_CACHE_SPEC`, the rest replicated);
 3. activations: an estimate, term by term (see `step_activations`), of the temporaries of the engine's larger
    step: prefill of the longest bucket, or decode of every slot.
@@ -131,7 +131,7 @@ def _validated(mesh: MeshShape, config: Grok1Config) -> MeshShape:
 def param_structs(model: ModelConfig, scale_groups: Mapping[str, int] = RELEASE_SCALE_GROUPS,
                   dequantized: bool = False):
     """The params pytree as `load_checkpoint` returns the release's, as ShapeDtypeStructs: bf16 embedding, f32
-    norms and router, QuantizedWeight(int8 [L, ..., K, N], bf16 scales [L, ..., G, N]) or bf16 if dequantized."""
+    norms and gate, QuantizedWeight(int8 [L, ..., K, N], bf16 scales [L, ..., G, N]) or bf16 if dequantized."""
     layers: dict[str, Any] = {}
     for name, shape in layer_shapes(model).items():
         stacked = (model.num_layers, *shape)
@@ -157,7 +157,7 @@ def state_structs(config: Grok1Config, slots: int):
 
 
 def state_specs(state):
-    """As Placement.state_shardings: the KV cache split by KV_CACHE_SPEC, everything else replicated."""
+    """As MeshLayout.state_shardings: the KV cache split by KV_CACHE_SPEC, everything else replicated."""
     specs = jax.tree.map(lambda _: P(), state)
     return dataclasses.replace(specs, cache=type(state.cache)(KV_CACHE_SPEC, KV_CACHE_SPEC))
 
@@ -193,7 +193,7 @@ def total_bytes(structs) -> int:
 
 
 WEIGHT_KINDS = ("int8 weights", "scales (bf16)", "dequantised weights (bf16)", "embedding (bf16)",
-                "norms, router (f32)")  # the plan's lines, in this order
+                "norms, gate (f32)")  # the plan's lines, in this order
 
 
 def weight_kind(path: str) -> str:
@@ -206,7 +206,7 @@ def weight_kind(path: str) -> str:
         return "dequantised weights (bf16)"
     if path == "embedding":
         return "embedding (bf16)"
-    return "norms, router (f32)"
+    return "norms, gate (f32)"
 
 
 # ------------------------------------------------------------------------------------------- activations

@@ -26,7 +26,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"^layers/(pre|post)_(attn|moe)_norm$", P()),  # [L, D]
     (r"^layers/[qkv]_proj$", P(None, None, TP)),  # [L, D, heads*K]: column parallel, whole heads
     (r"^layers/o_proj$", P(None, TP, None)),  # [L, H*K, D]: row parallel, partial sums all-reduced
-    (r"^layers/router$", P()),  # [L, D, E]: every rank routes its own tokens
+    (r"^layers/gate$", P()),  # [L, D, E]: every rank gates its own tokens
     (r"^layers/ffn_(gelu|value)_in$", P(None, EP, None, TP)),  # [L, E, D, F]
     (r"^layers/ffn_out$", P(None, EP, TP, None)),  # [L, E, F, D]
 )

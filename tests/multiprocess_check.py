@@ -41,12 +41,12 @@ def golden(args, shard) -> dict:
     tokens = np.asarray([s + [1] * (width - len(s)) for s in cases["sequence_ids"]], np.int32)
     forced = np.stack([np.pad(np.asarray(r, np.int32), ((0, 0), (0, width - n), (0, 0)))
                        for r, n in zip(cases["router_top2"], lengths)], axis=1)  # [L, B, T, 2]
-    replicated = engine.placement.replicated
+    replicated = engine.layout.replicated
     forward = jax.jit(lambda p, t, o: model.full_forward(p, config, t, routing_override=o,
-                                                         moe_fn=engine.placement.moe_fn),
+                                                         moe_fn=engine.layout.moe_fn),
                       out_shardings=replicated)
     forced_out = forward(engine.params, tokens, forced)
-    free_out = jax.jit(lambda p, t: model.full_forward(p, config, t, moe_fn=engine.placement.moe_fn),
+    free_out = jax.jit(lambda p, t: model.full_forward(p, config, t, moe_fn=engine.layout.moe_fn),
                        out_shardings=replicated)(engine.params, tokens)
     rel = []
     for index, n in enumerate(lengths):
@@ -79,15 +79,15 @@ def load(args, config, group) -> dict:
     import jax
 
     from sharding.distributed import initialize
-    from sharding.placement import Placement
+    from sharding.layout import MeshLayout
     from workers.shard import load_placed_params
 
     initialize(group)
-    placement = Placement(config, MeshShape(args.ep, args.tp))
+    layout = MeshLayout(config, MeshShape(args.ep, args.tp))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     before = rss_status("VmRSS")
-    params = load_placed_params(config, args.checkpoint, placement)
+    params = load_placed_params(config, args.checkpoint, layout)
     jax.block_until_ready(params)
     held = sum(buf.data.nbytes for leaf in jax.tree.leaves(params) for buf in leaf.addressable_shards)
     return {"local_param_bytes": int(held), "load_peak_growth": rss_status("VmHWM") - before}

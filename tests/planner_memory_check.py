@@ -1,8 +1,8 @@
-"""Run in a subprocess by test_planner.py with 8 virtual CPU devices: what placement really allocates.
+"""Run in a subprocess by test_planner.py with 8 virtual CPU devices: what the mesh layout really allocates.
 
 For each config and mesh, loads params the way the engine gets them (the tiny config through a written and
 re-read checkpoint, the larger CPU config from `random_params`, which builds the same dtypes without the disk
-round trip), places them and the decode state with `Engine(config, params, Placement(...))`, and prints one
+round trip), places them and the decode state with `Engine(config, params, MeshLayout(...))`, and prints one
 JSON object: per case, the bytes of params and of state on each device (sums of addressable shards).
 """
 
@@ -21,8 +21,8 @@ import jax  # noqa: E402
 from grok1.checkpoint import load_checkpoint, random_params, write_random_checkpoint  # noqa: E402
 from grok1.config import load_config  # noqa: E402
 from grok1.engine import Engine  # noqa: E402
+from sharding.layout import MeshLayout  # noqa: E402
 from sharding.mesh import MeshShape  # noqa: E402
-from sharding.placement import Placement  # noqa: E402
 from sharding.planner import RELEASE_SCALE_GROUPS  # noqa: E402
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -38,7 +38,7 @@ def bytes_per_device(tree) -> list[int]:
 
 
 def placed(config, params, ep: int, tp: int) -> dict:
-    engine = Engine(config, params, Placement(config, MeshShape(ep, tp), jax.devices()[: ep * tp]))
+    engine = Engine(config, params, MeshLayout(config, MeshShape(ep, tp), jax.devices()[: ep * tp]))
     devices = ep * tp  # the mesh uses the first ep*tp devices; the rest must hold nothing
     weights, state = bytes_per_device(engine.params), bytes_per_device(engine.state)
     assert not any(weights[devices:]) and not any(state[devices:])

@@ -78,7 +78,7 @@ def main(golden_dir: Path) -> dict:
         tokens = jax.random.normal(jax.random.PRNGKey(ep), (1, 64, config.emb_size), jnp.bfloat16)
         valid = jnp.ones((1, 64), bool)
         _, used = make_expert_parallel_moe(mesh, capacity_factor=factor)(tokens, layer, config, valid, 8)
-        _, chosen = model.route(tokens[0], layer["router"], config.num_selected_experts)
+        _, chosen = model.select_experts(tokens[0], layer["gate"], config.num_selected_experts)
         owner = np.asarray(chosen) // (config.num_experts // ep)  # [64, k]
         local = 64 // ep
         cap = capacity(local, config.num_selected_experts, config.num_experts // ep, ep, factor)

@@ -130,7 +130,7 @@ def test_golden_loads_with_documented_shapes_and_dtypes(golden):
     layers, num_layers = params["layers"], config.num_layers
     assert params["embedding"].shape == (config.vocab_size, config.emb_size)
     assert params["final_norm"].shape == (config.emb_size,)
-    assert layers["router"].shape == (num_layers, config.emb_size, config.num_experts)
+    assert layers["gate"].shape == (num_layers, config.emb_size, config.num_experts)
     assert layers["pre_moe_norm"].shape == (num_layers, config.emb_size)
     ffn_in = layers["ffn_gelu_in"]
     assert ffn_in.weight.shape == (num_layers, config.num_experts, config.emb_size, config.ffn_size)
@@ -317,8 +317,8 @@ def test_random_params_are_deterministic_and_sane():
 def test_random_params_rejects_bad_scale_groups():
     with pytest.raises(ValueError, match="ffn_out"):
         random_params(TINY, scale_groups={"ffn_out": 3})  # 344 is not divisible by 3
-    with pytest.raises(ValueError, match="router"):
-        random_params(TINY, scale_groups={"router": 2})
+    with pytest.raises(ValueError, match="gate"):
+        random_params(TINY, scale_groups={"gate": 2})
 
 
 # -------------------------------------------------------------------------------------- unsafe and bad files

@@ -69,8 +69,8 @@ def np_gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def np_router_probs(x, router_w) -> np.ndarray:
-    logits = np.asarray(x, np.float64) @ np.asarray(router_w, np.float64)
+def np_gate_probs(x, gate_w) -> np.ndarray:
+    logits = np.asarray(x, np.float64) @ np.asarray(gate_w, np.float64)
     logits -= logits.max(-1, keepdims=True)
     probs = np.exp(logits)
     return probs / probs.sum(-1, keepdims=True)
@@ -79,12 +79,12 @@ def np_router_probs(x, router_w) -> np.ndarray:
 def reference_moe(x, layer, config: ModelConfig, valid=None, experts=None):
     """Loop over tokens and their experts: sum_j gate_j * (gelu(x W_j) * (x V_j)) W1_j, in float32/64.
 
-    x [N, D]; experts [N, k] forces the choice (gates are still the router's probabilities there).
+    x [N, D]; experts [N, k] forces the choice (gates are still the gate's probabilities there).
     Returns the output [N, D] and the experts used [N, k].
     """
     x = np.asarray(x, np.float32)
     n, d = x.shape
-    probs = np_router_probs(x, layer["router"])
+    probs = np_gate_probs(x, layer["gate"])
     if experts is None:
         experts = np.argsort(-probs, axis=-1, kind="stable")[:, :config.num_selected_experts]
     valid = np.ones(n, bool) if valid is None else np.asarray(valid)
@@ -176,7 +176,7 @@ def test_moe_block_size_invariance():
 
 
 def test_moe_routing_override():
-    """Forced experts are used as given; the gates are the router's probabilities at those experts."""
+    """Forced experts are used as given; the gates are the gate's probabilities at those experts."""
     layer = layer0(small_params())
     rng = np.random.default_rng(4)
     x = random_bf16(rng, 1, 16, SMALL.emb_size)
@@ -187,17 +187,17 @@ def test_moe_routing_override():
     assert relative_l2(np.asarray(out, np.float32)[0], expected) < 0.01
 
 
-def test_route_gates_are_router_probabilities():
+def test_gates_are_gate_probabilities():
     layer = layer0(small_params())
     rng = np.random.default_rng(5)
     x = random_bf16(rng, 32, SMALL.emb_size)
-    probs = np_router_probs(x.astype(np.float32), layer["router"])
-    gates, index = model.route(jnp.asarray(x), layer["router"], 2)
+    probs = np_gate_probs(x.astype(np.float32), layer["gate"])
+    gates, index = model.select_experts(jnp.asarray(x), layer["gate"], 2)
     expected_index = np.argsort(-probs, axis=-1)[:, :2]
     np.testing.assert_array_equal(np.asarray(index), expected_index)
     assert_close(gates, np.take_along_axis(probs, expected_index, -1), rtol=1e-5, atol=1e-6, name="free gates")
     forced = np.stack([rng.permutation(SMALL.num_experts)[:2] for _ in range(32)]).astype(np.int32)
-    gates, index = model.route(jnp.asarray(x), layer["router"], 2, override=jnp.asarray(forced))
+    gates, index = model.select_experts(jnp.asarray(x), layer["gate"], 2, override=jnp.asarray(forced))
     np.testing.assert_array_equal(np.asarray(index), forced)
     assert_close(gates, np.take_along_axis(probs, forced, -1), rtol=1e-5, atol=1e-6, name="forced gates")
 

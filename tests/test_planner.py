@@ -22,7 +22,7 @@ GROK1 = load_config(ROOT / "configs" / "grok-1.yaml")
 GIB = 2**30
 
 # xAI's release: int8 weights + bf16 scales (G groups: 8 on o_proj and ffn_out, else 1), bf16 embedding as
-# loaded, f32 norms and router. Summed in `released_bytes` below; pinned here as a number too.
+# loaded, f32 norms and gate. Summed in `released_bytes` below; pinned here as a number too.
 RELEASED_TOTAL_BYTES = 316_629_082_112
 
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from cluster.driver import Completion, Driver
+from cluster.driver import Driver, FinishedSequence
 from cluster.scheduler import InvalidRequest, QueueFull, Request, Scheduler, TokenEvent
 from grok1.engine import Sampling, StepOutput
 
@@ -370,7 +370,7 @@ def test_generate_returns_hand_computed_tokens():
         ([0, 1], "stop"),
         ([12], "length"),
     ]
-    assert all(isinstance(c, Completion) for c in completions)
+    assert all(isinstance(c, FinishedSequence) for c in completions)
     assert all(isinstance(t, int) for c in completions for t in c.tokens)
     assert [c.logprobs[0] for c in completions] == [-0.5] * 6
     assert driver.completions == {}  # generate hands the completions over

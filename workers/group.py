@@ -172,12 +172,12 @@ class LocalShardGroup:
     @classmethod
     def from_spec(cls, spec: GroupSpec) -> "LocalShardGroup":
         from grok1.engine import Engine
-        from sharding.placement import Placement
+        from sharding.layout import MeshLayout
         from workers.shard import load_placed_params
 
         spec.validate()
-        placement = Placement(spec.config, spec.mesh, capacity_factor=spec.capacity_factor)
-        engine = Engine(spec.config, load_placed_params(spec.config, Path(spec.checkpoint), placement), placement)
+        layout = MeshLayout(spec.config, spec.mesh, capacity_factor=spec.capacity_factor)
+        engine = Engine(spec.config, load_placed_params(spec.config, Path(spec.checkpoint), layout), layout)
         engine.warmup()
         return cls(engine)
 

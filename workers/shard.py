@@ -37,8 +37,8 @@ class ShardInfo:
     peak_rss_bytes: int  # the process's peak resident memory after loading
 
 
-def load_placed_params(config: Grok1Config, checkpoint: Path, placement, *, progress: bool = False):
-    """This process's slices of the params, laid out on `placement`'s mesh.
+def load_placed_params(config: Grok1Config, checkpoint: Path, layout, *, progress: bool = False):
+    """This process's slices of the params, laid out on `layout`'s mesh.
 
     From the sliceable format each process reads only the bytes its devices hold. From the released layout
     (whole tensors pickled per file) each process has to read every tensor and keeps its slices.
@@ -48,11 +48,11 @@ def load_placed_params(config: Grok1Config, checkpoint: Path, placement, *, prog
 
     try:
         if is_sliceable(checkpoint):
-            shardings = placement.param_shardings(open_sliceable(checkpoint, config.model))
+            shardings = layout.param_shardings(open_sliceable(checkpoint, config.model))
             return load_sharded(checkpoint, config.model, shardings, progress=progress)
         params = load_checkpoint(checkpoint, config.model, dequantize=config.checkpoint.dequantize_on_load,
                                  progress=progress)
-        return placement.put_params(params)
+        return layout.put_params(params)
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         raise ShardLoadError(f"cannot load {checkpoint} for config {config.name!r}: {err}") from err
 
@@ -67,15 +67,15 @@ class Shard:
         import jax
 
         from grok1.engine import Engine
-        from sharding.placement import Placement
+        from sharding.layout import MeshLayout
 
         if jax.device_count() != mesh_shape.size:
             raise ShardLoadError(f"mesh ep={mesh_shape.ep} x tp={mesh_shape.tp} needs {mesh_shape.size} devices; "
                                  f"the group of {group.num_processes} processes has {jax.device_count()}")
         self.group = group
-        placement = Placement(config, mesh_shape, capacity_factor=capacity_factor)
-        params = load_placed_params(config, Path(checkpoint), placement, progress=progress)
-        self.engine = Engine(config, params, placement)
+        layout = MeshLayout(config, mesh_shape, capacity_factor=capacity_factor)
+        params = load_placed_params(config, Path(checkpoint), layout, progress=progress)
+        self.engine = Engine(config, params, layout)
         self._info = ShardInfo(
             process_id=group.process_id, pid=os.getpid(), hostname=socket.gethostname(),
             devices=[str(d) for d in jax.local_devices()], global_devices=jax.device_count(),

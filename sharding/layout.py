@@ -17,7 +17,9 @@ from sharding.mesh import MeshShape, make_mesh
 from sharding.rules import KV_CACHE_SPEC, param_shardings
 
 
-class Placement:
+class MeshLayout:
+    """A replica's mesh and the shardings of its params and decode state on it (not a Ray placement group)."""
+
     def __init__(self, config: Grok1Config, shape: MeshShape, devices=None,
                  capacity_factor: float | None = None):
         self.shape = shape.validate(config)
