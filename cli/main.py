@@ -43,6 +43,7 @@ def _checkpoint_dir(config: Grok1Config, config_path: str) -> Path:
 def cmd_generate(args) -> int:
     from cluster.driver import Driver
     from cluster.scheduler import Request, Scheduler
+    from grok1.compile_cache import enable_compile_cache
     from grok1.engine import Engine, Sampling
     from grok1.tokenizer import Tokenizer
 
@@ -54,6 +55,7 @@ def cmd_generate(args) -> int:
         ensure_random_checkpoint(config, directory)
     tokenizer = Tokenizer.load(args.tokenizer or config.tokenizer, directory)
     started = time.perf_counter()
+    enable_compile_cache()
     engine = Engine(config, load_params(config, directory))
     scheduler = Scheduler(config.engine.max_slots, config.engine.max_len, config.model.vocab_size,
                           config.model.eos_token)

@@ -171,11 +171,13 @@ class LocalShardGroup:
 
     @classmethod
     def from_spec(cls, spec: GroupSpec) -> "LocalShardGroup":
+        from grok1.compile_cache import enable_compile_cache
         from grok1.engine import Engine
         from sharding.layout import MeshLayout
         from workers.shard import load_placed_params
 
         spec.validate()
+        enable_compile_cache()
         layout = MeshLayout(spec.config, spec.mesh, capacity_factor=spec.capacity_factor)
         engine = Engine(spec.config, load_placed_params(spec.config, Path(spec.checkpoint), layout), layout)
         engine.warmup()

@@ -66,9 +66,11 @@ class Shard:
         initialize(group)
         import jax
 
+        from grok1.compile_cache import enable_compile_cache
         from grok1.engine import Engine
         from sharding.layout import MeshLayout
 
+        enable_compile_cache()  # a restarted worker or a rebuilt group loads its steps instead of compiling
         if jax.device_count() != mesh_shape.size:
             raise ShardLoadError(f"mesh ep={mesh_shape.ep} x tp={mesh_shape.tp} needs {mesh_shape.size} devices; "
                                  f"the group of {group.num_processes} processes has {jax.device_count()}")
