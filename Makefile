@@ -43,7 +43,7 @@ bench: setup
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache
 
-# The deployment files (cluster/ray_up, k8s/, docker/) checked against Ray's, KubeRay's and Serve's own
+# The deployment files (ray_up/, k8s/, docker/) checked against Ray's, KubeRay's and Serve's own
 # schemas, the CLI and the planner, without a cluster (docs/deploy.md, section 9).
 .PHONY: deploy-check
 deploy-check: setup

@@ -15,9 +15,9 @@ import time
 import jax
 import numpy as np
 
-from grok1.checkpoint import random_params
 from grok1.config import load_config
 from grok1.engine import Engine, Sampling
+from grok1.random_weights import random_params
 
 
 def main(argv=None) -> None:

@@ -107,7 +107,8 @@ def cmd_checkpoint_inspect(args) -> int:
 
 
 def cmd_checkpoint_convert(args) -> int:
-    from grok1.sliceable import convert, sliceable_bytes
+    from grok1.sliceable import sliceable_bytes
+    from grok1.sliceable_convert import convert
 
     config = load_config(args.config)
     started = time.perf_counter()
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_checkpoint_inspect)
     cnv = ckpt.add_parser("convert", help="convert a released-layout checkpoint to the sliceable format")
     cnv.add_argument("src", help="directory holding ckpt-0/ (or ckpt-0 itself)")
-    cnv.add_argument("dst", help="output directory (grok1.sliceable format)")
+    cnv.add_argument("dst", help="output directory (grok1.sliceable_format)")
     cnv.add_argument("--config", default=DEFAULT_CONFIG)
     cnv.set_defaults(func=cmd_checkpoint_convert)
 

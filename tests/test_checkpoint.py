@@ -1,4 +1,5 @@
-"""Tests of grok1.checkpoint: the golden checkpoint, round trips, and refusal of bad or unsafe files."""
+"""Tests of grok1.checkpoint and grok1.release_layout: the golden checkpoint, round trips, and refusal of bad or
+unsafe files."""
 
 from __future__ import annotations
 
@@ -21,17 +22,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok1.checkpoint import (
-    CheckpointError,
-    QuantizedWeight8bit,
-    load_checkpoint,
-    random_params,
-    read_leaf,
-    save_checkpoint,
-    write_random_checkpoint,
-)
+from grok1.checkpoint import load_checkpoint, save_checkpoint, write_random_checkpoint
 from grok1.config import ModelConfig, load_config
 from grok1.params import QuantizedWeight, dequantize, reference_leaves
+from grok1.random_weights import random_params
+from grok1.release_layout import CheckpointError, QuantizedWeight8bit, read_leaf
 
 TINY = ModelConfig(vocab_size=512, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2,
                    sequence_len=128)
@@ -578,7 +573,8 @@ def test_crafted_pickle_is_refused_and_harms_nothing(name, damaged_copy):
     file.write_bytes(crafted(value))
     code = f"""
         import ml_dtypes, numpy as np
-        from grok1.checkpoint import CheckpointError, load_checkpoint, read_leaf
+        from grok1.checkpoint import load_checkpoint
+        from grok1.release_layout import CheckpointError, read_leaf
         from grok1.config import ModelConfig
         for attempt in (lambda: read_leaf({str(file)!r}),
                         lambda: load_checkpoint({str(damaged_copy)!r}, ModelConfig(**{asdict(TINY)!r}))):

@@ -1,6 +1,6 @@
 """Deployment files, checked by the tools that will consume them, without a cluster (docs/deploy.md).
 
-1. `ray up` YAMLs (cluster/ray_up/*.yaml) go through Ray's own launcher path: `prepare_config` (defaults,
+1. `ray up` YAMLs (ray_up/*.yaml) go through Ray's own launcher path: `prepare_config` (defaults,
    the local provider's rewriting) then `validate_config` (ray/autoscaler/ray-schema.json), as `ray up` does
    before it touches a machine. Every `grok1 ...` command they run must parse with cli/main.py's real
    parser, every configs/ path must exist, every `pip install` must be pinned as pyproject.toml pins.
@@ -54,7 +54,7 @@ except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY_UP_DIR = ROOT / "cluster" / "ray_up"
+RAY_UP_DIR = ROOT / "ray_up"
 K8S_DIR = ROOT / "k8s"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 CRD_DIR = Path(os.environ.get("GROK1_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
@@ -241,7 +241,7 @@ def prepared_and_validated(config: dict) -> dict:
 
 def test_there_are_ray_up_yamls_for_cloud_and_on_prem():
     providers = {load_ray_up(path)["provider"]["type"] for path in RAY_UP_YAMLS}
-    assert "local" in providers and providers - {"local"}, f"cluster/ray_up/ has providers {providers}"
+    assert "local" in providers and providers - {"local"}, f"ray_up/ has providers {providers}"
 
 
 @pytest.mark.parametrize("path", RAY_UP_YAMLS, ids=lambda p: p.name)

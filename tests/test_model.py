@@ -1,6 +1,6 @@
 """Unit tests of grok1.model against slow, obviously correct references (numpy loops, dense one-hot MoE).
 
-All on a small random model (grok1.checkpoint.random_params): emb 64, 4/2 heads of 16, 8 experts, top-2.
+All on a small random model (grok1.random_weights.random_params): emb 64, 4/2 heads of 16, 8 experts, top-2.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 from conftest import assert_close, relative_l2
 
 from grok1 import model
-from grok1.checkpoint import random_params
 from grok1.config import ModelConfig
 from grok1.params import QuantizedWeight, dequantize
+from grok1.random_weights import random_params
 
 SMALL = ModelConfig(vocab_size=256, sequence_len=128, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2,
                     num_layers=2, widening_factor=8.0, num_experts=8, num_selected_experts=2,

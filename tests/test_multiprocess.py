@@ -83,7 +83,8 @@ def tiny_moe_config(tmp_path) -> str:
 def test_each_process_loads_about_one_nth_of_the_experts(tmp_path):
     from grok1.checkpoint import write_random_checkpoint
     from grok1.config import load_config
-    from grok1.sliceable import convert, sliceable_bytes
+    from grok1.sliceable import sliceable_bytes
+    from grok1.sliceable_convert import convert
 
     config_path = tiny_moe_config(tmp_path)
     model = load_config(config_path).model

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from grok1.checkpoint import random_params
 from grok1.config import ConfigError, Grok1Config, ModelConfig
+from grok1.random_weights import random_params
 from sharding.expert_parallel import capacity, dispatch_positions
 from sharding.mesh import MeshShape
 from sharding.rules import PARTITION_RULES, ShardingRuleError, param_specs, spec_for

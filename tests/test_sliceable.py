@@ -1,5 +1,6 @@
-"""Tests of grok1.sliceable: conversion from the released layout, memory-mapped and sharded loading, refusal
-of incomplete or mismatched checkpoints, and that reading a slice reads only that slice's bytes."""
+"""Tests of grok1.sliceable, sliceable_convert and sliceable_format: conversion from the released layout,
+memory-mapped and sharded loading, refusal of incomplete or mismatched checkpoints, and that reading a slice
+reads only that slice's bytes."""
 
 from __future__ import annotations
 
@@ -18,19 +19,12 @@ import numpy as np
 import pytest
 
 from cli.main import main as cli_main
-from grok1.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
+from grok1.checkpoint import load_checkpoint, write_random_checkpoint
 from grok1.config import ModelConfig, load_config
-from grok1.sliceable import (
-    FORMAT,
-    MANIFEST,
-    convert,
-    is_sliceable,
-    leaf_names,
-    load_sharded,
-    load_sliceable,
-    open_sliceable,
-    sliceable_bytes,
-)
+from grok1.release_layout import CheckpointError
+from grok1.sliceable import is_sliceable, load_sharded, load_sliceable, open_sliceable, sliceable_bytes
+from grok1.sliceable_convert import convert
+from grok1.sliceable_format import FORMAT, MANIFEST, leaf_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=512, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2,
@@ -99,7 +93,7 @@ def test_layout_on_disk(sliceable):
     tensors = manifest["tensors"]
     assert tensors["embedding"] == {"file": "embedding.bin", "dtype": "bfloat16", "shape": [512, 64]}
     assert tensors["final_norm"] == {"file": "final_norm.bin", "dtype": "float32", "shape": [64]}
-    assert tensors["layers.router"] == {"file": "layers.router.bin", "dtype": "float32", "shape": [2, 64, 8]}
+    assert tensors["layers.gate"] == {"file": "layers.gate.bin", "dtype": "float32", "shape": [2, 64, 8]}
     assert tensors["layers.q_proj.weight"]["dtype"] == "int8"
     assert tensors["layers.ffn_out.scales"] == {"file": "layers.ffn_out.scales.bin", "dtype": "bfloat16",
                                                 "shape": [2, 8, 8, 64]}
@@ -170,7 +164,8 @@ def test_load_sharded_on_four_devices(sliceable):
         import jax, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         from grok1.config import ModelConfig
-        from grok1.sliceable import leaf_names, load_sharded, load_sliceable, open_sliceable
+        from grok1.sliceable import load_sharded, load_sliceable, open_sliceable
+        from grok1.sliceable_format import leaf_names
         assert jax.device_count() == 4, jax.devices()
         config = ModelConfig(**{dataclasses.asdict(TINY)!r})
         mesh = jax.make_mesh((2, 2), ("ep", "tp"))
@@ -298,12 +293,12 @@ def test_manifest_shape_mismatch_is_refused(sliceable, tmp_path):
     copy = tmp_path / "copy"
     copy.mkdir()
     manifest = json.loads((sliceable / MANIFEST).read_text())
-    manifest["tensors"]["layers.router"]["shape"] = [2, 64, 4]
+    manifest["tensors"]["layers.gate"]["shape"] = [2, 64, 4]
     (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"layers\.router: shape"):
+    with pytest.raises(CheckpointError, match=r"layers\.gate: shape"):
         open_sliceable(copy, TINY)
-    manifest["tensors"]["layers.router"]["shape"] = [2, 64, 8]
-    manifest["tensors"]["layers.router"]["file"] = "../escape.bin"
+    manifest["tensors"]["layers.gate"]["shape"] = [2, 64, 8]
+    manifest["tensors"]["layers.gate"]["file"] = "../escape.bin"
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="plain file name"):
         open_sliceable(copy, TINY)
@@ -324,16 +319,16 @@ def test_sliceable_bytes_checks_file_names(sliceable, tmp_path):
     copy = Path(shutil.copytree(sliceable, tmp_path / "copy"))
     (tmp_path / "escape.bin").write_bytes(bytes(100))
     manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["tensors"]["layers.router"]["file"] = "../escape.bin"
+    manifest["tensors"]["layers.gate"]["file"] = "../escape.bin"
     (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"layers\.router: file must be a plain file name"):
+    with pytest.raises(CheckpointError, match=r"layers\.gate: file must be a plain file name"):
         sliceable_bytes(copy)
 
 
 def test_tensor_file_linking_outside_the_checkpoint_is_refused(sliceable, tmp_path):
     copy = Path(shutil.copytree(sliceable, tmp_path / "copy"))
-    file = copy / "layers.router.bin"
-    outside = tmp_path / "router.bin"
+    file = copy / "layers.gate.bin"
+    outside = tmp_path / "gate.bin"
     shutil.move(file, outside)
     file.symlink_to(outside)  # same bytes, but not the checkpoint's own file
     for read in (lambda: open_sliceable(copy, TINY), lambda: sliceable_bytes(copy)):
@@ -342,7 +337,7 @@ def test_tensor_file_linking_outside_the_checkpoint_is_refused(sliceable, tmp_pa
         assert str(file) in str(error.value)
     file.unlink()
     file.symlink_to(copy / "final_norm.bin")  # a link inside the directory is fine (sizes are still checked)
-    with pytest.raises(CheckpointError, match=r"layers\.router\.bin: size"):
+    with pytest.raises(CheckpointError, match=r"layers\.gate\.bin: size"):
         open_sliceable(copy, TINY)
 
 

@@ -43,7 +43,8 @@ def load_placed_params(config: Grok1Config, checkpoint: Path, layout, *, progres
     From the sliceable format each process reads only the bytes its devices hold. From the released layout
     (whole tensors pickled per file) each process has to read every tensor and keeps its slices.
     """
-    from grok1.checkpoint import CheckpointError, load_checkpoint
+    from grok1.checkpoint import load_checkpoint
+    from grok1.release_layout import CheckpointError
     from grok1.sliceable import is_sliceable, load_sharded, open_sliceable
 
     try:
