@@ -26,7 +26,8 @@ def is_sliceable(directory: str | os.PathLike) -> bool:
     """True if `directory` holds a finished sliceable checkpoint (a manifest of this format)."""
     try:
         with open(Path(directory) / MANIFEST) as file:
-            return json.load(file).get("format") == FORMAT
+            found = json.load(file).get("format")  # any version: an older one is refused by name when read
+            return isinstance(found, str) and found.startswith(FORMAT.rsplit("-", 1)[0] + "-")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -43,7 +44,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable manifest: {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise CheckpointError(f"{path}: format is {found!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{path}: format is {found!r}, expected {FORMAT!r}; convert the released checkpoint "
+                              "again with `grok1 checkpoint convert`")
     for key in ("config", "tensors"):
         if not isinstance(manifest.get(key), dict):
             raise CheckpointError(f"{path}: manifest has no {key!r} mapping")

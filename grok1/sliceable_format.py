@@ -6,7 +6,7 @@ The released checkpoint pickles whole tensors, so a process that owns 1/N of the
 unpickle all of it. `grok1.sliceable_convert.convert` rewrites it, once, as a directory of raw arrays, one
 per leaf of OUR stacked params pytree (`grok1.params`), which are then opened as memory maps:
 
-    DST/manifest.json                 {"format": "grok1-sliceable-v1", "config": {ModelConfig fields},
+    DST/manifest.json                 {"format": "grok1-sliceable-v2", "config": {ModelConfig fields},
                                        "tensors": {name: {"file": ..., "dtype": ..., "shape": [...]}}}
     DST/embedding.bin                 bfloat16 [V, D]
     DST/final_norm.bin                float32  [D]
@@ -36,7 +36,7 @@ from grok1.config import ModelConfig
 from grok1.params import LAYER_PARAMS, TOP_PARAMS, QuantizedWeight, is_quantised, layer_shapes, top_shapes
 from grok1.release_layout import CheckpointError
 
-FORMAT = "grok1-sliceable-v1"
+FORMAT = "grok1-sliceable-v2"  # v2: the MoE gate's file is layers.gate (v1: layers.router)
 MANIFEST = "manifest.json"
 SUFFIX = ".bin"
 

@@ -384,3 +384,14 @@ def test_cli_convert(released, tmp_path, capsys):
     assert cli_main(["checkpoint", "convert", str(released["grouped"]), str(tmp_path / "x"),
                      "--config", str(wrong)]) == 2
     assert "grok1: error:" in capsys.readouterr().err
+
+
+def test_an_older_format_version_is_refused_with_what_to_do(sliceable, tmp_path):
+    """A v1 directory (written before the gate's file was renamed) is recognised and refused by name."""
+    copy = tmp_path / "v1"
+    copy.mkdir()
+    manifest = json.loads((sliceable / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "format": "grok1-sliceable-v1"}))
+    assert is_sliceable(copy)
+    with pytest.raises(CheckpointError, match="grok1-sliceable-v1.*checkpoint convert"):
+        open_sliceable(copy, TINY)
