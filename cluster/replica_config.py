@@ -85,12 +85,14 @@ class ReplicaConfig(BaseModel):
                 isinstance(value, str) and value in NONE_WORDS else value for name, value in data.items()}
 
     @classmethod
-    def from_overrides(cls, overrides: Mapping | None = None, *, base: "ReplicaConfig | None" = None):
-        """The defaults (or `base`), overridden by `overrides`; a ServingConfigError names each bad field."""
+    def from_overrides(cls, overrides: Mapping | None = None, *, base: "ReplicaConfig | None" = None,
+                       strict: bool = False):
+        """The defaults (or `base`), overridden by `overrides`; a ServingConfigError names each bad field.
+        `strict`: values must have the field's own type (a manifest's YAML), not a string to convert."""
         inherited = base.model_dump(include=set(cls.model_fields)) if base is not None else {}
         values = {**inherited, **dict(overrides or {})}
         try:
-            return cls.model_validate(values)
+            return cls.model_validate(values, strict=strict)
         except ValidationError as err:
             raise ServingConfigError(describe(err, cls)) from None
 

@@ -207,9 +207,10 @@ class Grok1Ingress(GrpcService):
 # ---------------------------------------------------------------------------------------- the builder
 
 
-def build_app(args: ServingConfig) -> serve.Application:
-    """The Serve application (`serve run ingress.app:build_app config=... ep=2`). Serve validates `args` into a
-    ServingConfig (this annotation tells it to); a plain dict of overrides works too (grok1 serve, tests)."""
+def build_app(args: dict) -> serve.Application:
+    """The Serve application (`serve run ingress.app:build_app config=... ep=2`): `args` override the
+    ServingConfig's defaults (or are one already: grok1 serve). Not annotated as the model, so Serve passes the
+    dict through and a bad value raises ServingConfigError, one line naming each field, as from the CLI."""
     options = ServingConfig.of(args)
     config = options.load_config()
     checkpoint = Path(config.checkpoint.path)
