@@ -170,7 +170,6 @@ def cmd_generate_remote(args) -> int:
 
 def cmd_serve(args) -> int:
     from ingress.launch import serve_forever
-    from ingress.serving_config import ServingConfig
 
     serving = ServingConfig.from_overrides(flags.overrides(args, ServingConfig))
     return serve_forever(serving, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
