@@ -170,11 +170,11 @@ def main(argv=None) -> None:
     from ray.cluster_utils import Cluster
 
     from benchmarks.bench_multiprocess import Layout, measure
+    from cluster.replica_config import ReplicaConfig
     from grok1.config import load_config
     from grok1.engine import Engine
     from grok1.loading import ensure_random_checkpoint, load_params
-    from sharding.mesh import MeshShape
-    from workers.group import GroupEngine, GroupSpec, RayShardGroup
+    from workers.group import GroupEngine, RayShardGroup
 
     config = load_config(args.config).replace(engine={"max_slots": 32})
     checkpoint = args.checkpoint or str(ensure_random_checkpoint(config, Path(config.checkpoint.path)))
@@ -195,8 +195,8 @@ def main(argv=None) -> None:
     routers, group = {}, None
     try:
         routers = {pipelined: start_router_on_cluster(config, checkpoint, pipelined) for pipelined in (True, False)}
-        spec = GroupSpec(config=config, checkpoint=checkpoint, mesh=MeshShape(2, 1), strategy="STRICT_SPREAD",
-                         start_timeout_s=600, step_timeout_s=120).validate()
+        spec = ReplicaConfig(ep=2, placement_strategy="STRICT_SPREAD", start_timeout_s=600,
+                             step_timeout_s=120).group_spec(config, checkpoint)
         group = RayShardGroup(spec)
         nodes = [member["node_id"] for member in group.members()]
         assert len(set(nodes)) == 2, f"the two shard workers share a node: {nodes}"

@@ -21,10 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from cli import flags
 from grok1.config import ConfigError, Grok1Config, load_config
 from grok1.loading import ensure_random_checkpoint, load_params
+from ingress.serving_config import DEFAULT_CONFIG, ServingConfig
 
-DEFAULT_CONFIG = "configs/grok-1-tiny.yaml"
+SERVE_FLAGS = {"num_replicas": "--replicas"}  # flags not spelled as their field
 
 
 def _config(args) -> Grok1Config:
@@ -172,18 +174,9 @@ def cmd_generate_remote(args) -> int:
 def cmd_serve(args) -> int:
     from ingress.launch import serve_forever
 
-    config = _config(args)
-    app_args = {"config": args.config, "ep": args.ep, "tp": args.tp, "placement_strategy": args.placement_strategy,
-                "random_if_missing": args.random_if_missing, "max_queue": args.max_queue,
-                "num_replicas": args.replicas, "backend": args.backend}
-    if args.checkpoint:
-        app_args["checkpoint"] = args.checkpoint
-    if args.tokenizer:
-        app_args["tokenizer"] = args.tokenizer
-    if args.api_key_file:
-        app_args["api_key_file"] = str(Path(args.api_key_file).resolve())
-    return serve_forever(app_args, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                         model=config.name)
+    serving = ServingConfig.from_overrides(flags.overrides(args, ServingConfig))
+    return serve_forever(serving, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                         model=load_config(serving.config).name)
 
 
 def cmd_bench(args) -> int:
@@ -218,24 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "with --http or --grpc, $GROK1_API_KEY is sent as the key")
     gen.set_defaults(func=cmd_generate)
 
-    srv = sub.add_parser("serve", help="serve HTTP (OpenAI-compatible) and gRPC with Ray Serve")
-    srv.add_argument("--config", default=DEFAULT_CONFIG)
-    srv.add_argument("--checkpoint", help="checkpoint directory (overrides the config)")
-    srv.add_argument("--tokenizer", help="path to tokenizer.model")
-    srv.add_argument("--random-if-missing", action="store_true",
-                     help="write a random-weight checkpoint first if the directory has none")
-    srv.add_argument("--ep", type=int, default=2, help="expert-parallel shards per model replica")
-    srv.add_argument("--tp", type=int, default=1, help="tensor-parallel size per model replica")
-    srv.add_argument("--replicas", type=int, default=1, help="model replicas (data-parallel)")
-    srv.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
-    srv.add_argument("--max-queue", type=int, default=256)
-    srv.add_argument("--backend", default="ray", choices=["ray", "local"],
-                     help="local: the engine inside the router's process (one device)")
+    srv = sub.add_parser("serve", help="serve HTTP (OpenAI-compatible) and gRPC with Ray Serve",
+                         description="Every setting but the three addresses is a field of the serving config "
+                                     "(ingress/serving_config.py); a flag overrides its default.")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 for all)")
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
-    srv.add_argument("--api-key-file", help="accept only clients that send one of these keys (one per line; "
-                                             "re-read on change). Without it only loopback clients are served")
+    flags.add_model_flags(srv, ServingConfig, SERVE_FLAGS)
     srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="load generator against a running server: TTFT, TPOT, tokens/s")

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.driver import Driver
+from cluster.replica_config import ReplicaConfig
 from cluster.scheduler import Scheduler
 from grok1.config import Grok1Config
 from grok1.engine_api import FinishReason, InvalidRequest, Request, TokenEvent, Unavailable
@@ -65,20 +66,19 @@ class _Timing:
 
 
 class Router:
-    def __init__(self, spec: GroupSpec, *, backend: str = "ray", max_queue: int = 256, pipelined: bool = True,
-                 group_factory=None):
-        """`group_factory(spec)` makes the shard group (default by `backend`: Ray workers, or this process)."""
+    def __init__(self, spec: GroupSpec, settings: ReplicaConfig, *, group_factory=None):
+        """`spec` from `settings.group_spec(...)`; `group_factory(spec)` makes the shard group (default by
+        `settings.backend`: Ray workers, or this process)."""
         factories = {"ray": RayShardGroup, "local": LocalShardGroup.from_spec}
-        if backend not in factories:
-            raise ValueError(f"backend must be one of {sorted(factories)}, got {backend!r}")
         self.spec = spec
-        self.backend = backend
-        self.group_factory = group_factory or factories[backend]
-        self.max_queue = max_queue
-        self.pipelined = pipelined
+        self.settings = settings
+        self.backend = settings.backend
+        self.group_factory = group_factory or factories[settings.backend]
+        self.max_queue = settings.max_queue
+        self.pipelined = settings.pipelined
         config: Grok1Config = spec.config
         self.scheduler = Scheduler(config.engine.max_slots, config.engine.max_len, config.model.vocab_size,
-                                   config.model.eos_token, max_queue=max_queue)
+                                   config.model.eos_token, max_queue=settings.max_queue)
         self.state = "loading"
         self.error: str | None = None
         self.restarts = 0
@@ -165,7 +165,7 @@ class Router:
         request = Request(f"health-{time.monotonic_ns()}", [self.spec.config.model.eos_token], max_tokens=1,
                           ignore_eos=True)
         try:
-            events = [event async for event in self.generate(request, timeout_s=30)]
+            events = [event async for event in self.generate(request, timeout_s=self.settings.health_timeout_s)]
         except Exception as err:  # noqa: BLE001 - any failure means unhealthy; say which
             return {"ok": False, "state": self.state, "detail": f"probe failed: {err!r}"}
         last = events[-1]
@@ -320,24 +320,20 @@ def _this_node_id() -> str | None:
         return None
 
 
-def start_router(config: Grok1Config, *, checkpoint: str, ep: int = 2, tp: int = 1, placement_strategy: str = "PACK",
-                 max_queue: int = 256, backend: str = "ray", name: str | None = None, pipelined: bool = True,
-                 use_gpus: bool = False, devices_per_process: int = 1, env: dict[str, str] | None = None,
-                 start_timeout_s: float = 600, step_timeout_s: float = 120):
-    """Create the router as a Ray actor; its shard group starts loading at once (see `wait_ready`)."""
+def start_router(config: Grok1Config, settings: ReplicaConfig | None = None, *, checkpoint: str,
+                 name: str | None = None, env: dict[str, str] | None = None, **overrides):
+    """Create the router as a Ray actor; its shard group starts loading at once (see `wait_ready`).
+
+    `settings` (default: ReplicaConfig's defaults) with `overrides` (ReplicaConfig fields) applied; `env` is
+    extra environment for the shard workers. Bad settings, or a mesh the model does not allow, raise here."""
     import ray
-
-    from sharding.mesh_shape import MeshShape
-
-    spec = GroupSpec(config=config, checkpoint=str(checkpoint), mesh=MeshShape(ep, tp), strategy=placement_strategy,
-                     devices_per_process=devices_per_process, use_gpus=use_gpus,
-                     env=tuple(sorted((env or {}).items())), start_timeout_s=start_timeout_s,
-                     step_timeout_s=step_timeout_s).validate()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    settings = ReplicaConfig.from_overrides(overrides, base=settings)
+    spec = settings.group_spec(config, checkpoint, env)
     # The router sits next to its caller (the head node or the ingress replica), not on a shard's node: it has
     # to outlive the loss of any shard's node to rebuild the group.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(Router).options(name=name, num_cpus=0, max_concurrency=1000, max_restarts=0,
                                        scheduling_strategy=here)
-    return actor.remote(spec, backend=backend, max_queue=max_queue, pipelined=pipelined)
+    return actor.remote(spec, settings)

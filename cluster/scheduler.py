@@ -24,7 +24,9 @@ class _Running:
 
 
 class Scheduler:
-    def __init__(self, max_slots: int, max_len: int, vocab_size: int, eos_token: int, max_queue: int = 256):
+    def __init__(self, max_slots: int, max_len: int, vocab_size: int, eos_token: int, max_queue: int | None = None):
+        """`max_queue`: requests that may wait beyond the free slots (None: no bound, for offline runs whose
+        caller holds every request anyway; a router passes its ReplicaConfig.max_queue)."""
         self.max_slots = max_slots
         self.max_len = max_len
         self.vocab_size = vocab_size
@@ -40,7 +42,7 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         self.validate(request)
         free_slots = sum(running is None for running in self.slots)  # these requests are admitted at once
-        if len(self.queue) - free_slots >= self.max_queue:
+        if self.max_queue is not None and len(self.queue) - free_slots >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
         self.queue.append(request)
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
+
+from ingress.serving_config import ServingConfig
 
 APP_NAME = "grok1"
 
@@ -25,11 +28,12 @@ def ready_line(model: str, http_host: str, http_port: int, grpc_port: int, ep: i
             f"  grok1 generate \"The answer to life the universe and everything is\" --grpc {host}:{grpc_port}")
 
 
-def start_serving(app_args: dict, *, http_host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
-                  ray_address: str | None = None, ready_timeout_s: float = 1800, num_cpus: int | None = None):
+def start_serving(app_args: ServingConfig | Mapping, *, http_host: str = "127.0.0.1", http_port: int = 8000,
+                  grpc_port: int = 9000, ray_address: str | None = None, ready_timeout_s: float = 1800,
+                  num_cpus: int | None = None):
     """Start Ray (or join `ray_address` / $RAY_ADDRESS) and Serve, run the app, wait until it serves.
 
-    Returns (router actor handle, model name)."""
+    `app_args`: the serving config, or overrides of it (build_app's arguments). Returns the router actor."""
     import ray
     from ray import serve
 
@@ -42,23 +46,22 @@ def start_serving(app_args: dict, *, http_host: str = "127.0.0.1", http_port: in
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus if address == "local" else None,
                  include_dashboard=False, log_to_driver=False)
+    serving = ServingConfig.of(app_args)
     serve.start(**serve_options(http_host, http_port, grpc_port))
-    handle = serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+    handle = serve.run(build_app(serving), name=APP_NAME, route_prefix="/", blocking=False)
     router = handle.router_handle.remote().result()
     started = time.monotonic()
-    print(f"loading the weights (ep={app_args.get('ep', 2)} tp={app_args.get('tp', 1)}) ...", file=sys.stderr,
-          flush=True)
+    print(f"loading the weights (ep={serving.ep} tp={serving.tp}) ...", file=sys.stderr, flush=True)
     ray.get(router.wait_ready.remote(ready_timeout_s))
     print(f"loaded in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
     return router
 
 
-def serve_forever(app_args: dict, *, http_host: str, http_port: int, grpc_port: int, model: str) -> int:
+def serve_forever(serving: ServingConfig, *, http_host: str, http_port: int, grpc_port: int, model: str) -> int:
     from ray import serve
 
-    start_serving(app_args, http_host=http_host, http_port=http_port, grpc_port=grpc_port)
-    print(ready_line(model, http_host, http_port, grpc_port, int(app_args.get("ep", 2)), int(app_args.get("tp", 1))),
-          flush=True)
+    start_serving(serving, http_host=http_host, http_port=http_port, grpc_port=grpc_port)
+    print(ready_line(model, http_host, http_port, grpc_port, serving.ep, serving.tp), flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request parsing and response shapes, with no Ray and no web framework (pure, tested alone).
+"""OpenAI-compatible request parsing, with no Ray and no web framework (pure, tested alone). The JSON body and
+its typed field readers are ingress/fields.py's; the response shapes ingress/responses.py's.
 
 Requests become a `GenerationParams`: token ids, sampling, stop strings, n, logprobs, echo. Range checks on
 the prompt, max_tokens and sampling are the scheduler's own `validate` (one source of truth for what the
@@ -17,10 +18,6 @@ Decisions, documented in the README:
 
 from __future__ import annotations
 
-import json
-import math
-import reprlib
-import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -35,16 +32,15 @@ from grok1.limits import (
     TOP_K_MAX,
 )
 from ingress.errors import ApiError, invalid
+from ingress.fields import MAX_BODY_BYTES, boolean, check_text, integer, number, show
 
 MAX_N = 8
 MAX_STOP = 4
 MAX_STOP_CHARS = 256  # the text hold-back and stop search cost grows with it, per token
 MAX_LOGPROBS = 20
-MAX_INT_DIGITS = 40  # integer literals longer than this are never converted (see _HugeInt)
 CHARS_PER_TOKEN = 16  # a text prompt may have at most max_len * this many characters (tokenising is CPU work)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 256  # capped at the context left after the prompt
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full 8,192-token context is ~60 KiB as JSON ids, less as text
 CHAT_STOP = "\nUser:"
 ROLES = {"system": None, "user": "User", "assistant": "Assistant"}
 
@@ -102,37 +98,7 @@ UNSUPPORTED = {
 }
 
 
-# ------------------------------------------------------------------------------------------- body
-
-
-class _HugeInt:
-    """An integer literal of more than MAX_INT_DIGITS digits: kept as text so that Python never builds it (over
-    4,300 digits int() raises; a few hundred already overflow float()); every field check refuses it by name."""
-
-    def __init__(self, digits: str):
-        self.digits = digits
-
-    def __repr__(self) -> str:
-        return f"<an integer of {len(self.digits)} digits>"
-
-
-def parse_json_body(raw: bytes) -> dict:
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError("too_large", f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise invalid(f"the request body is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    try:
-        body = json.loads(text, parse_int=lambda s: int(s) if len(s) <= MAX_INT_DIGITS else _HugeInt(s))
-    except json.JSONDecodeError as err:
-        raise invalid(f"the request body is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})") \
-            from None
-    except RecursionError:
-        raise invalid("the request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    return body
+# ------------------------------------------------------------------------------------------- fields
 
 
 def check_fields(body: dict, known: frozenset[str], route: str) -> None:
@@ -144,68 +110,7 @@ def check_fields(body: dict, known: frozenset[str], route: str) -> None:
             continue  # the parameter's neutral value (e.g. best_of 1, an empty tool list) asks for nothing
         if name in UNSUPPORTED:
             raise invalid(f"{name} is not supported by this server", name)
-        raise invalid(f"unknown parameter {_show(name)} for {route}", str(name)[:64])
-
-
-# ------------------------------------------------------------------------------------------- fields
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 40, 40, 40
-
-
-def _show(value) -> str:
-    """A short, safe rendering of a client's value for an error message (bounded depth and length)."""
-    return _REPR.repr(value)
-
-
-def _number(body, name, default, lo, hi):
-    """A finite number in [lo, hi] (a float; JSON integers are accepted)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid(f"{name} must be a number, got {_show(value)}", name)
-    if isinstance(value, int) and not -(10 ** 18) < value < 10 ** 18 or not math.isfinite(value):
-        raise invalid(f"{name} must be a finite number in [{lo}, {hi}], got {_show(value)}", name)
-    value = float(value)
-    if not lo <= value <= hi:
-        raise invalid(f"{name} must be in [{lo}, {hi}], got {value}", name)
-    return value
-
-
-def _integer(body, name, default, lo, hi):
-    """An integer in [lo, hi] (a float with an integral value, such as 5.0, is accepted)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(f"{name} must be an integer, got {_show(value)}", name)
-    if not lo <= value <= hi:
-        raise invalid(f"{name} must be an integer in [{lo}, {hi}], got {_show(value)}", name)
-    return value
-
-
-def _boolean(body, name, default=False):
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(f"{name} must be true or false, got {_show(value)}", name)
-    return value
-
-
-def check_text(text: str, name: str, max_chars: int) -> str:
-    """A client's string: bounded in length and encodable as UTF-8 (JSON can carry lone UTF-16 surrogates)."""
-    if len(text) > max_chars:
-        raise invalid(f"{name} is {len(text)} characters; the limit is {max_chars}", name)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise invalid(f"{name} contains a lone UTF-16 surrogate at character {err.start}", name) from None
-    return text
+        raise invalid(f"unknown parameter {show(name)} for {route}", str(name)[:64])
 
 
 def _stop(body) -> list[str]:
@@ -233,38 +138,38 @@ def _logit_bias(body, model: ModelInfo) -> tuple[tuple[int, float], ...]:
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10
                 and int(key) < model.vocab_size):
-            raise invalid(f"logit_bias keys must be token ids in [0, {model.vocab_size}), got {_show(key)}",
+            raise invalid(f"logit_bias keys must be token ids in [0, {model.vocab_size}), got {show(key)}",
                           "logit_bias")
-        entries.append((int(key), _number({"logit_bias": bias}, "logit_bias", 0.0, *LOGIT_BIAS_RANGE)))
+        entries.append((int(key), number({"logit_bias": bias}, "logit_bias", 0.0, *LOGIT_BIAS_RANGE)))
     return tuple(sorted(entries))
 
 
 def check_model(body: dict, model: ModelInfo) -> None:
     name = body.get("model")
     if name is not None and name != model.name:
-        raise ApiError("model_not_found", f"the model {_show(name)} does not exist; this server "
+        raise ApiError("model_not_found", f"the model {show(name)} does not exist; this server "
                                           f"serves {model.name!r} (GET /v1/models)", "model")
 
 
 def _common(body: dict, model: ModelInfo, prompt: list[int], default_max_tokens: int) -> GenerationParams:
     check_model(body, model)
-    max_tokens = _integer(body, "max_tokens", None, 1, model.max_len)
+    max_tokens = integer(body, "max_tokens", None, 1, model.max_len)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_completion_tokens", None, 1, model.max_len)
+        max_tokens = integer(body, "max_completion_tokens", None, 1, model.max_len)
     if max_tokens is None:
         max_tokens = max(1, min(default_max_tokens, model.max_len - len(prompt)))
-    n = _integer(body, "n", 1, 1, MAX_N)
+    n = integer(body, "n", 1, 1, MAX_N)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise invalid("stream_options must be an object", "stream_options")
     params = GenerationParams(
-        prompt=prompt, max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 0.0, TEMPERATURE_MAX),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0), top_k=_integer(body, "top_k", 0, 0, TOP_K_MAX),
-        seed=_integer(body, "seed", 0, *SEED_RANGE), stop=_stop(body), n=n,
-        stream=_boolean(body, "stream"), include_usage=_boolean(stream_options, "include_usage"),
-        timeout_s=_number(body, "timeout_s", None, 0.0, MAX_TIMEOUT_S), ignore_eos=_boolean(body, "ignore_eos"),
-        presence_penalty=_number(body, "presence_penalty", 0.0, *PENALTY_RANGE),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, *PENALTY_RANGE),
+        prompt=prompt, max_tokens=max_tokens, temperature=number(body, "temperature", 0.0, 0.0, TEMPERATURE_MAX),
+        top_p=number(body, "top_p", 1.0, 0.0, 1.0), top_k=integer(body, "top_k", 0, 0, TOP_K_MAX),
+        seed=integer(body, "seed", 0, *SEED_RANGE), stop=_stop(body), n=n,
+        stream=boolean(body, "stream"), include_usage=boolean(stream_options, "include_usage"),
+        timeout_s=number(body, "timeout_s", None, 0.0, MAX_TIMEOUT_S), ignore_eos=boolean(body, "ignore_eos"),
+        presence_penalty=number(body, "presence_penalty", 0.0, *PENALTY_RANGE),
+        frequency_penalty=number(body, "frequency_penalty", 0.0, *PENALTY_RANGE),
         logit_bias=_logit_bias(body, model))
     if params.timeout_s is not None and params.timeout_s <= 0:
         raise invalid(f"timeout_s must be positive, got {params.timeout_s}", "timeout_s")
@@ -317,8 +222,8 @@ def parse_completion(body: dict, model: ModelInfo, tokenizer) -> GenerationParam
         raise invalid("prompt is required", "prompt")
     prompt, text = _prompt_ids(body["prompt"], tokenizer, model)
     params = _common(body, model, prompt, DEFAULT_MAX_TOKENS)
-    params.logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
-    params.echo = _boolean(body, "echo")
+    params.logprobs = integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    params.echo = boolean(body, "echo")
     params.prompt_text = text if text is not None else (tokenizer.decode(prompt) if params.echo else None)
     return params
 
@@ -347,7 +252,7 @@ def render_chat(messages, max_chars: int = MAX_BODY_BYTES) -> str:
                           "messages")
         extra = sorted(set(message) - {"role", "content"})
         if extra:
-            raise invalid(f"messages[{k}].{_show(extra[0])} is not supported by this server", "messages")
+            raise invalid(f"messages[{k}].{show(extra[0])} is not supported by this server", "messages")
         content = message.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
@@ -370,8 +275,8 @@ def parse_chat(body: dict, model: ModelInfo, tokenizer) -> GenerationParams:
     prompt = tokenizer.encode(text)
     params = _common(body, model, prompt, DEFAULT_CHAT_MAX_TOKENS)
     params.stop = params.stop + [CHAT_STOP] if CHAT_STOP not in params.stop else params.stop
-    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
-    if _boolean(body, "logprobs"):
+    top = integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if boolean(body, "logprobs"):
         params.logprobs = top or 0
     elif top is not None:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
@@ -379,51 +284,8 @@ def parse_chat(body: dict, model: ModelInfo, tokenizer) -> GenerationParams:
     return params
 
 
-# ------------------------------------------------------------------------------------------- responses
-
-
 def new_id(prefix: str) -> str:
+    """A fresh id for a response or a router request (never the client's: see ingress/generation.py)."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_logprobs(pieces: list[tuple[str, float | None, int]]) -> dict:
-    """OpenAI's completions logprobs from (token text, logprob, text offset) triples."""
-    return {"tokens": [p[0] for p in pieces], "token_logprobs": [p[1] for p in pieces],
-            "top_logprobs": [None if p[1] is None else {p[0]: p[1]} for p in pieces],
-            "text_offset": [p[2] for p in pieces]}
-
-
-def chat_logprobs(pieces: list[tuple[str, float | None, int]]) -> dict:
-    def entry(token, logprob):
-        raw = list(token.encode("utf-8"))
-        return {"token": token, "logprob": logprob, "bytes": raw}
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(t, lp)]} for t, lp, _ in pieces]}
-
-
-def completion_response(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage_}
-
-
-def chat_response(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage_}
-
-
-def sse(data) -> bytes:
-    """One server-sent event: `data: <json>` and a blank line (`data: [DONE]` for the string '[DONE]')."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {payload}\n\n".encode("utf-8")
-
-
-SSE_DONE = sse("[DONE]")
-
-
-def models_response(model: ModelInfo, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model.name, "object": "model", "created": created,
-                                        "owned_by": "grok1-serve", "max_model_len": model.max_len}]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from ingress import protocol
+from ingress import protocol, responses
 
 
 class CompletionRender:
@@ -29,7 +29,7 @@ class CompletionRender:
         if with_echo and self.params.echo:
             shift = len(self._echo())
             pieces = [(t, lp, off + shift) for t, lp, off in pieces]
-        return protocol.completion_logprobs(pieces)
+        return responses.completion_logprobs(pieces)
 
     def first_chunks(self):
         if self.params.echo:  # the prompt, once per choice, before any generated text
@@ -53,14 +53,14 @@ class CompletionRender:
     def response(self, whole, usage):
         choices = [{"index": d.index, "text": self._echo() + d.text, "logprobs": self._logprobs(d, True),
                     "finish_reason": d.finish_reason} for d in whole]
-        return protocol.completion_response(self.request_id, self.model, choices, usage)
+        return responses.completion_response(self.request_id, self.model, choices, usage)
 
 
 class ChatRender(CompletionRender):
     def _logprobs(self, delta, with_echo: bool):
         if self.params.logprobs is None:
             return None
-        return protocol.chat_logprobs(list(zip(delta.token_texts, delta.logprobs, delta.text_offsets)))
+        return responses.chat_logprobs(list(zip(delta.token_texts, delta.logprobs, delta.text_offsets)))
 
     def _base(self):
         return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
@@ -85,4 +85,4 @@ class ChatRender(CompletionRender):
     def response(self, whole, usage):
         choices = [{"index": d.index, "message": {"role": "assistant", "content": d.text},
                     "logprobs": self._logprobs(d, False), "finish_reason": d.finish_reason} for d in whole]
-        return protocol.chat_response(self.request_id, self.model, choices, usage)
+        return responses.chat_response(self.request_id, self.model, choices, usage)

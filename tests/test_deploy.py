@@ -12,8 +12,10 @@
    are unique, int32 is in range, and CEL rules, which this test cannot evaluate, fail loudly if a manifest
    sets a field that carries one.
 3. Each serveConfigV2 is validated with Ray Serve's own `ServeDeploySchema` (plus a check for unknown keys,
-   which the schema ignores), and its application against the project: import path, build_app's arguments,
-   a config that loads, and the ep x tp mesh the planner lays out for the pods the manifest asks for.
+   which the schema ignores), and its application against the project: import path, build_app's arguments
+   (validated strictly against the serving config model, ingress/serving_config.py: a misspelled key or a
+   quoted number fails), a config that loads, and the ep x tp mesh the planner lays out for the pods the
+   manifest asks for. `grok1 serve` in the `ray up` files goes through the same model.
 4. docker/Dockerfile's pins agree with pyproject.toml, and the manifests name its tags.
 5. Access control and supply chain (docs/deploy.md "Security"): Kubernetes' own kinds (NetworkPolicy, Job,
    PersistentVolumeClaim, ConfigMap) are validated strictly against Kubernetes' JSON schemas (the
@@ -62,10 +64,6 @@ CRD_DIR = Path(os.environ.get("GROK1_KUBERAY_CRDS", ROOT.parent / "shared" / "ku
 IMPORT_PATH = "ingress.app:build_app"
 GRPC_SERVICER = "grok1_api.v1.grok1_pb2_grpc.add_Grok1ServiceServicer_to_server"
 HTTP_PORT, GRPC_PORT = 8000, 9000
-# build_app's arguments (ingress/app.py) and the type each must have in serveConfigV2's `args:`.
-BUILD_APP_ARGS = {"config": str, "checkpoint": str, "ep": int, "tp": int, "placement_strategy": str,
-                  "random_if_missing": bool, "max_queue": int,
-                  "api_key_file": str, "auth_health": bool, "auth_metrics": bool}
 # The API keys: a Secret the operator creates (never committed), mounted in every Ray pod.
 API_KEYS_SECRET, API_KEYS_KEY = "grok1-api-keys", "keys"
 API_KEYS_MOUNT = "/etc/grok1/api-keys"
@@ -112,6 +110,20 @@ def grok1_parser() -> argparse.ArgumentParser:
     from cli.main import build_parser
 
     return build_parser()
+
+
+def serving_config(args, where: str, strict: bool = False):
+    """build_app's arguments (a manifest's `args:`, strict: YAML types must be the fields' own) or `grok1 serve`'s
+    parsed flags, validated by the serving config model; fails with the model's message naming the field."""
+    from cli import flags
+    from cluster.replica_config import ServingConfigError
+    from ingress.serving_config import ServingConfig
+
+    overrides = flags.overrides(args, ServingConfig) if isinstance(args, argparse.Namespace) else args
+    try:
+        return ServingConfig.from_overrides(overrides, strict=strict)
+    except ServingConfigError as err:
+        pytest.fail(f"{where}: {err}", pytrace=False)
 
 
 def planned_mesh(config_path: str, hosts: int, devices_per_host: int) -> tuple[int, int]:
@@ -280,7 +292,7 @@ def test_ray_up_mesh_is_the_planners(path):
     """grok1 serve's --ep/--tp lay the model over the GPU hosts the way `grok1 plan` does."""
     config = load_ray_up(path)
     (args,) = [args for args in grok1_invocations(ray_up_commands(config)) if args[:1] == ["serve"]]
-    serve = check_grok1_command(args, path.name)
+    serve = serving_config(check_grok1_command(args, path.name), path.name)
     if config["provider"]["type"] == "local":
         hosts = len(config["provider"]["worker_ips"])
         devices = 8  # the file asks for 8-GPU hosts (its comments); the local provider detects them
@@ -291,6 +303,14 @@ def test_ray_up_mesh_is_the_planners(path):
         hosts, devices = gpu_types[0]["min_workers"], gpu_types[0]["resources"]["GPU"]
         assert gpu_types[0]["max_workers"] == hosts, f"{path.name}: a replica needs exactly {hosts} GPU hosts"
     assert (serve.ep, serve.tp) == planned_mesh(serve.config, hosts, devices)
+    check_workers_use_the_devices(serve, hosts, devices, path.name)
+
+
+def check_workers_use_the_devices(serving, hosts: int, gpus_per_host: int, where: str) -> None:
+    """One shard process per host, on its GPUs when it has some (else JAX would run the model on CPUs)."""
+    assert serving.use_gpus == (gpus_per_host > 0), f"{where}: use_gpus must say whether the hosts have GPUs"
+    assert serving.devices_per_process == max(1, gpus_per_host), f"{where}: one shard process per host"
+    assert serving.ep * serving.tp == hosts * serving.devices_per_process, f"{where}: the mesh must fill the hosts"
 
 
 # ------------------------------------------------------------------------------------ kustomize rendering
@@ -592,19 +612,18 @@ def test_serve_application_is_the_projects(name):
     (app,) = serve_config(doc)["applications"]
     assert app["import_path"] == IMPORT_PATH
     args = app["args"]
-    assert set(args) <= set(BUILD_APP_ARGS), f"unknown build_app arguments {set(args) - set(BUILD_APP_ARGS)}"
-    assert args.get("api_key_file") == API_KEY_FILE, "Serve must require the API keys mounted from the Secret"
-    for name, value in args.items():
-        expected = BUILD_APP_ARGS[name]
-        assert type(value) is expected, f"args.{name} = {value!r} should be a {expected.__name__}"
-    assert "config" in args and args["placement_strategy"] in PLACEMENT_STRATEGIES
-    config = load_config(ROOT / args["config"])
-    MeshShape(args["ep"], args["tp"]).validate(config)
+    serving = serving_config(args, f"{name}: serveConfigV2 args", strict=True)
+    assert serving.api_key_file == API_KEY_FILE, "Serve must require the API keys mounted from the Secret"
+    assert "config" in args and "placement_strategy" in args and serving.placement_strategy in PLACEMENT_STRATEGIES
+    assert serving.backend == "ray" and serving.num_replicas == 1
+    config = load_config(ROOT / serving.config)
+    MeshShape(serving.ep, serving.tp).validate(config)
 
     (group,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     worker = containers(group["template"]["spec"])["ray-worker"]
     devices = gpus(worker) or 1  # a CPU pod is one JAX CPU device
-    assert (args["ep"], args["tp"]) == planned_mesh(args["config"], group["numOfHosts"], devices)
+    assert (serving.ep, serving.tp) == planned_mesh(serving.config, group["numOfHosts"], devices)
+    check_workers_use_the_devices(serving, group["numOfHosts"], gpus(worker), name)
 
     if "checkpoint" in args:  # on a volume every worker mounts, and a real checkpoint is never overwritten
         mounts = [mount["mountPath"] for mount in worker.get("volumeMounts", [])]
@@ -720,19 +739,15 @@ def test_images_are_this_versions_and_ray_is_pyprojects(directory):
             assert IMAGE.match(images.pop())["variant"] == ("gpu" if uses_gpus else "cpu")
 
 
-def test_build_app_args_are_ingress_options():
-    """BUILD_APP_ARGS is build_app's real argument list (ingress/app.py's IngressOptions), with the types the
-    dataclass declares."""
-    import dataclasses
-
-    from ingress.app import IngressOptions
-
-    fields = {field.name: field.type for field in dataclasses.fields(IngressOptions)}
-    missing = set(BUILD_APP_ARGS) - set(fields)
-    assert not missing, f"not build_app arguments: {sorted(missing)}"
-    for name in BUILD_APP_ARGS:
-        declared = {arg for arg in typing.get_args(fields[name]) or (fields[name],) if arg is not type(None)}
-        assert declared == {BUILD_APP_ARGS[name]}, f"{name}: IngressOptions declares {fields[name]}"
+@pytest.mark.parametrize("args, words", [
+    ({"config": "configs/grok-1.yaml", "max_queu": 64}, "max_queu: unknown setting (did you mean max_queue?)"),
+    ({"config": "configs/grok-1.yaml", "ep": "2"}, "ep: Input should be a valid integer"),
+    ({"config": "configs/grok-1.yaml", "random_if_missing": "false"}, "random_if_missing: Input should be a valid"),
+])
+def test_manifest_args_are_checked_against_the_serving_config(args, words):
+    """A misspelled key, or a value of the wrong YAML type, in a manifest's build_app args fails the check."""
+    with pytest.raises(pytest.fail.Exception, match=re.escape(words)):
+        serving_config(args, "a manifest", strict=True)
 
 
 def test_weights_job_commands_exist_in_the_project():

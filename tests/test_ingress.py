@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ingress import metrics, protocol
+from ingress import fields, metrics, protocol, responses
 from ingress.errors import ApiError, from_exception
 from ingress.text import TextStream, completion_text, find_stop, held_back
 
@@ -98,13 +98,13 @@ def test_completion_refusals(body, kind, words):
 
 
 def test_body_limits_and_encoding():
-    assert protocol.parse_json_body(b'{"prompt": "hi"}') == {"prompt": "hi"}
+    assert fields.parse_json_body(b'{"prompt": "hi"}') == {"prompt": "hi"}
     for raw, kind, words in [(b"{not json", "invalid_request", "not valid JSON"),
                              (b'{"prompt": "\xff\xfe"}', "invalid_request", "not valid UTF-8"),
                              (b"[1, 2]", "invalid_request", "JSON object"),
-                             (b" " * (protocol.MAX_BODY_BYTES + 1), "too_large", "limit")]:
+                             (b" " * (fields.MAX_BODY_BYTES + 1), "too_large", "limit")]:
         with pytest.raises(ApiError) as info:
-            protocol.parse_json_body(raw)
+            fields.parse_json_body(raw)
         assert info.value.kind == kind and words in info.value.message
 
 
@@ -125,15 +125,15 @@ def test_chat_template_and_stop():
 
 
 def test_response_shapes_and_sse():
-    assert protocol.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
-    assert protocol.SSE_DONE == b"data: [DONE]\n\n"
-    assert protocol.usage(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-    lp = protocol.completion_logprobs([(" a", -0.5, 0), ("b", -1.0, 2)])
+    assert responses.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
+    assert responses.SSE_DONE == b"data: [DONE]\n\n"
+    assert responses.usage(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    lp = responses.completion_logprobs([(" a", -0.5, 0), ("b", -1.0, 2)])
     assert lp == {"tokens": [" a", "b"], "token_logprobs": [-0.5, -1.0], "top_logprobs": [{" a": -0.5}, {"b": -1.0}],
                   "text_offset": [0, 2]}
-    chat = protocol.chat_logprobs([("é", -0.25, 0)])
+    chat = responses.chat_logprobs([("é", -0.25, 0)])
     assert chat["content"][0]["bytes"] == [0xC3, 0xA9] and chat["content"][0]["top_logprobs"][0]["token"] == "é"
-    models = protocol.models_response(MODEL, 123)
+    models = responses.models_response(MODEL, 123)
     assert models["data"][0]["id"] == "grok-1-tiny" and models["object"] == "list"
 
 
@@ -234,19 +234,7 @@ def test_prometheus_rendering():
     assert metrics.quantile([5, 1, 3], 0.5) == 3 and metrics.quantile([1, 2, 3, 4], 0.99) == 4
 
 
-# ------------------------------------------------------------------------------------------ options, stubs
-
-
-def test_build_app_options_from_strings():
-    from ingress.app import IngressOptions
-
-    options = IngressOptions.from_args({"config": "c.yaml", "ep": "1", "random_if_missing": "true",
-                                        "tokenizer": "None", "max_queue": 8})
-    assert (options.ep, options.random_if_missing, options.tokenizer, options.max_queue) == (1, True, None, 8)
-    with pytest.raises(ValueError, match="unknown build_app argument"):
-        IngressOptions.from_args({"epp": 2})
-    with pytest.raises(ValueError, match="placement_strategy"):
-        IngressOptions.from_args({"placement_strategy": "RANDOM"})
+# ------------------------------------------------------------------------------------------ stubs
 
 
 def test_generated_stubs_are_up_to_date(tmp_path):
@@ -356,7 +344,7 @@ def test_penalties_and_logit_bias_reach_the_sampling():
 ])
 def test_hostile_bodies_give_400_not_500(raw, words):
     try:
-        body = protocol.parse_json_body(raw)
+        body = fields.parse_json_body(raw)
         protocol.parse_completion(body, MODEL, TOK)
     except ApiError as err:
         assert err.kind == "invalid_request"

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from test_scheduler import VOCAB, FakeEngine
 
+from cluster.replica_config import ReplicaConfig
 from cluster.router import Router, Unavailable
 from cluster.scheduler import InvalidRequest, QueueFull, Request
 from grok1.config import Grok1Config, ModelConfig
 from grok1.engine import Sampling, StepOutput
-from workers.group import GroupFailure, GroupSpec, LocalShardGroup
+from workers.group import GroupFailure, LocalShardGroup
 
 MAX_SLOTS = 4
 CONFIG = Grok1Config(name="fake", model=ModelConfig(vocab_size=128, emb_size=64, key_size=16, num_q_heads=4,
@@ -71,7 +72,8 @@ def make_router(engines, **kwargs) -> Router:
         made.append(engines.pop(0))
         return LocalShardGroup(made[-1])
 
-    router = Router(GroupSpec(config=CONFIG, checkpoint="unused"), group_factory=factory, **kwargs)
+    settings = ReplicaConfig(ep=1, **kwargs)
+    router = Router(settings.group_spec(CONFIG, "unused"), settings, group_factory=factory)
     router.made = made
     return router
 

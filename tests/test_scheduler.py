@@ -62,7 +62,7 @@ class FakeEngine:
         return [slot for slot, p, _ in self.prefills if p == prompt]
 
 
-def make(max_slots: int = 4, max_queue: int = 256, on_event=None) -> tuple[Driver, Scheduler, FakeEngine]:
+def make(max_slots: int = 4, max_queue: int | None = None, on_event=None) -> tuple[Driver, Scheduler, FakeEngine]:
     engine = FakeEngine(max_slots)
     scheduler = Scheduler(max_slots=max_slots, max_len=MAX_LEN, vocab_size=VOCAB, eos_token=EOS,
                           max_queue=max_queue)
