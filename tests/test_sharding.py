@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from grok1.checkpoint import random_params
 from grok1.config import ConfigError, Grok1Config, ModelConfig
+from grok1.params import QuantizedWeight, dequantize
 from sharding.expert_parallel import capacity, dispatch_positions
 from sharding.mesh import MeshShape
 from sharding.rules import PARTITION_RULES, ShardingRuleError, param_specs, spec_for
@@ -36,6 +39,57 @@ def test_unmatched_and_doubly_matched_parameters_are_errors_naming_them():
         spec_for("layers/new_thing")
     with pytest.raises(ShardingRuleError, match="'embedding' matches 2 rules"):
         spec_for("embedding", PARTITION_RULES + ((r"^emb", P()),))
+
+
+# Today's layouts, pinned (what the regex rules of sharding/rules.py gave before the logical-axis table):
+# weight specs by parameter, and the scales' specs for G == 1 and G == 8 groups along the input axis.
+_ = None
+PINNED_SPECS = {
+    "embedding": P("tp", _), "final_norm": P(_),
+    **{f"layers/{n}": P(_, _) for n in ("pre_attn_norm", "post_attn_norm", "pre_moe_norm", "post_moe_norm")},
+    "layers/gate": P(_, _, _),
+    **{f"layers/{n}": P(_, _, "tp") for n in ("q_proj", "k_proj", "v_proj")},
+    "layers/o_proj": P(_, "tp", _),
+    "layers/ffn_gelu_in": P(_, "ep", _, "tp"), "layers/ffn_value_in": P(_, "ep", _, "tp"),
+    "layers/ffn_out": P(_, "ep", "tp", _),
+}
+PINNED_SCALES = {  # (parameter, G) -> spec of its scales [L, ..., G, N]
+    **{(f"layers/{n}", g): P(_, _, "tp") for n in ("q_proj", "k_proj", "v_proj") for g in (1, 8)},
+    ("layers/o_proj", 1): P(_, _, _), ("layers/o_proj", 8): P(_, "tp", _),
+    **{(f"layers/{n}", g): P(_, "ep", _, "tp") for n in ("ffn_gelu_in", "ffn_value_in") for g in (1, 8)},
+    ("layers/ffn_out", 1): P(_, "ep", _, _), ("layers/ffn_out", 8): P(_, "ep", "tp", _),
+}
+
+
+def _padded(spec: P, ndim: int) -> P:
+    """A spec with its trailing Nones written out: P() and P(None, None) are one layout of a 2-d array."""
+    return P(*tuple(spec), *(None,) * (ndim - len(spec)))
+
+
+def _specs_by_path(params):
+    specs = param_specs(params)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]
+    for path, leaf in flat:
+        name = "/".join(key.key for key in path)
+        yield name, leaf, functools.reduce(lambda node, key: node[key.key], path, specs)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_every_parameter_keeps_the_layout_the_regex_rules_gave(groups, dequantized):
+    params = random_params(SMALL, scale_groups={"o_proj": groups, "ffn_out": groups} if groups > 1 else None)
+    if dequantized:
+        params = jax.tree.map(lambda x: dequantize(x) if isinstance(x, QuantizedWeight) else x, params,
+                              is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    seen = set()
+    for name, leaf, spec in _specs_by_path(params):
+        seen.add(name)
+        if isinstance(leaf, QuantizedWeight):
+            assert _padded(spec.weight, leaf.weight.ndim) == PINNED_SPECS[name], name
+            assert _padded(spec.scales, leaf.scales.ndim) == PINNED_SCALES[name, groups], name
+        else:
+            assert _padded(spec, leaf.ndim) == PINNED_SPECS[name], name
+    assert seen == set(PINNED_SPECS)
 
 
 @pytest.mark.parametrize("ep,tp,message", [
