@@ -5,8 +5,8 @@ Per-device bytes come from the tables the loader and the mesh layout use, so the
 
 1. params: the pytree of `grok1.params` (shapes from `layer_shapes`/`top_shapes`, dtypes as
    `grok1.checkpoint.load_checkpoint` returns them) as `ShapeDtypeStruct`s, split by `sharding.rules.param_specs`;
-2. decode state: `jax.eval_shape` of `grok1.engine.init_state`, split as `MeshLayout.state_shardings` does
-   (KV cache by `KV_CACHE_SPEC`, the rest replicated);
+2. decode state: `jax.eval_shape` of `grok1.engine.init_state`, split by `sharding.rules.state_specs` as
+   `MeshLayout.state_shardings` is (the KV cache by its logical axes, the rest replicated);
 3. activations: an estimate, term by term (see `step_activations`), of the temporaries of the engine's larger
    step: prefill of the longest bucket, or decode of every slot.
 
@@ -43,7 +43,7 @@ from grok1.config import ConfigError, Grok1Config, ModelConfig
 from grok1.params import LAYER_PARAMS, QuantizedWeight, is_quantised, layer_shapes, top_shapes
 from sharding.expert_parallel import capacity
 from sharding.mesh import MeshShape
-from sharding.rules import EP, KV_CACHE_SPEC, TP, param_specs
+from sharding.rules import EP, TP, param_specs, state_specs
 
 # Scale groups G along the input axis in xAI's released checkpoint (the others have one group per column).
 RELEASE_SCALE_GROUPS: Mapping[str, int] = {"o_proj": 8, "ffn_out": 8}
@@ -154,12 +154,6 @@ def state_structs(config: Grok1Config, slots: int):
     from grok1.engine import init_state
 
     return jax.eval_shape(functools.partial(init_state, config.replace(engine={"max_slots": slots})))
-
-
-def state_specs(state):
-    """As MeshLayout.state_shardings: the KV cache split by KV_CACHE_SPEC, everything else replicated."""
-    specs = jax.tree.map(lambda _: P(), state)
-    return dataclasses.replace(specs, cache=type(state.cache)(KV_CACHE_SPEC, KV_CACHE_SPEC))
 
 
 def shard_shape(shape: tuple[int, ...], spec: P, mesh: MeshShape, name: str = "array") -> tuple[int, ...]:
