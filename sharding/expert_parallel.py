@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from grok1 import model
-from grok1.params import LAYER_AXES
 from sharding.mesh_shape import EP, TP
-from sharding.rules import leaf_spec, logical_spec
+from sharding.rules import layer_specs, logical_spec
 
 MOE_PARAMS = ("gate", "ffn_gelu_in", "ffn_value_in", "ffn_out")
 
@@ -87,11 +86,10 @@ CHOICE_AXES = ("moe_tokens", "moe_choices")  # forced and used experts [n, k]
 
 def shard_map_specs(weights: dict, forced: bool):
     """(in_specs, out_specs) of the MoE's shard_map: tokens, valid, [forced experts], then one layer's
-    MOE_PARAMS (the stacked L axis is gone) named by grok1.params.LAYER_AXES; out: tokens, used experts."""
+    MOE_PARAMS (the stacked L axis is gone, see sharding.rules.layer_specs); out: tokens, used experts."""
     tokens, valid, choices = (logical_spec(axes, "the expert-parallel MoE's inputs")
                               for axes in (TOKEN_AXES, VALID_AXES, CHOICE_AXES))
-    weight_specs = [leaf_spec(LAYER_AXES[name], leaf, f"parameter 'layers/{name}'") for name, leaf in weights.items()]
-    return (tokens, valid, *[choices] * forced, *weight_specs), (tokens, choices)
+    return (tokens, valid, *[choices] * forced, *layer_specs(weights).values()), (tokens, choices)
 
 
 def make_expert_parallel_moe(mesh, *, capacity_factor: float | None = None):

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from grok1.config import Grok1Config
 from sharding.expert_parallel import make_expert_parallel_moe
 from sharding.mesh import MeshShape, make_mesh
-from sharding.rules import param_shardings, state_specs
+from sharding.rules import named_shardings, param_shardings, state_specs
 
 
 class MeshLayout:
@@ -36,5 +36,4 @@ class MeshLayout:
 
     def state_shardings(self, state):
         """The decode state, laid out by sharding.rules.state_specs (the KV cache split, the rest replicated)."""
-        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), state_specs(state),
-                            is_leaf=lambda x: isinstance(x, P))
+        return named_shardings(state_specs(state), self.mesh)

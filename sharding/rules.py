@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grok1.model import KV_CACHE_AXES
-from grok1.params import QuantizedWeight, param_axes, scale_axes
+from grok1.params import LAYER_AXES, QuantizedWeight, param_axes, scale_axes
 from sharding.mesh_shape import EP, TP
 
 # (logical axis, the mesh axis that splits it or None). Every name must appear exactly once.
@@ -87,7 +87,8 @@ def leaf_spec(axes: tuple, leaf, what: str, rules=LOGICAL_AXIS_RULES) -> P | Qua
     return QuantizedWeight(*specs) if isinstance(leaf, QuantizedWeight) else specs[0]
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+    """A pytree path as the rules name params: "layers/q_proj", or "layers/q_proj/weight" below a node."""
     return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
 
 
@@ -108,15 +109,29 @@ def param_specs(params, rules=LOGICAL_AXIS_RULES):
     """A pytree of PartitionSpecs matching `params` (QuantizedWeight nodes get weight and scales specs)."""
 
     def one(path, leaf):
-        name = _path_name(path)
+        name = path_name(path)
         return leaf_spec(param_axes_or_raise(name), leaf, f"parameter {name!r}", rules)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
-def param_shardings(params, mesh, rules=LOGICAL_AXIS_RULES):
-    specs = param_specs(params, rules)
+def layer_specs(layer: dict, rules=LOGICAL_AXIS_RULES) -> dict:
+    """Specs of one decoder layer's params, {name: leaf} without the stacked L axis (as lax.scan sees them)."""
+    def axes(name):
+        if name not in LAYER_AXES:
+            raise ShardingRuleError(f"parameter 'layers/{name}' has no logical axes (grok1.params LAYER_AXES)")
+        return LAYER_AXES[name]
+
+    return {name: leaf_spec(axes(name), leaf, f"parameter 'layers/{name}'", rules) for name, leaf in layer.items()}
+
+
+def named_shardings(specs, mesh):
+    """A pytree of PartitionSpecs as NamedShardings on `mesh`."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(params, mesh, rules=LOGICAL_AXIS_RULES):
+    return named_shardings(param_specs(params, rules), mesh)
 
 
 def kv_cache_spec(rules=LOGICAL_AXIS_RULES) -> P:

@@ -21,9 +21,9 @@ import jax  # noqa: E402
 from grok1.checkpoint import load_checkpoint, random_params, write_random_checkpoint  # noqa: E402
 from grok1.config import load_config  # noqa: E402
 from grok1.engine import Engine  # noqa: E402
+from planning.footprint import RELEASE_SCALE_GROUPS  # noqa: E402
 from sharding.layout import MeshLayout  # noqa: E402
 from sharding.mesh import MeshShape  # noqa: E402
-from sharding.planner import RELEASE_SCALE_GROUPS  # noqa: E402
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
