@@ -5,9 +5,10 @@ Our pytree stacks the 64 decoder layers along a leading axis L so the model can 
     {"embedding": [V, D], "final_norm": [D],
      "layers": {"pre_attn_norm": [L, D], ..., "q_proj": QuantizedWeight([L, D, Hq*K]), ...}}
 
-`LAYER_PARAMS` and `TOP_PARAMS` say, as data, which released leaf each of ours comes from. Large matrices are
-`QuantizedWeight` (int8 `weight` + `scales` with G groups along the input axis K: `[..., G, N]`), or plain
-bfloat16 arrays when dequantised at load time.
+`LAYER_PARAMS` and `TOP_PARAMS` say, as data, which released leaf each of ours comes from; `LAYER_AXES` and
+`TOP_AXES` name each one's dimensions (the shapes follow from them, the sharding rules lay them out). Large
+matrices are `QuantizedWeight` (int8 `weight` + `scales` with G groups along the input axis K: `[..., G, N]`),
+or plain bfloat16 arrays when dequantised at load time.
 """
 
 from __future__ import annotations

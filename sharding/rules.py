@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grok1.model import KV_CACHE_AXES
-from grok1.params import LAYER_AXES, QuantizedWeight, param_axes, scale_axes
+from grok1.params import QuantizedWeight, param_axes, scale_axes
 from sharding.mesh_shape import EP, TP
 
 # (logical axis, the mesh axis that splits it or None). Every name must appear exactly once.
@@ -75,16 +75,18 @@ def logical_spec(axes: tuple, what: str, rules=LOGICAL_AXIS_RULES) -> P:
 
 def leaf_spec(axes: tuple, leaf, what: str, rules=LOGICAL_AXIS_RULES) -> P | QuantizedWeight:
     """The spec of one param leaf (QuantizedWeight: specs of its weight and scales) named `axes`."""
-    arrays = [("weight", leaf.weight, axes), ("scales", leaf.scales, scale_axes(axes, leaf.scales.shape[-2]))] \
-        if isinstance(leaf, QuantizedWeight) else [("", leaf, axes)]
-    specs = []
-    for part, array, names in arrays:
-        label = f"{what} {part}".rstrip()
-        if len(names) != array.ndim:
-            raise ShardingRuleError(f"{label} has {array.ndim} dimensions {tuple(array.shape)} but {len(names)} "
-                                    f"axis names {names}")
-        specs.append(logical_spec(names, label, rules))
-    return QuantizedWeight(*specs) if isinstance(leaf, QuantizedWeight) else specs[0]
+    if isinstance(leaf, QuantizedWeight):
+        return QuantizedWeight(_array_spec(axes, leaf.weight, f"{what} weight", rules),
+                               _array_spec(scale_axes(axes, leaf.scales.shape[-2]), leaf.scales, f"{what} scales",
+                                           rules))
+    return _array_spec(axes, leaf, what, rules)
+
+
+def _array_spec(axes: tuple, array, what: str, rules) -> P:
+    shape = tuple(array.shape)
+    if len(axes) != len(shape):
+        raise ShardingRuleError(f"{what} has {len(shape)} dimensions {shape} but {len(axes)} axis names {axes}")
+    return logical_spec(axes, what, rules)
 
 
 def path_name(path) -> str:
@@ -92,7 +94,7 @@ def path_name(path) -> str:
     return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
 
 
-def param_axes_or_raise(name: str) -> tuple:
+def _param_axes(name: str) -> tuple:
     axes = param_axes(name)
     if axes is None:
         raise ShardingRuleError(f"parameter {name!r} has no logical axes (grok1.params LAYER_AXES, TOP_AXES); "
@@ -102,7 +104,7 @@ def param_axes_or_raise(name: str) -> tuple:
 
 def spec_for(name: str, rules=LOGICAL_AXIS_RULES) -> P:
     """The spec of the param at `name` ("embedding", "layers/q_proj"; for a quantised one, of its weight)."""
-    return logical_spec(param_axes_or_raise(name), f"parameter {name!r}", rules)
+    return logical_spec(_param_axes(name), f"parameter {name!r}", rules)
 
 
 def param_specs(params, rules=LOGICAL_AXIS_RULES):
@@ -110,19 +112,15 @@ def param_specs(params, rules=LOGICAL_AXIS_RULES):
 
     def one(path, leaf):
         name = path_name(path)
-        return leaf_spec(param_axes_or_raise(name), leaf, f"parameter {name!r}", rules)
+        return leaf_spec(_param_axes(name), leaf, f"parameter {name!r}", rules)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
 def layer_specs(layer: dict, rules=LOGICAL_AXIS_RULES) -> dict:
     """Specs of one decoder layer's params, {name: leaf} without the stacked L axis (as lax.scan sees them)."""
-    def axes(name):
-        if name not in LAYER_AXES:
-            raise ShardingRuleError(f"parameter 'layers/{name}' has no logical axes (grok1.params LAYER_AXES)")
-        return LAYER_AXES[name]
-
-    return {name: leaf_spec(axes(name), leaf, f"parameter 'layers/{name}'", rules) for name, leaf in layer.items()}
+    return {name: leaf_spec(_param_axes(f"layers/{name}")[1:], leaf, f"parameter 'layers/{name}'", rules)
+            for name, leaf in layer.items()}
 
 
 def named_shardings(specs, mesh):
@@ -141,7 +139,7 @@ def kv_cache_spec(rules=LOGICAL_AXIS_RULES) -> P:
 
 def state_specs(state, rules=LOGICAL_AXIS_RULES):
     """Specs of a grok1.engine.DecodeState: the KV cache by `kv_cache_spec`, the rest (lengths, sampling
-    settings, the [B, V] token counts of the penalties) replicated: small, and every rank samples every slot."""
+    settings, the [B, V] token counts of the penalties) replicated."""
     cache = kv_cache_spec(rules)
     specs = jax.tree.map(lambda _: P(), state)
     return dataclasses.replace(specs, cache=type(state.cache)(cache, cache))

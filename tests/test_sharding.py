@@ -34,6 +34,7 @@ from sharding.mesh import MeshShape
 from sharding.rules import (
     LOGICAL_AXIS_RULES,
     ShardingRuleError,
+    layer_specs,
     logical_spec,
     param_specs,
     spec_for,
@@ -55,6 +56,8 @@ def test_every_parameter_matches_exactly_one_rule():
 def test_unmatched_and_doubly_matched_parameters_are_errors_naming_them():
     with pytest.raises(ShardingRuleError, match="'layers/new_thing' has no logical axes"):
         spec_for("layers/new_thing")
+    with pytest.raises(ShardingRuleError, match="'layers/new_thing' has no logical axes"):
+        layer_specs({"new_thing": np.zeros((4, 4))})
     with pytest.raises(ShardingRuleError, match="'embedding': logical axis 'embed' matches 2 rules"):
         spec_for("embedding", LOGICAL_AXIS_RULES + (("embed", "tp"),))
     with pytest.raises(ShardingRuleError, match="'layers/q_proj': logical axis 'heads' matches no rule"):
