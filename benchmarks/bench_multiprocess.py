@@ -7,7 +7,7 @@ At 32 concurrent sequences (every decode slot active), decode step time, steps/s
   engine on a 1x1 mesh (the expert-parallel code path with ep=1); every row has its ratio to both;
 - ep=2 and ep=4 on virtual devices in one process: the cost of partitioning (the all-to-all dispatch/combine,
   its padded buffers, the split attention) without processes;
-- ep=2 and ep=4 as 2 and 4 processes of one JAX group over gloo (sharding.launch.run_local_group, one device
+- ep=2 and ep=4 as 2 and 4 processes of one JAX group over gloo (workers.local_processes.run_local_group, one device
   each): the same programs, plus the processes and the collectives between them.
 
 Each layout runs benchmarks/multiprocess_worker.py; process 0 reports the median of `repeats` timed runs of
@@ -26,7 +26,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from sharding.launch import run_local_group
+from workers.local_processes import run_local_group
 
 WORKER = "benchmarks.multiprocess_worker"
 

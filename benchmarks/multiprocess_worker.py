@@ -1,4 +1,4 @@
-"""Run by bench_multiprocess.py (through sharding.launch.run_local_group): decode step time on one mesh layout.
+"""Run by bench_multiprocess.py (through workers.local_processes.run_local_group): decode step time on one mesh layout.
 
 Every process of the group loads its slices onto an `ep x tp` mesh (workers.shard.Shard), fills every decode
 slot with the same prompts (same seed everywhere: multi-controller JAX needs identical calls), runs two
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from sharding.distributed import ProcessGroup
-from sharding.launch import group_args
 from sharding.mesh import MeshShape
+from workers.local_processes import group_args
 
 UNTIMED_STEPS = 2
 

@@ -129,7 +129,8 @@ def cmd_config_show(args) -> int:
 
 def cmd_plan(args) -> int:
     """Print the sharding plan; exit 1 when the layout exists but does not fit (the reason on stderr)."""
-    from sharding.planner import parse_memory_size, plan
+    from planning.memory_size import parse_memory_size
+    from planning.plan import plan
 
     result = plan(load_config(args.config), args.hosts, args.devices_per_host,
                   parse_memory_size(args.device_memory, "--device-memory"), slots=args.slots,
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--device-memory", required=True, help="per device, e.g. 80GiB, 141GB, 512MiB")
     pln.add_argument("--slots", type=int, help="decode slots to check (default: the config's engine.max_slots)")
     pln.add_argument("--max-len", type=int, help="KV-cache length per slot (default: the config's)")
-    pln.add_argument("--ep", type=int, help="expert-parallel size (default: chosen, see sharding/planner.py)")
+    pln.add_argument("--ep", type=int, help="expert-parallel size (default: chosen, see planning/mesh_choice.py)")
     pln.add_argument("--tp", type=int, help="tensor-parallel size (default: chosen)")
     pln.add_argument("--memory-fraction", type=float,
                      help="share of device memory JAX may use: XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75)")

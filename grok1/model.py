@@ -26,6 +26,10 @@ ATTN_LOGIT_CAP = 30.0  # attention logits pass through 30 * tanh(x / 30)
 MASKED_LOGIT = -1e30
 
 
+# Logical axes of k and v [L, B, S, Hkv, K], as the params' in grok1.params (sharding/rules.py lays them out).
+KV_CACHE_AXES = ("layers", "cache_slots", "cache_positions", "kv_heads", "head_dim")
+
+
 class KVCache(NamedTuple):
     """Keys (after RoPE) and values of every layer: k, v [L, B, S, Hkv, K] bfloat16."""
 

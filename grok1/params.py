@@ -5,13 +5,15 @@ Our pytree stacks the 64 decoder layers along a leading axis L so the model can 
     {"embedding": [V, D], "final_norm": [D],
      "layers": {"pre_attn_norm": [L, D], ..., "q_proj": QuantizedWeight([L, D, Hq*K]), ...}}
 
-`LAYER_PARAMS` and `TOP_PARAMS` say, as data, which released leaf each of ours comes from. Large matrices are
-`QuantizedWeight` (int8 `weight` + `scales` with G groups along the input axis K: `[..., G, N]`), or plain
-bfloat16 arrays when dequantised at load time.
+`LAYER_PARAMS` and `TOP_PARAMS` say, as data, which released leaf each of ours comes from; `LAYER_AXES` and
+`TOP_AXES` name each one's dimensions (the shapes follow from them, the sharding rules lay them out). Large
+matrices are `QuantizedWeight` (int8 `weight` + `scales` with G groups along the input axis K: `[..., G, N]`),
+or plain bfloat16 arrays when dequantised at load time.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -69,24 +71,62 @@ LAYER_PARAMS: dict[str, LeafSpec] = {
 }
 
 
+# Logical axis names of every parameter's dimensions, in shape order (MaxText's logical axes): the shapes
+# below are read from them, and sharding/rules.py maps them to mesh axes. A tuple names a merged dimension,
+# major axis first: q_proj's output [Hq*K] is ("heads", "head_dim"). The gate's output has its own name
+# ("gate_experts", one score per expert), since it is laid out unlike the experts' stacked weights.
+TOP_AXES: dict[str, tuple] = {"embedding": ("vocab", "embed"), "final_norm": ("embed",)}
+LAYER_AXES: dict[str, tuple] = {  # without the stacked L axis ("layers")
+    "pre_attn_norm": ("embed",), "post_attn_norm": ("embed",), "pre_moe_norm": ("embed",),
+    "post_moe_norm": ("embed",),
+    "q_proj": ("embed", ("heads", "head_dim")),  # [D, H*K]
+    "k_proj": ("embed", ("kv_heads", "head_dim")),  # [D, Hkv*K]
+    "v_proj": ("embed", ("kv_heads", "head_dim")),
+    "o_proj": (("heads", "head_dim"), "embed"),  # [H*K, D]
+    "gate": ("embed", "gate_experts"),  # [D, E]
+    "ffn_gelu_in": ("experts", "embed", "ffn"),  # [E, D, F]
+    "ffn_value_in": ("experts", "embed", "ffn"),
+    "ffn_out": ("experts", "ffn", "embed"),  # [E, F, D]
+}
+# The scales [..., G, N] of a quantised weight [..., K, N] with G > 1 groups along K are named as K (a group
+# is a block of K's rows, so they split as K does); a single group has its own name.
+SCALE_GROUPS = "scale_groups"
+
+
+def param_axes(path: str) -> tuple | None:
+    """Logical axes of a param by its path in the pytree ("embedding", "layers/q_proj"); None if unknown."""
+    top, _, layer_name = path.partition("/")
+    if top == "layers" and layer_name in LAYER_AXES:
+        return ("layers", *LAYER_AXES[layer_name])
+    return TOP_AXES.get(path)
+
+
+def scale_axes(weight_axes: tuple, groups: int) -> tuple:
+    """Logical axes of the scales [..., G, N] of a quantised weight whose axes are `weight_axes` [..., K, N]."""
+    *lead, k_axis, n_axis = weight_axes
+    return (*lead, k_axis if groups > 1 else SCALE_GROUPS, n_axis)
+
+
+def axis_sizes(config: ModelConfig) -> dict[str, int]:
+    """The size of each logical axis of the params."""
+    return {"layers": config.num_layers, "vocab": config.vocab_size, "embed": config.emb_size,
+            "heads": config.num_q_heads, "kv_heads": config.num_kv_heads, "head_dim": config.key_size,
+            "experts": config.num_experts, "gate_experts": config.num_experts, "ffn": config.ffn_size}
+
+
+def _shape(axes: tuple, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(math.prod(sizes[a] for a in axis) if isinstance(axis, tuple) else sizes[axis] for axis in axes)
+
+
 def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of each per-layer parameter (without the stacked L axis); for quantised ones, the int8 weight."""
-    d, k, f, e = config.emb_size, config.key_size, config.ffn_size, config.num_experts
-    return {
-        "pre_attn_norm": (d,), "post_attn_norm": (d,), "pre_moe_norm": (d,), "post_moe_norm": (d,),
-        "q_proj": (d, config.num_q_heads * k),
-        "k_proj": (d, config.num_kv_heads * k),
-        "v_proj": (d, config.num_kv_heads * k),
-        "o_proj": (config.num_q_heads * k, d),
-        "gate": (d, e),
-        "ffn_gelu_in": (e, d, f),
-        "ffn_value_in": (e, d, f),
-        "ffn_out": (e, f, d),
-    }
+    sizes = axis_sizes(config)
+    return {name: _shape(axes, sizes) for name, axes in LAYER_AXES.items()}
 
 
 def top_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return {"embedding": (config.vocab_size, config.emb_size), "final_norm": (config.emb_size,)}
+    sizes = axis_sizes(config)
+    return {name: _shape(axes, sizes) for name, axes in TOP_AXES.items()}
 
 
 def reference_leaves(config: ModelConfig) -> list[tuple[str, str, int | None]]:

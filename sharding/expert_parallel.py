@@ -20,11 +20,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from grok1 import model
-from grok1.params import QuantizedWeight
-from sharding.rules import EP, TP
+from sharding.mesh_shape import EP, TP
+from sharding.rules import layer_specs, logical_spec
 
 MOE_PARAMS = ("gate", "ffn_gelu_in", "ffn_value_in", "ffn_out")
 
@@ -79,13 +78,18 @@ def _local_moe(tokens, valid, override, gate, w_gelu, w_value, w_out, *, config,
     return model.combine(gates, y), used
 
 
-def _weight_spec(leaf_spec_weight: P, leaf) -> QuantizedWeight | P:
-    """Specs inside the shard_map for one [E, ...] expert weight (the stacked L axis is already gone)."""
-    if isinstance(leaf, QuantizedWeight):
-        groups = leaf.scales.shape[-2]
-        k_axis, n_axis = tuple(leaf_spec_weight)[-2:]
-        return QuantizedWeight(leaf_spec_weight, P(EP, k_axis if groups > 1 else None, n_axis))
-    return leaf_spec_weight
+# The MoE's own arrays inside the shard_map, named as the params are (sharding.rules maps the names).
+TOKEN_AXES = ("moe_tokens", "embed")  # tokens [n, D] and the output
+VALID_AXES = ("moe_tokens",)  # valid [n]
+CHOICE_AXES = ("moe_tokens", "moe_choices")  # forced and used experts [n, k]
+
+
+def shard_map_specs(weights: dict, forced: bool):
+    """(in_specs, out_specs) of the MoE's shard_map: tokens, valid, [forced experts], then one layer's
+    MOE_PARAMS (the stacked L axis is gone, see sharding.rules.layer_specs); out: tokens, used experts."""
+    tokens, valid, choices = (logical_spec(axes, "the expert-parallel MoE's inputs")
+                              for axes in (TOKEN_AXES, VALID_AXES, CHOICE_AXES))
+    return (tokens, valid, *[choices] * forced, *layer_specs(weights).values()), (tokens, choices)
 
 
 def make_expert_parallel_moe(mesh, *, capacity_factor: float | None = None):
@@ -106,20 +110,17 @@ def make_expert_parallel_moe(mesh, *, capacity_factor: float | None = None):
         local_tokens = tokens.shape[0] // ep
         cap = capacity(local_tokens, k, config.num_experts // ep, ep, capacity_factor,
                        distinct_experts=override is None)
-        weights = [layer[name] for name in MOE_PARAMS]
-        specs = [P(), _weight_spec(P(EP, None, TP), weights[1]), _weight_spec(P(EP, None, TP), weights[2]),
-                 _weight_spec(P(EP, TP, None), weights[3])]
+        weights = {name: layer[name] for name in MOE_PARAMS}
         forced = () if override is None else (override,)
+        in_specs, out_specs = shard_map_specs(weights, bool(forced))
 
         def local(tokens, valid, *rest):
             forced_here = rest[0] if forced else None
             return _local_moe(tokens, valid, forced_here, *rest[len(forced):], config=config, ep=ep, cap=cap,
                               block=block)
 
-        in_specs = (P(EP, None), P(EP), *[P(EP, None)] * len(forced), *specs)
-        run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(EP, None), P(EP, None)),
-                            check_vma=False)
-        out, used = run(tokens, valid, *forced, *weights)
+        run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        out, used = run(tokens, valid, *forced, *weights.values())
         out, used = out[: batch * steps], used[: batch * steps]
         return out.reshape(batch, steps, dim), used.reshape(batch, steps, k)
 

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from grok1.config import Grok1Config
 from sharding.expert_parallel import make_expert_parallel_moe
 from sharding.mesh import MeshShape, make_mesh
-from sharding.rules import KV_CACHE_SPEC, param_shardings
+from sharding.rules import named_shardings, param_shardings, state_specs
 
 
 class MeshLayout:
@@ -35,10 +35,5 @@ class MeshLayout:
         return jax.device_put(params, self.param_shardings(params))
 
     def state_shardings(self, state):
-        """The decode state: KV cache split by slot over ep and by KV head over tp, the rest (lengths, sampling
-        settings, the [B, V] token counts of the penalties) replicated."""
-        from grok1.engine import DecodeState
-
-        cache = NamedSharding(self.mesh, KV_CACHE_SPEC)
-        replicated = jax.tree.map(lambda _: self.replicated, state)
-        return DecodeState(**{**vars(replicated), "cache": type(state.cache)(cache, cache)})
+        """The decode state, laid out by sharding.rules.state_specs (the KV cache split, the rest replicated)."""
+        return named_shardings(state_specs(state), self.mesh)

@@ -1,4 +1,4 @@
-"""Run by test_multiprocess.py as N processes of one JAX group (sharding.launch.run_local_group).
+"""Run by test_multiprocess.py as N processes of one JAX group (workers.local_processes.run_local_group).
 
 `golden`: every process loads the golden checkpoint onto the group's ep x tp mesh and runs (1) the
 teacher-forced forward of all golden cases with forced routing and with free routing, and (2) greedy
@@ -17,8 +17,8 @@ import json
 import sys
 
 from sharding.distributed import ProcessGroup
-from sharding.launch import group_args
 from sharding.mesh import MeshShape
+from workers.local_processes import group_args
 
 ENGINE = {"max_slots": 16, "max_len": 128, "prefill_buckets": [16, 32, 64], "moe_block_size": 8}
 GREEDY_TOKENS = 16

@@ -22,9 +22,9 @@ from grok1.checkpoint import load_checkpoint, write_random_checkpoint  # noqa: E
 from grok1.config import load_config  # noqa: E402
 from grok1.engine import Engine  # noqa: E402
 from grok1.random_weights import random_params  # noqa: E402
+from planning.footprint import RELEASE_SCALE_GROUPS  # noqa: E402
 from sharding.layout import MeshLayout  # noqa: E402
 from sharding.mesh import MeshShape  # noqa: E402
-from sharding.planner import RELEASE_SCALE_GROUPS  # noqa: E402
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2)]
 

@@ -21,7 +21,7 @@ from grok1.checkpoint import load_checkpoint  # noqa: E402
 from grok1.config import load_config  # noqa: E402
 from sharding.expert_parallel import capacity, make_expert_parallel_moe  # noqa: E402
 from sharding.mesh import MeshShape, make_mesh  # noqa: E402
-from sharding.rules import param_shardings  # noqa: E402
+from sharding.rules import layer_specs, named_shardings, param_shardings  # noqa: E402
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (8, 1)]
 
@@ -74,7 +74,7 @@ def main(golden_dir: Path) -> dict:
     for ep, factor in [(2, 0.5), (4, 0.25), (4, 1.0)]:
         mesh = make_mesh(MeshShape(ep, 1), jax.devices()[:ep])
         layer = jax.tree.map(lambda a: a[0], host_params["layers"])
-        layer = jax.device_put(layer, param_shardings({"layers": layer}, mesh, rules=_unstacked_rules())["layers"])
+        layer = jax.device_put(layer, named_shardings(layer_specs(layer), mesh))
         tokens = jax.random.normal(jax.random.PRNGKey(ep), (1, 64, config.emb_size), jnp.bfloat16)
         valid = jnp.ones((1, 64), bool)
         _, used = make_expert_parallel_moe(mesh, capacity_factor=factor)(tokens, layer, config, valid, 8)
@@ -89,16 +89,6 @@ def main(golden_dir: Path) -> dict:
         results["drops"].append({"ep": ep, "factor": factor, "capacity": cap, "expected": expected,
                                  "reported": int((np.asarray(used) == -1).sum())})
     return results
-
-
-def _unstacked_rules():
-    from jax.sharding import PartitionSpec as P
-
-    from sharding.rules import PARTITION_RULES
-
-    # The same table without the leading layer axis.
-    return tuple((pattern, P(*tuple(spec)[1:]) if pattern.startswith("^layers/") else spec)
-                 for pattern, spec in PARTITION_RULES)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def serving_config(args, where: str, strict: bool = False):
 def planned_mesh(config_path: str, hosts: int, devices_per_host: int) -> tuple[int, int]:
     """(ep, tp) as `grok1 plan` lays one replica of the config over hosts x devices_per_host."""
     from grok1.config import load_config
-    from sharding.planner import choose_mesh
+    from planning.mesh_choice import choose_mesh
 
     mesh, _ = choose_mesh(load_config(ROOT / config_path), hosts, devices_per_host)
     return mesh.ep, mesh.tp

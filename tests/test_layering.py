@@ -2,8 +2,9 @@
 the engine runs without JAX.
 
 Layers, lowest first (README, "Layout"): the model (grok1/: config, params, checkpoint formats, model math,
-sampling, tokenizer) -> the engine API and the engine -> sharding/ -> workers/ -> cluster/ -> ingress/ -> the
-command line (cli/), which nothing imports. Imports inside functions count as much as those at the top.
+sampling, tokenizer) -> the engine API and the engine -> sharding/ -> planning/ (deployment sizing from the
+sharding rules) -> workers/ -> cluster/ -> ingress/ -> the command line (cli/), which nothing imports.
+Imports inside functions count as much as those at the top.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODULES = {"grok1.engine_api", "grok1.engine"}
-LAYERS = ["model", "engine", "sharding", "workers", "cluster", "ingress", "cli"]
-PACKAGES = {"grok1": "model", "grok1_api": "model", "sharding": "sharding", "workers": "workers",
-            "cluster": "cluster", "ingress": "ingress", "cli": "cli"}
+LAYERS = ["model", "engine", "sharding", "planning", "workers", "cluster", "ingress", "cli"]
+PACKAGES = {"grok1": "model", "grok1_api": "model", "sharding": "sharding", "planning": "planning",
+            "workers": "workers", "cluster": "cluster", "ingress": "ingress", "cli": "cli"}
 
 
 def layer_of(module: str) -> str | None:
@@ -72,6 +73,7 @@ def test_the_walker_sees_imports_inside_functions(tmp_path):
     assert (4, "ingress.app") in imports_of(source)
     assert layer_of("ingress.app.build_app") == "ingress" and layer_of("grok1.engine_api") == "engine"
     assert layer_of("grok1.model") == "model" and layer_of("numpy") is None
+    assert layer_of("planning.plan") == "planning" and layer_of("workers.local_processes") == "workers"
 
 
 def test_nothing_imports_the_command_line():

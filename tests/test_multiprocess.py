@@ -1,6 +1,6 @@
 """The model across processes: N plain subprocesses (no Ray) form one JAX group over gloo and one mesh.
 
-Each run is tests/multiprocess_check.py started N times by sharding.launch.run_local_group. Checked:
+Each run is tests/multiprocess_check.py started N times by workers.local_processes.run_local_group. Checked:
 - a group of N processes computes bit for bit what one process computes on a mesh of the same shape made of N
   virtual devices (forced-routing logits, free-routing experts, greedy tokens, expert counts): the processes
   and gloo add nothing;
@@ -18,7 +18,7 @@ import json
 import pytest
 import yaml
 
-from sharding.launch import run_local_group
+from workers.local_processes import run_local_group
 
 pytestmark = pytest.mark.slow
 

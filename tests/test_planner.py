@@ -1,4 +1,4 @@
-"""The sharding planner (sharding/planner.py) and `grok1 plan`: its bytes equal what placement allocates, the
+"""The deployment planner (planning/) and `grok1 plan`: its bytes equal what placement allocates, the
 released model's totals, which layouts it accepts and refuses (with the reason), and memory-size parsing."""
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import pytest
 from cli.main import main
 from grok1.config import ConfigError, load_config
 from grok1.params import is_quantised, layer_shapes, top_shapes
-from sharding.planner import RELEASE_SCALE_GROUPS, PlanError, choose_mesh, parse_memory_size, plan
+from planning.footprint import RELEASE_SCALE_GROUPS
+from planning.memory_size import parse_memory_size
+from planning.mesh_choice import PlanError, choose_mesh
+from planning.plan import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GROK1 = load_config(ROOT / "configs" / "grok-1.yaml")
