@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from test_scheduler import VOCAB, FakeEngine
 
 from cluster.replica_config import ReplicaConfig
 from cluster.router import Router, Unavailable
 from cluster.scheduler import InvalidRequest, QueueFull, Request
 from grok1.config import Grok1Config, ModelConfig
 from grok1.engine import Sampling, StepOutput
+from tests.serving.test_scheduler import VOCAB, FakeEngine
 from workers.group import GroupFailure, LocalShardGroup
 
 MAX_SLOTS = 4

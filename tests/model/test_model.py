@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_close, relative_l2
 
 from grok1 import model
 from grok1.config import ModelConfig
 from grok1.params import QuantizedWeight, dequantize
 from grok1.random_weights import random_params
+from tests.conftest import assert_close, relative_l2
 
 SMALL = ModelConfig(vocab_size=256, sequence_len=128, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2,
                     num_layers=2, widening_factor=8.0, num_experts=8, num_selected_experts=2,
