@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.router_overhead import stream_tokens
+
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = [1, 8, 32]
 _ids = itertools.count()
@@ -97,21 +99,11 @@ def decode_step_s(engine, steps: int, prompt_len: int, pipelined: bool) -> tuple
     return prefill, seconds
 
 
-async def _stream(router, request) -> int:
-    count = 0
-    async for ref in router.generate.options(num_returns="streaming").remote(request):
-        event = await ref
-        if event.error:
-            raise RuntimeError(f"{request.request_id}: {event.error}")
-        count += event.token is not None
-    return count
-
-
 def router_tokens_per_s(router, streams: int, tokens: int, prompt_len: int) -> float:
     requests = _requests(streams, tokens, prompt_len, seed=streams)
 
     async def run():
-        return await asyncio.gather(*[_stream(router, r) for r in requests])
+        return await asyncio.gather(*[stream_tokens(router, r) for r in requests])
 
     started = time.perf_counter()
     counts = asyncio.run(run())
