@@ -165,7 +165,7 @@ def main(argv=None) -> None:
 
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)  # never a running one
     step_s = args.step_ms / 1000
     samples: dict[tuple[str, int], list[float]] = {}
     try:

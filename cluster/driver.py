@@ -7,6 +7,9 @@ Each `step()`:
 4. hands every token to the scheduler, which ends a request on EOS, a stop token or max_tokens,
    and releases its slot in the engine at once.
 
+Every event goes to `on_event` as it happens; `on_flush` follows each phase of a step that produced events, so
+the router sends a phase's events on in one message rather than one per token (cluster/streams.py).
+
 The engine is anything with `prefill(slot, prompt, sampling)`, `decode()` and `release(slot)` (see
 grok1.engine.Engine): the same loop runs on the in-process engine, the sharded one, or a fake in tests.
 

@@ -328,3 +328,25 @@ def test_a_deadline_after_tokens_arrives_in_order_in_the_same_stream():
         await router.shutdown()
 
     run(main())
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_the_driver_flushes_once_per_phase_with_at_most_one_event_per_request(pipelined):
+    """What the router's one-message-per-step rests on: between two flushes each request has at most one event,
+    and the prefill's first tokens are flushed before the decode step runs."""
+    from test_scheduler import make
+
+    log = []
+    driver, _, _ = make(max_slots=3, on_event=log.append)
+    driver.on_flush, driver.pipelined = lambda: log.append("flush"), pipelined
+    driver.engine.decode_start, driver.engine.decode_finish = driver.engine.decode, lambda handle: handle
+    driver.generate([Request(f"f{k}", [10 * k + 1], 4, ignore_eos=True) for k in range(3)])
+    phases, current = [], []
+    for item in log:
+        if item == "flush":
+            phases.append(current)
+            current = []
+        else:
+            current.append(item.request_id)
+    assert current == [] and phases[0] == ["f0", "f1", "f2"]  # the prefills, flushed before any decode
+    assert all(len(ids) == len(set(ids)) for ids in phases) and sum(map(len, phases)) == 12
