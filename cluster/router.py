@@ -224,8 +224,7 @@ class Router:
                     time.sleep(min(2.0 ** attempts, 30))
                     continue
             try:
-                self._drain_inbox(block=self.driver.idle)
-                self._flush()  # cancels
+                self._drain_inbox(block=self.driver.idle)  # a cancel flushes its event
                 if not self.driver.idle:
                     self.driver.step()  # flushes after its prefills and after its hand-out
             except GroupFailure as err:
@@ -236,7 +235,6 @@ class Router:
         if self.driver is not None:
             self.driver.abort_running("the router is shutting down")
         self._fail_queued("the router is shutting down")
-        self._flush()
         group, self.group = self.group, None
         if group is not None:
             try:
