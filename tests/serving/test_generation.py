@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_ingress import TOK
 
 from grok1.engine_api import TokenEvent
 from ingress.errors import ApiError
 from ingress.generation import Generation
 from ingress.protocol import GenerationParams
+from tests.serving.test_ingress import TOK
 
 
 def events(text: str, finish: str | None = None, error: str | None = None) -> list[TokenEvent]:

@@ -336,7 +336,7 @@ def test_a_deadline_after_tokens_arrives_in_order_in_the_same_stream():
 def test_the_driver_flushes_once_per_phase_with_at_most_one_event_per_request(pipelined):
     """What the router's one-message-per-step rests on: between two flushes each request has at most one event,
     and the prefill's first tokens are flushed before the decode step runs."""
-    from test_scheduler import make
+    from tests.serving.test_scheduler import make
 
     log = []
     driver, _, _ = make(max_slots=3, on_event=log.append)
