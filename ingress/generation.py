@@ -86,8 +86,11 @@ class _Choice:
 
     def _delta(self, event) -> Delta:
         delta = Delta(self.index)
+        timer = self.generation.timer
         if event.token is not None:
             self.tokens += 1
+            if timer is not None:
+                timer.token(self.index)
             tokenizer = self.generation.tokenizer
             delta.token_ids.append(event.token)
             delta.logprobs.append(event.logprob)
@@ -109,16 +112,20 @@ class _Choice:
         elif event.finish_reason is not None:  # ERROR: the shard group failed; CANCELLED: not by us
             self.finished = True
             raise ApiError("unavailable", event.error or f"the request ended: {event.finish_reason}; retry it")
+        if delta.finish_reason and timer is not None:
+            timer.finish(self.index, delta.finish_reason)
         return delta
 
 
 class Generation:
-    def __init__(self, router, tokenizer, params: GenerationParams, request_id: str):
+    def __init__(self, router, tokenizer, params: GenerationParams, request_id: str, metrics=None):
+        """`metrics` (ingress/metrics.py's ReplicaMetrics) times the request as it streams."""
         self.router = router
         self.tokenizer = tokenizer
         self.params = params
         self.request_id = request_id
         self.choices: list[_Choice] = []
+        self.timer = metrics.request(len(params.prompt), params.n) if metrics is not None else None
 
     @property
     def prompt_tokens(self) -> int:

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from ingress.metrics import quantile
+
+def quantile(values: list[float], q: float) -> float:
+    """Nearest-rank quantile (NaN when there are no samples)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 @dataclass

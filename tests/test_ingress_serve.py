@@ -140,10 +140,12 @@ def test_models_and_metrics(server, openai_client):
     assert [m.id for m in openai_client.models.list().data] == [server.model]
     good_request(server)
     text = requests.get(f"{server.http}/metrics").text
-    for name in ("grok1_up", "grok1_queue_length", "grok1_running", "grok1_slots_total", "grok1_ttft_seconds",
-                 "grok1_tpot_seconds", "grok1_tokens_generated_total", "grok1_expert_tokens_total"):
+    for name in ("grok1_up", "grok1_num_requests_waiting", "grok1_num_requests_running", "grok1_decode_slots",
+                 "grok1_time_to_first_token_seconds", "grok1_inter_token_latency_seconds",
+                 "grok1_generation_tokens", "grok1_expert_tokens"):
         assert f"# TYPE {name} " in text
-    assert 'grok1_slots_total{model="grok1-tiny"' in text and "grok1_up{" in text
+    assert 'grok1_decode_slots{model_name="grok1-tiny"' in text and "grok1_up{" in text
+    assert 'grok1_time_to_first_token_seconds_count{model_name="grok1-tiny"' in text
 
 
 # ------------------------------------------------------------------------------------------ OpenAI client
