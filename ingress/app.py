@@ -38,6 +38,7 @@ from ingress.errors import ApiError, from_exception
 from ingress.fields import MAX_BODY_BYTES, parse_json_body
 from ingress.generation import Generation
 from ingress.grpc_service import GrpcService
+from ingress.ray_export import ray_export
 from ingress.render import ChatRender, CompletionRender
 from ingress.serving_config import ServingConfig
 
@@ -98,8 +99,9 @@ class Grok1Ingress(GrpcService):
             self.replica = f"pid{os.getpid()}"
         self.keys = ApiKeys(self.options.api_key_file)
         self.metrics = metrics.ReplicaMetrics(config.name, self.replica, config.engine.max_len,
-                                              ingress_counts=self.counts, export=_ray_export(
-                                                  self.options, config.name, self.replica, config.engine.max_len))
+                                              ingress_counts=self.counts, export=ray_export(
+                                                  self.options.ray_metrics, config.name, self.replica,
+                                                  config.engine.max_len))
         self.router = start_router(config, self.options.replica(), checkpoint=config.checkpoint.path)
 
     # ------------------------------------------------------------------------------------ Serve hooks
@@ -216,17 +218,6 @@ class Grok1Ingress(GrpcService):
 
 
 # ---------------------------------------------------------------------------------------- the builder
-
-
-def _ray_export(options: ServingConfig, model: str, replica: str, max_len: int):
-    """Ray's metrics agent export (ingress/ray_export.py) inside a Ray worker, when the config asks for it."""
-    import ray
-
-    if not (options.ray_metrics and ray.is_initialized()):
-        return None
-    from ingress.ray_export import RayExport
-
-    return RayExport(model, replica, max_len)
 
 
 def build_app(args: dict) -> serve.Application:

@@ -40,7 +40,7 @@ def start_serving(app_args: ServingConfig | Mapping, *, http_host: str = "127.0.
 
     from ingress.app import build_app, serve_options
     from ingress.edge import apply_proxy_env
-    from ingress.start_progress import watch
+    from ingress.start_progress import StartFailed, deployment_failure, watch
 
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
@@ -53,7 +53,10 @@ def start_serving(app_args: ServingConfig | Mapping, *, http_host: str = "127.0.
     serving = ServingConfig.of(app_args)
     serve.start(**serve_options(http_host, http_port, grpc_port))
     _say(f"deploying {serving.num_replicas} replica(s) of ep={serving.ep} tp={serving.tp} ...")
-    handle = serve.run(build_app(serving), name=APP_NAME, route_prefix="/", blocking=False)
+    try:  # serve.run waits for the replicas' constructors: one that raises fails it with Serve's summary
+        handle = serve.run(build_app(serving), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as err:
+        raise StartFailed(deployment_failure(APP_NAME) or str(err)) from err
     router = watch(handle, APP_NAME, ready_timeout_s)
     _say(f"started in {time.monotonic() - started:.1f}s")
     return router

@@ -66,3 +66,10 @@ class RayExport:
                     self.inc(name, value - before.get(tuple(sorted(labels.items())), 0), labels)
                 else:
                     self.metrics[name].set(value, tags=labels)
+
+
+def ray_export(enabled: bool, model: str, replica: str, max_len: int) -> RayExport | None:
+    """A RayExport inside a Ray worker (the ingress replica) when enabled, else None."""
+    import ray
+
+    return RayExport(model, replica, max_len) if enabled and ray.is_initialized() else None

@@ -51,7 +51,13 @@ def deployment_failure(app_name: str) -> str | None:
     if app is None or str(getattr(app.status, "value", app.status)) != "DEPLOY_FAILED":
         return None
     details = [d.message for d in app.deployments.values() if d.message]
-    return (app.message or "; ".join(details) or "the deployment failed").strip()
+    return last_error_line(app.message or "; ".join(details) or "the deployment failed")
+
+
+def last_error_line(message: str) -> str:
+    """A traceback's last line (`NameError: ...`), or the message itself when it is one line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else message
 
 
 def router_stats(router) -> dict:
