@@ -104,8 +104,13 @@ def run(url: str, model: str, rates: list[float], requests: int, prompt_len: int
                        "--synthetic-input-tokens-stddev", str(prompt_len / 4),
                        "--output-tokens-mean", str(output_len), "--output-tokens-stddev", str(output_len / 4),
                        "--extra-inputs", "ignore_eos:true", "--artifact-dir", str(out)]
-            subprocess.run(command, check=True, timeout=RUN_TIMEOUT_S, stdout=subprocess.DEVNULL,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            (export,) = out.rglob("profile_export_aiperf.json")
+            done = subprocess.run(command, timeout=RUN_TIMEOUT_S, capture_output=True, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            exports = list(out.rglob("profile_export_aiperf.json"))
+            if done.returncode != 0 or not exports:  # reported, not raised: the other tables still print
+                tail = (done.stdout + done.stderr)[-3000:]
+                print(f"AIPerf failed at rate {rate:g} (exit {done.returncode}):\n{tail}")
+                return ExternalResult("AIPerf (aiperf profile)", rows) if rows else None
+            export = exports[0]
             rows.append(parse_export(json.loads(export.read_text()), rate, requests))
     return ExternalResult("AIPerf (aiperf profile)", rows)
