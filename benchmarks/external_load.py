@@ -53,7 +53,7 @@ class ExternalResult:
 def aiperf_executable() -> str | None:
     explicit = os.environ.get("AIPERF")
     if explicit:
-        return explicit
+        return explicit if Path(explicit).exists() else None
     candidate = VENV / "bin" / "aiperf"
     return str(candidate) if candidate.exists() else shutil.which("aiperf")
 
