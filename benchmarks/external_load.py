@@ -25,11 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-aiperf"
 RUN_TIMEOUT_S = 1800
-TOKENIZER_DIR_SCRIPT = """
-import sys
-from transformers import LlamaTokenizer
-LlamaTokenizer(vocab_file=sys.argv[1], legacy=False, add_bos_token=False).save_pretrained(sys.argv[2])
-"""
+# transformers converts a SentencePiece model found beside this config to its fast tokenizer: the same ids.
+TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+                    "legacy": False}
 
 
 @dataclass
@@ -58,13 +56,14 @@ def aiperf_executable() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("aiperf")
 
 
-def tokenizer_dir(aiperf: str, into: Path) -> Path:
-    """A Hugging Face tokenizer directory for the SentencePiece model, built with AIPerf's own transformers."""
+def tokenizer_dir(into: Path) -> Path:
+    """A Hugging Face tokenizer directory (in a temporary folder, never the repository) for AIPerf's
+    transformers: the SentencePiece model and a config naming its class; no hub."""
     from grok1.tokenizer import resolve_tokenizer_path
 
-    model = resolve_tokenizer_path()
-    python = Path(aiperf).with_name("python")
-    subprocess.run([str(python), "-c", TOKENIZER_DIR_SCRIPT, str(model), str(into)], check=True, timeout=300)
+    into.mkdir(parents=True)
+    shutil.copy(resolve_tokenizer_path(), into / "tokenizer.model")
+    (into / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
     return into
 
 
@@ -94,7 +93,7 @@ def run(url: str, model: str, rates: list[float], requests: int, prompt_len: int
         return None
     rows = []
     with tempfile.TemporaryDirectory(prefix="grok1-aiperf-") as work:
-        tokenizer = tokenizer_dir(aiperf, Path(work) / "tokenizer")
+        tokenizer = tokenizer_dir(Path(work) / "tokenizer")
         for rate in rates:
             out = Path(work) / f"rate-{rate:g}"
             command = [aiperf, "profile", "--model", model, "--url", url, "--endpoint-type", "completions",
