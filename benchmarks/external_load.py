@@ -6,7 +6,7 @@ no torch, and takes a local tokenizer directory, which we build from the Sentenc
 Hugging Face hub). It pins its own prometheus-client, so it lives in its own virtualenv (`make bench` creates
 .venv-aiperf; `$AIPERF` names another executable).
 
-Each rate is one `aiperf profile` run: open loop (Poisson arrivals: AIPerf's default request-rate mode),
+Each rate is one `aiperf profile` run: open loop (`--arrival-pattern poisson`, AIPerf's default),
 synthetic prompts of `prompt_len` tokens and `output_len` generated tokens, each normal with a standard
 deviation of a quarter of the mean (ours are uniform over +-50%: the same mean, a similar spread; ignore_eos),
 streaming completions; its JSON export gives TTFT, ITL and request latency p50 / p99 and throughput.
@@ -98,6 +98,7 @@ def run(url: str, model: str, rates: list[float], requests: int, prompt_len: int
             out = Path(work) / f"rate-{rate:g}"
             command = [aiperf, "profile", "--model", model, "--url", url, "--endpoint-type", "completions",
                        "--streaming", "--tokenizer", str(tokenizer), "--request-rate", f"{rate:g}",
+                       "--arrival-pattern", "poisson",
                        "--request-count", str(requests), "--random-seed", "2",
                        "--synthetic-input-tokens-mean", str(prompt_len),
                        "--synthetic-input-tokens-stddev", str(prompt_len / 4),

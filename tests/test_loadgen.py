@@ -57,3 +57,20 @@ def test_a_failing_request_is_counted_not_raised():
 
     result = loadgen._run_threads("fake", LoadSpec(concurrency=2, requests=4, rate=1000.0), one)
     assert result.errors == 4 and len(result.e2e_s) == 0 and result.output_tokens == 4
+
+
+def test_aiperf_export_is_read_and_its_tokenizer_is_ours(tmp_path):
+    from benchmarks import external_load
+
+    stat = {"unit": "ms", "avg": 5.0, "p50": 4.0, "p99": 9.0}
+    data = {name: stat for name in ("time_to_first_token", "inter_token_latency", "request_latency")}
+    data |= {"output_token_throughput": {"unit": "tokens/sec", "avg": 120.0},
+             "request_throughput": {"unit": "requests/sec", "avg": 2.5}}
+    row = external_load.parse_export(data, 2.0, 16)
+    assert row["ttft_p99_ms"] == 9.0 and row["e2e_p50_ms"] == 4.0 and row["tokens_per_s"] == 120.0
+    assert "2/s" in external_load.ExternalResult("AIPerf", [row]).table
+    try:
+        directory = external_load.tokenizer_dir(tmp_path / "tok")
+    except Exception as err:  # noqa: BLE001 - no tokenizer here
+        pytest.skip(str(err))
+    assert {p.name for p in directory.iterdir()} == {"tokenizer.model", "tokenizer_config.json"}
