@@ -104,8 +104,9 @@ def run(url: str, model: str, rates: list[float], requests: int, prompt_len: int
                        "--synthetic-input-tokens-stddev", str(prompt_len / 4),
                        "--output-tokens-mean", str(output_len), "--output-tokens-stddev", str(output_len / 4),
                        "--extra-inputs", "ignore_eos:true", "--artifact-dir", str(out)]
-            done = subprocess.run(command, timeout=RUN_TIMEOUT_S, capture_output=True, text=True,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            # Not HF_HUB_OFFLINE: AIPerf 0.13 then looks a local path up in the hub's cache and fails; a local
+            # directory is read without the network either way.
+            done = subprocess.run(command, timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
             exports = list(out.rglob("profile_export_aiperf.json"))
             if done.returncode != 0 or not exports:  # reported, not raised: the other tables still print
                 tail = (done.stdout + done.stderr)[-3000:]
