@@ -148,6 +148,32 @@ def test_models_and_metrics(server, openai_client):
     assert 'grok1_time_to_first_token_seconds_count{model_name="grok1-tiny"' in text
 
 
+def test_replica_metrics_reach_rays_per_node_export(server):
+    """What Prometheus scrapes (docs/observability.md): the node's Ray metrics port carries the replica's
+    families as ray_grok1_*, the same ones its own page has (counters still at 0 excepted: Ray shows a counter
+    from its first increment)."""
+    import ray
+
+    good_request(server)
+    page = requests.get(f"{server.http}/metrics").text
+    def family(line: str, prefix: str = "") -> str:  # a counter's TYPE line has _total in Ray's text only
+        name = line.split()[2][len(prefix):]
+        return name.removesuffix("_total")
+
+    ours = {family(line) for line in page.splitlines() if line.startswith("# TYPE grok1_")}
+    port = ray._private.worker._global_node.metrics_export_port
+    deadline = time.monotonic() + 120  # Ray's agent exports every few seconds
+    while True:
+        exported = {family(line, "ray_") for line in requests.get(f"http://127.0.0.1:{port}/metrics",
+                                                                   timeout=30).text.splitlines()
+                    if line.startswith("# TYPE ray_grok1_")}
+        missing = ours - exported - {"grok1_num_preemptions", "grok1_prefix_cache_queries", "grok1_prefix_cache_hits"}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, f"not exported through Ray: {sorted(missing)}"
+
+
 # ------------------------------------------------------------------------------------------ OpenAI client
 
 
