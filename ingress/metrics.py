@@ -162,13 +162,13 @@ class ReplicaMetrics:
         lengths = length_buckets(max_len)
         self.histograms = {
             "time_to_first_token_seconds": Histogram(
-                PREFIX + "time_to_first_token_seconds", "seconds from arrival to the first token",
+                PREFIX + "time_to_first_token_seconds", "seconds from the parsed request to the first token",
                 buckets=TTFT_BUCKETS, **reg),
             "inter_token_latency_seconds": Histogram(
                 PREFIX + "inter_token_latency_seconds", "seconds between successive tokens of a choice",
                 buckets=ITL_BUCKETS, **reg),
             "e2e_request_latency_seconds": Histogram(
-                PREFIX + "e2e_request_latency_seconds", "seconds from arrival to the last token",
+                PREFIX + "e2e_request_latency_seconds", "seconds from the parsed request to the last token",
                 buckets=E2E_BUCKETS, **reg),
             "request_prompt_tokens": Histogram(
                 PREFIX + "request_prompt_tokens", "prompt length of finished requests, in tokens",
@@ -177,7 +177,7 @@ class ReplicaMetrics:
                 PREFIX + "request_generation_tokens", "tokens generated per finished request (all choices)",
                 buckets=lengths, **reg),
         }
-        self.success = Counter(PREFIX + "request_success", "requests finished, by finished_reason",
+        self.success = Counter(PREFIX + "request_success", "choices finished (n per request of n), by finished_reason",
                                labelnames=(*LABELS, "finished_reason"), registry=self.registry)
         self.registry.register(_RouterCollector(self))
 
