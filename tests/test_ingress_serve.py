@@ -142,7 +142,7 @@ def test_models_and_metrics(server, openai_client):
     text = requests.get(f"{server.http}/metrics").text
     for name in ("grok1_up", "grok1_num_requests_waiting", "grok1_num_requests_running", "grok1_decode_slots",
                  "grok1_time_to_first_token_seconds", "grok1_inter_token_latency_seconds",
-                 "grok1_generation_tokens", "grok1_expert_tokens"):
+                 "grok1_generation_tokens_total", "grok1_expert_tokens_total"):
         assert f"# TYPE {name} " in text
     assert 'grok1_decode_slots{model_name="grok1-tiny"' in text and "grok1_up{" in text
     assert 'grok1_time_to_first_token_seconds_count{model_name="grok1-tiny"' in text
