@@ -33,15 +33,25 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Single-process engine; the expert-parallel engine as 1, 2, 4 processes over gloo; the Ray cluster (router +
-# 2-worker group on two nodes). Each prints a table of ratios measured side by side (docs/benchmarks.md).
-bench: setup
+# 2-worker group on two nodes); the served endpoint (closed loop, then latency vs rate, open loop, with our
+# generator over gRPC and AIPerf over HTTP); start-up and rebuild with the compilation cache off, cold, warm.
+# Each prints a table of ratios measured side by side (docs/benchmarks.md).
+AIPERF_VENV ?= .venv-aiperf
+bench: setup $(AIPERF_VENV)/.installed
 	$(BIN)/python -m benchmarks.bench_engine
 	$(BIN)/python -m benchmarks.bench_multiprocess
 	$(BIN)/python -m benchmarks.bench_cluster
 	$(BIN)/python -m benchmarks.bench_serve
+	$(BIN)/python -m benchmarks.bench_startup
+
+# AIPerf pins its own prometheus-client (and brings transformers for its tokenizer): its own virtualenv.
+$(AIPERF_VENV)/.installed:
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install -q aiperf==0.13.0
+	touch $@
 
 clean:
-	rm -rf $(VENV) checkpoints .pytest_cache
+	rm -rf $(VENV) $(AIPERF_VENV) checkpoints .pytest_cache
 
 # The deployment files (ray_up/, k8s/, docker/) checked against Ray's, KubeRay's and Serve's own
 # schemas, the CLI and the planner, without a cluster (docs/deploy.md, section 9).

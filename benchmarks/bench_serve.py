@@ -8,6 +8,10 @@ for the weights, warms every path up, then runs the load (ingress/loadgen.py: `c
 prompts of exactly prompt_len tokens, exactly output_len tokens each, ignore_eos) on the router directly, over
 HTTP and over gRPC, and prints tokens/s, TTFT and TPOT with each ingress path's ratio to the router's
 (target: >= 85%). The client runs on the same machine as the server: on a small machine it takes CPU from it.
+
+Then latency vs request rate, open loop (Poisson arrivals, lengths uniform in [L/2, 3L/2]): our generator over
+gRPC at each of `--rates`, and an established load generator over HTTP at the same rates when it is installed
+(benchmarks/external_load.py: guidellm; `make bench` installs it). Tables in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -35,12 +39,16 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 2.0, 4.0],
+                        help="open-loop request rates (requests/s) for the latency-vs-rate tables; none: skip")
+    parser.add_argument("--rate-requests", type=int, default=32, help="requests per open-loop rate")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
     from ray import serve
 
+    from benchmarks import external_load
     from grok1.config import load_config
     from ingress.launch import start_serving
     from ingress.loadgen import LoadSpec, format_table, run_grpc, run_http, run_router
@@ -61,18 +69,31 @@ def main(argv=None) -> int:
         run_router(router, warm), run_http(http, warm), run_grpc(grpc_target, warm)
         baseline = run_router(router, spec)
         results = [baseline, run_http(http, spec), run_grpc(grpc_target, spec)]
+        open_loop = [run_grpc(grpc_target, LoadSpec(args.concurrency, args.rate_requests, args.prompt_len,
+                                                    args.output_len, config.model.vocab_size, seed=2, rate=rate,
+                                                    spread=0.5)) for rate in args.rates]
+        external = external_load.run(http, config.name, args.rates, args.rate_requests, args.prompt_len,
+                                     args.output_len) if args.rates else None
     finally:
         serve.shutdown()
     cpu = platform.processor() or platform.machine()
     print(f"\n{config.name}, ep={args.ep} tp={args.tp}, backend {args.backend}, {cpu}"
           f": {args.concurrency} streams, {args.requests} requests, prompt {args.prompt_len}, output {args.output_len}")
     print(format_table(results, baseline))
-    summary = [{**r.summary(), "ratio_to_router": round(r.tokens_per_s / baseline.tokens_per_s, 3)
+    if open_loop:
+        print(f"\nlatency vs rate, open loop (Poisson), grpc, our generator: {args.rate_requests} requests per rate, "
+              f"prompt {args.prompt_len} and output {args.output_len} tokens +-50%")
+        print(format_table(open_loop))
+    if external is not None:
+        print(f"\nlatency vs rate, open loop (Poisson), http, {external.tool}:")
+        print(external.table)
+    summary = [*({**r.summary(), "open_loop": True} for r in open_loop)]
+    summary += [{**r.summary(), "ratio_to_router": round(r.tokens_per_s / baseline.tokens_per_s, 3)
                 if baseline.tokens_per_s else None} for r in results]
     if args.json:
         with open(args.json, "w") as file:
             json.dump(summary, file, indent=1)
-    return 1 if any(r.errors for r in results) else 0
+    return 1 if any(r.errors for r in [*results, *open_loop]) else 0
 
 
 if __name__ == "__main__":

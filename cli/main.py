@@ -183,10 +183,14 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     from ingress.loadgen import LoadSpec, format_table, run_grpc, run_http
 
-    spec = LoadSpec(args.concurrency, args.requests, args.prompt_len, args.output_len, seed=args.seed)
-    result = run_grpc(args.grpc, spec) if args.grpc else run_http(args.http, spec)
-    print(json.dumps(result.summary()) if args.json else format_table([result]))
-    return 1 if result.errors else 0
+    results = []
+    for rate in args.rate or [None]:  # one run per rate (open loop), or one closed-loop run
+        spec = LoadSpec(args.concurrency, args.requests, args.prompt_len, args.output_len, seed=args.seed,
+                        rate=rate, spread=args.spread)
+        results.append(run_grpc(args.grpc, spec) if args.grpc else run_http(args.http, spec))
+    print(json.dumps([r.summary() for r in results] if args.rate else results[0].summary()) if args.json
+          else format_table(results))
+    return 1 if any(r.errors for r in results) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_model_flags(srv, ServingConfig, SERVE_FLAGS)
     srv.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="load generator against a running server: TTFT, TPOT, tokens/s")
+    bench = sub.add_parser("bench", help="load generator against a running server: TTFT, ITL, E2E, tokens/s",
+                           description="Closed loop (--concurrency streams) or, with --rate, open loop: Poisson "
+                                       "arrivals at each rate in turn (ingress/loadgen.py).")
     target = bench.add_mutually_exclusive_group(required=True)
     target.add_argument("--http", metavar="URL")
     target.add_argument("--grpc", metavar="HOST:PORT")
@@ -229,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=64)
     bench.add_argument("--prompt-len", type=int, default=16)
     bench.add_argument("--output-len", type=int, default=32)
+    bench.add_argument("--rate", type=float, nargs="+", metavar="REQ_PER_S",
+                       help="open loop: Poisson arrivals at these request rates, one run each")
+    bench.add_argument("--spread", type=float, default=0.0,
+                       help="random lengths: uniform in [L(1-spread), L(1+spread)] (default 0: exact lengths)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,6 +38,7 @@ from ingress.errors import ApiError, from_exception
 from ingress.fields import MAX_BODY_BYTES, parse_json_body
 from ingress.generation import Generation
 from ingress.grpc_service import GrpcService
+from ingress.ray_export import ray_export
 from ingress.render import ChatRender, CompletionRender
 from ingress.serving_config import ServingConfig
 
@@ -96,12 +98,17 @@ class Grok1Ingress(GrpcService):
         except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
             self.replica = f"pid{os.getpid()}"
         self.keys = ApiKeys(self.options.api_key_file)
+        self.metrics = metrics.ReplicaMetrics(config.name, self.replica, config.engine.max_len,
+                                              ingress_counts=self.counts, export=ray_export(
+                                                  self.options.ray_metrics, config.name, self.replica,
+                                                  config.engine.max_len))
         self.router = start_router(config, self.options.replica(), checkpoint=config.checkpoint.path)
 
     # ------------------------------------------------------------------------------------ Serve hooks
     async def check_health(self):
         """Serve's health check: fail when the router died or gave up (Serve then replaces this replica)."""
         health = await self.router.health.remote(probe=False)
+        await self._update_metrics()  # every health check period: the Ray export's gauges stay current
         if health["state"] == "failed":
             raise RuntimeError(f"the router failed: {health['detail']}")
 
@@ -127,9 +134,8 @@ class Grok1Ingress(GrpcService):
     async def http_metrics(self, request: Request):
         if self.options.auth_metrics and (denied := self._http_denied(request)):
             return denied
-        stats = await self.router.stats.remote()
-        text = metrics.render(stats, self.model.name, self.replica, dict(self.counts))
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        await self._update_metrics()
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
     async def http_completions(self, request: Request):
@@ -148,7 +154,7 @@ class Grok1Ingress(GrpcService):
             # Tokenising is CPU work: off the event loop, so other streams of this replica keep flowing.
             params = await asyncio.to_thread(parse, body, self.model, self.tokenizer)
             request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
-            generation = await Generation(self.router, self.tokenizer, params, request_id).start()
+            generation = await Generation(self.router, self.tokenizer, params, request_id, self.metrics).start()
         except Exception as err:  # noqa: BLE001 - every failure becomes an OpenAI error with its status
             error = from_exception(err)
             self.counts["http", error.http_status] += 1
@@ -187,6 +193,13 @@ class Grok1Ingress(GrpcService):
         yield responses.SSE_DONE
 
     # ------------------------------------------------------------------------------------ helpers
+    async def _update_metrics(self) -> None:
+        try:
+            stats = await asyncio.wait_for(self.router.stats.remote(), self.options.health_timeout_s)
+        except Exception:  # noqa: BLE001 - an unreachable router: its last figures stay, `up` from health
+            return
+        self.metrics.update(stats)
+
     async def _health(self, probe: bool) -> dict:
         try:
             return await asyncio.wait_for(self.router.health.remote(probe=probe), self.options.health_timeout_s)

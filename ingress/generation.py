@@ -99,12 +99,18 @@ class _Choice:
             except ApiError as error:
                 return delta, error
             if delta.finish_reason:
+                timer = self.generation.timer
+                if timer is not None:
+                    timer.finish(self.index, delta.finish_reason)
                 break
         return delta, None
 
     def _add(self, delta: Delta, event) -> None:
+        timer = self.generation.timer
         if event.token is not None:
             self.tokens += 1
+            if timer is not None:
+                timer.token(self.index)
             tokenizer = self.generation.tokenizer
             delta.token_ids.append(event.token)
             delta.logprobs.append(event.logprob)
@@ -129,12 +135,14 @@ class _Choice:
 
 
 class Generation:
-    def __init__(self, router, tokenizer, params: GenerationParams, request_id: str):
+    def __init__(self, router, tokenizer, params: GenerationParams, request_id: str, metrics=None):
+        """`metrics` (ingress/metrics.py's ReplicaMetrics) times the request as it streams."""
         self.router = router
         self.tokenizer = tokenizer
         self.params = params
         self.request_id = request_id
         self.choices: list[_Choice] = []
+        self.timer = metrics.request(len(params.prompt), params.n) if metrics is not None else None
 
     @property
     def prompt_tokens(self) -> int:

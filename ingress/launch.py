@@ -2,8 +2,9 @@
 ready line, and block until Ctrl-C.
 
 A local Ray instance is started unless $RAY_ADDRESS names an existing cluster (`ray start --head` there, or
-`auto`). The gRPC proxy needs the stubs importable on every node: `pip install -e .` puts `grok1_api` on the
-path (the Docker image does the same).
+`auto`). While it starts it prints where the replica is (ingress/start_progress.py); a replica that cannot
+start ends it at once with status 1 and the reason. The gRPC proxy needs the stubs importable on every node:
+`pip install -e .` puts `grok1_api` on the path (the Docker image does the same).
 """
 
 from __future__ import annotations
@@ -39,28 +40,43 @@ def start_serving(app_args: ServingConfig | Mapping, *, http_host: str = "127.0.
 
     from ingress.app import build_app, serve_options
     from ingress.edge import apply_proxy_env
+    from ingress.start_progress import StartFailed, deployment_failure, watch
 
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         apply_proxy_env()  # an existing cluster's nodes need it in their own environment (docs/deploy.md)
+    started = time.monotonic()
     if not ray.is_initialized():
+        _say(f"starting Ray ({'a local instance' if address == 'local' else address}) ...")
         ray.init(address=address, num_cpus=num_cpus if address == "local" else None,
                  include_dashboard=False, log_to_driver=False)
     serving = ServingConfig.of(app_args)
     serve.start(**serve_options(http_host, http_port, grpc_port))
-    handle = serve.run(build_app(serving), name=APP_NAME, route_prefix="/", blocking=False)
-    router = handle.router_handle.remote().result()
-    started = time.monotonic()
-    print(f"loading the weights (ep={serving.ep} tp={serving.tp}) ...", file=sys.stderr, flush=True)
-    ray.get(router.wait_ready.remote(ready_timeout_s))
-    print(f"loaded in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+    _say(f"deploying {serving.num_replicas} replica(s) of ep={serving.ep} tp={serving.tp} ...")
+    try:  # serve.run waits for the replicas' constructors: one that raises fails it with Serve's summary
+        handle = serve.run(build_app(serving), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as err:
+        raise StartFailed(deployment_failure(APP_NAME) or str(err)) from err
+    router = watch(handle, APP_NAME, ready_timeout_s)
+    _say(f"started in {time.monotonic() - started:.1f}s")
     return router
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def serve_forever(serving: ServingConfig, *, http_host: str, http_port: int, grpc_port: int, model: str) -> int:
     from ray import serve
 
-    start_serving(serving, http_host=http_host, http_port=http_port, grpc_port=grpc_port)
+    from ingress.start_progress import StartFailed
+
+    try:
+        start_serving(serving, http_host=http_host, http_port=http_port, grpc_port=grpc_port)
+    except StartFailed as err:
+        print(f"grok1: error: the replica cannot start: {err}", file=sys.stderr, flush=True)
+        serve.shutdown()
+        return 1
     print(ready_line(model, http_host, http_port, grpc_port, serving.ep, serving.tp), flush=True)
     try:
         while True:

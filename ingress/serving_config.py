@@ -40,6 +40,8 @@ class ServingConfig(ReplicaConfig):
                                                  "are served")
     auth_health: bool = Field(False, description="/health and gRPC Health need a key too")
     auth_metrics: bool = Field(False, description="/metrics needs a key too")
+    ray_metrics: bool = Field(True, description="also export the metrics through Ray's metrics agent on each "
+                                                "node (its metrics export port; names prefixed ray_)")
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="seconds a client has to send its whole "
                                                                    "request body (HTTP 408 after it)")
 

@@ -489,6 +489,11 @@ def test_rendered_manifests_are_valid(directory):
             assert doc["apiVersion"] == CORE_KINDS[doc["kind"]], where
             assert core_errors(doc) == [], where
             continue
+        if doc["kind"] == "PodMonitor":  # the Prometheus operator's (tests/test_observability.py)
+            from tests.deploy.test_observability import podmonitor_errors
+
+            assert podmonitor_errors(doc) == [], where
+            continue
         known = (doc["apiVersion"], doc["kind"]) in crd_schemas()
         assert known, f"{where}: neither a KubeRay kind nor one of {set(CORE_KINDS)}"
         assert crd_errors(doc) == [], where

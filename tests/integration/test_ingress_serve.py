@@ -140,10 +140,42 @@ def test_models_and_metrics(server, openai_client):
     assert [m.id for m in openai_client.models.list().data] == [server.model]
     good_request(server)
     text = requests.get(f"{server.http}/metrics").text
-    for name in ("grok1_up", "grok1_queue_length", "grok1_running", "grok1_slots_total", "grok1_ttft_seconds",
-                 "grok1_tpot_seconds", "grok1_tokens_generated_total", "grok1_expert_tokens_total"):
+    for name in ("grok1_up", "grok1_num_requests_waiting", "grok1_num_requests_running", "grok1_decode_slots",
+                 "grok1_time_to_first_token_seconds", "grok1_inter_token_latency_seconds",
+                 "grok1_generation_tokens_total", "grok1_expert_tokens_total"):
         assert f"# TYPE {name} " in text
-    assert 'grok1_slots_total{model="grok1-tiny"' in text and "grok1_up{" in text
+    assert 'grok1_decode_slots{model_name="grok1-tiny"' in text and "grok1_up{" in text
+    assert 'grok1_time_to_first_token_seconds_count{model_name="grok1-tiny"' in text
+
+
+AT_ZERO = {"grok1_num_preemptions", "grok1_prefix_cache_queries", "grok1_prefix_cache_hits",
+           "grok1_replica_restarts"}  # counters no request here increments
+
+
+def test_replica_metrics_reach_rays_per_node_export(server):
+    """What Prometheus scrapes (docs/observability.md): the node's Ray metrics port carries the replica's
+    families as ray_grok1_*, the same ones its own page has (counters still at 0 excepted: Ray shows a counter
+    from its first increment)."""
+    import ray
+
+    good_request(server)
+    page = requests.get(f"{server.http}/metrics").text
+    def family(line: str, prefix: str = "") -> str:  # a counter's TYPE line has _total in Ray's text only
+        name = line.split()[2][len(prefix):]
+        return name.removesuffix("_total")
+
+    ours = {family(line) for line in page.splitlines() if line.startswith("# TYPE grok1_")}
+    port = ray._private.worker._global_node.metrics_export_port
+    deadline = time.monotonic() + 120  # Ray's agent exports every few seconds
+    while True:
+        exported = {family(line, "ray_") for line in requests.get(f"http://127.0.0.1:{port}/metrics",
+                                                                   timeout=30).text.splitlines()
+                    if line.startswith("# TYPE ray_grok1_")}
+        missing = ours - exported - AT_ZERO
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, f"not exported through Ray: {sorted(missing)}"
 
 
 # ------------------------------------------------------------------------------------------ OpenAI client

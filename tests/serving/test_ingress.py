@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ingress import fields, metrics, protocol, responses
+from ingress import fields, loadgen, metrics, protocol, responses
 from ingress.errors import ApiError, from_exception
 from ingress.text import TextStream, completion_text, find_stop, held_back
 
@@ -216,22 +216,22 @@ def test_error_mapping_through_ray_wrapper():
 def test_prometheus_rendering():
     stats = {"state": "ready", "queue_length": 3, "running": 2, "slots_total": 16, "slots_used": 2,
              "requests_total": {"stop": 5, "length": 7}, "tokens_generated_total": 120, "prompt_tokens_total": 40,
-             "ttft_seconds": [0.1, 0.2, 0.3, 0.4], "tpot_seconds": [], "tokens_per_second": 12.5,
              "expert_token_counts": [[1, 2], [3, 4]], "restarts": 1}
-    text = metrics.render(stats, "grok-1-tiny", "r1", {("http", 200): 4})
-    lines = text.splitlines()
-    assert 'grok1_up{model="grok-1-tiny",replica="r1"} 1' in lines
-    assert 'grok1_queue_length{model="grok-1-tiny",replica="r1"} 3' in lines
-    assert 'grok1_requests_total{model="grok-1-tiny",replica="r1",finish_reason="length"} 7' in lines
-    assert 'grok1_ttft_seconds{model="grok-1-tiny",replica="r1",quantile="0.5"} 0.2' in lines
-    assert 'grok1_ttft_seconds_count{model="grok-1-tiny",replica="r1"} 4' in lines
-    assert 'grok1_tpot_seconds{model="grok-1-tiny",replica="r1",quantile="0.99"} NaN' in lines
-    assert 'grok1_expert_tokens_total{model="grok-1-tiny",replica="r1",layer="1",expert="0"} 3' in lines
-    assert 'grok1_ingress_requests_total{model="grok-1-tiny",replica="r1",protocol="http",status="200"} 4' in lines
-    assert 'grok1_state{model="grok-1-tiny",replica="r1",state="loading"} 0' in lines
+    replica = metrics.ReplicaMetrics("grok-1-tiny", "r1", 64, ingress_counts={("http", 200): 4})
+    replica.update(stats)
+    lines = replica.render().decode().splitlines()
+    common = 'model_name="grok-1-tiny",replica="r1"'
+    assert f'grok1_up{{{common}}} 1.0' in lines
+    assert f'grok1_num_requests_waiting{{{common}}} 3.0' in lines
+    assert f'grok1_router_requests_total{{finished_reason="length",{common}}} 7.0' in lines
+    assert f'grok1_expert_tokens_total{{expert="0",layer="1",{common}}} 3.0' in lines
+    assert 'grok1_ingress_requests_total{model_name="grok-1-tiny",protocol="http",replica="r1",status="200"} 4.0' \
+        in lines  # labels in name order
+    assert f'grok1_replica_state{{{common},state="loading"}} 0.0' in lines
+    assert "# TYPE grok1_time_to_first_token_seconds histogram" in lines
     for line in lines:  # every sample line is `name{labels} value`
         assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2
-    assert metrics.quantile([5, 1, 3], 0.5) == 3 and metrics.quantile([1, 2, 3, 4], 0.99) == 4
+    assert loadgen.quantile([5, 1, 3], 0.5) == 3 and loadgen.quantile([1, 2, 3, 4], 0.99) == 4
 
 
 # ------------------------------------------------------------------------------------------ stubs

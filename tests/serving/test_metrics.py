@@ -1,0 +1,177 @@
+"""The replica's Prometheus metrics (ingress/metrics.py), without Ray: requests run through the real
+`Generation` against a scripted router, timed by a clock that advances 0.5 s per reading, so every
+histogram's count and sum is known exactly; counters never go down across scrapes, even when the router's
+totals restart; every name docs/observability.md lists is on the page and nothing undocumented is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from grok1.engine_api import FinishReason, TokenEvent
+from ingress import metrics, protocol
+from ingress.generation import Generation
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = protocol.ModelInfo("grok-1-tiny", max_len=64, vocab_size=1000, eos_token=2)
+TICK = 0.5
+
+
+class CharTokenizer:
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def id_to_piece(self, i):
+        return chr(i)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        self.now += TICK
+        return self.now
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+async def _ready(value):
+    return value
+
+
+class ScriptedRouter:
+    """Each request generates `max_tokens` tokens 'a', 'b', ... and ends with length."""
+
+    def __init__(self):
+        self.generate = _Method(self._generate)
+        self.cancel = _Method(lambda request_id: None)
+
+    async def _generate(self, request, timeout_s=None):
+        for k in range(request.max_tokens):
+            last = k == request.max_tokens - 1
+            yield _ready([TokenEvent(request.request_id, ord("a") + k, -0.5, FinishReason.LENGTH if last else None)])
+
+
+def run(replica: metrics.ReplicaMetrics, body: dict) -> None:
+    params = protocol.parse_completion(body, MODEL, CharTokenizer())
+
+    async def main():
+        generation = await Generation(ScriptedRouter(), CharTokenizer(), params, "cmpl-1", replica).start()
+        await generation.collect()
+
+    asyncio.run(main())
+
+
+def scrape(replica: metrics.ReplicaMetrics) -> dict:
+    """{(sample name, labels as a sorted tuple): value}"""
+    page = replica.render().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(page) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    matches = [v for (n, ls), v in samples.items()
+               if n == name and all(dict(ls).get(k) == w for k, w in labels.items())]
+    assert len(matches) == 1, (name, labels, matches)
+    return matches[0]
+
+
+STATS = {"state": "ready", "queue_length": 3, "running": 2, "slots_total": 8, "slots_used": 2,
+         "requests_total": {"stop": 5, "length": 7}, "tokens_generated_total": 120, "prompt_tokens_total": 40,
+         "expert_token_counts": [[1, 2], [3, 4]], "restarts": 1}
+
+
+def test_histograms_count_and_sum_exactly_what_was_sent():
+    replica = metrics.ReplicaMetrics("grok-1-tiny", "r1", 64, clock=Clock())
+    sent = [(3, 4), (5, 1), (2, 6)]  # (prompt tokens, generated tokens)
+    for prompt_len, max_tokens in sent:
+        run(replica, {"prompt": "x" * prompt_len, "max_tokens": max_tokens})
+    s = scrape(replica)
+    # Each clock reading is 0.5 s after the last: arrival, then one reading per token, then the end.
+    assert value(s, "grok1_time_to_first_token_seconds_count") == len(sent)
+    assert value(s, "grok1_time_to_first_token_seconds_sum") == len(sent) * TICK
+    gaps = sum(m - 1 for _, m in sent)
+    assert value(s, "grok1_inter_token_latency_seconds_count") == gaps
+    assert value(s, "grok1_inter_token_latency_seconds_sum") == gaps * TICK
+    assert value(s, "grok1_e2e_request_latency_seconds_count") == len(sent)
+    assert value(s, "grok1_e2e_request_latency_seconds_sum") == sum((m + 1) * TICK for _, m in sent)
+    assert value(s, "grok1_request_prompt_tokens_count") == len(sent)
+    assert value(s, "grok1_request_prompt_tokens_sum") == sum(p for p, _ in sent)
+    assert value(s, "grok1_request_generation_tokens_sum") == sum(m for _, m in sent)
+    assert value(s, "grok1_request_generation_tokens_bucket", le="2.0") == 1
+    assert value(s, "grok1_request_generation_tokens_bucket", le="5.0") == 2
+    assert value(s, "grok1_request_success_total", finished_reason="length") == len(sent)
+    assert value(s, "grok1_time_to_first_token_seconds_bucket", le="0.5") == len(sent)
+    assert value(s, "grok1_time_to_first_token_seconds_bucket", le="0.25") == 0
+
+
+def test_a_request_of_several_choices_is_one_request():
+    replica = metrics.ReplicaMetrics("grok-1-tiny", "r1", 64, clock=Clock())
+    run(replica, {"prompt": "yy", "max_tokens": 3, "n": 2})
+    s = scrape(replica)
+    assert value(s, "grok1_time_to_first_token_seconds_count") == 1
+    assert value(s, "grok1_inter_token_latency_seconds_count") == 4  # two gaps in each choice
+    assert value(s, "grok1_e2e_request_latency_seconds_count") == 1
+    assert value(s, "grok1_e2e_request_latency_seconds_sum") == 7 * TICK  # arrival, 6 tokens, the end
+    assert value(s, "grok1_request_generation_tokens_sum") == 6
+    assert value(s, "grok1_request_success_total", finished_reason="length") == 2  # one per choice
+
+
+def test_router_gauges_and_counters_never_decrease_across_scrapes():
+    replica = metrics.ReplicaMetrics("grok-1-tiny", "r1", 64, ingress_counts={("http", 200): 4})
+    replica.update(STATS)
+    first = scrape(replica)
+    assert value(first, "grok1_num_requests_running") == 2
+    assert value(first, "grok1_num_requests_waiting") == 3
+    assert value(first, "grok1_kv_cache_usage_perc") == 0.25
+    assert value(first, "grok1_num_preemptions_total") == 0
+    assert value(first, "grok1_expert_tokens_total", layer="1", expert="0") == 3
+    assert value(first, "grok1_ingress_requests_total", protocol="http", status="200") == 4
+    assert value(first, "grok1_replica_state", state="ready") == 1 and value(first, "grok1_up") == 1
+    # A router whose totals started again (fewer tokens, fewer restarts, fewer expert tokens): still up.
+    replica.update({**STATS, "state": "recovering", "tokens_generated_total": 10, "restarts": 0,
+                    "requests_total": {"stop": 1}, "expert_token_counts": [[1, 1], [1, 1]], "running": 0})
+    second = scrape(replica)
+    counters = [key for key in first if key[0].endswith("_total")]
+    assert len(counters) > 10
+    for key in counters:
+        assert second[key] >= first[key], key
+    assert value(second, "grok1_generation_tokens_total") == 130
+    assert value(second, "grok1_up") == 0 and value(second, "grok1_num_requests_running") == 0
+
+
+def documented_names() -> set[str]:
+    text = (REPO / "docs" / "observability.md").read_text()
+    return set(re.findall(r"^\| `(grok1_[a-z0-9_]+)`", text, re.M))
+
+
+def test_every_documented_metric_is_on_the_page_and_only_those():
+    replica = metrics.ReplicaMetrics("grok-1-tiny", "r1", 64, ingress_counts={("grpc", "OK"): 1})
+    replica.update(STATS)
+    run(replica, {"prompt": "abc", "max_tokens": 2})
+    page = replica.render().decode()
+    on_page = {family.name + ("_total" if family.type == "counter" else "")
+               for family in text_string_to_metric_families(page)}
+    assert documented_names() == set(metrics.exposed_names()) == on_page
+
+
+def test_length_buckets():
+    assert metrics.length_buckets(64) == (1, 2, 5, 10, 20, 50)
+    assert metrics.length_buckets(8192)[-1] == 5000
