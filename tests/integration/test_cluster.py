@@ -27,7 +27,7 @@ from grok1.engine import Engine, Sampling  # noqa: E402
 pytestmark = pytest.mark.slow
 
 ENGINE = {"max_slots": 16, "max_len": 128, "prefill_buckets": [16, 32, 64], "moe_block_size": 8}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 @pytest.fixture(scope="module")
