@@ -415,18 +415,19 @@ def placement_name(router_name: str) -> str:
 
 
 def start_router(config: Grok1Config, settings: ReplicaConfig | None = None, *, checkpoint: str,
-                 name: str | None = None, env: dict[str, str] | None = None, **overrides):
+                 name: str | None = None, env: dict[str, str] | None = None, group_name: str | None = None,
+                 **overrides):
     """Create the router as a Ray actor; its shard group starts loading at once (see `wait_ready`).
 
     `settings` (default: ReplicaConfig's defaults) with `overrides` (ReplicaConfig fields) applied; `env` is
     extra environment for the shard workers. Bad settings, or a mesh the model does not allow, raise here.
-    A named router names its placement group `placement_name(name)`; a stale group of that name (its last
-    router died) is removed when the new one builds its group."""
+    A named router names its placement group `group_name` (default `placement_name(name)`); a stale group of
+    that name (the replica's last router died) is removed when the new one builds its group."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     settings = ReplicaConfig.from_overrides(overrides, base=settings)
-    spec = settings.group_spec(config, checkpoint, env, placement_name(name) if name else None)
+    spec = settings.group_spec(config, checkpoint, env, group_name or (placement_name(name) if name else None))
     # The router sits next to its caller (the head node or the ingress replica), not on a shard's node: it has
     # to outlive the loss of any shard's node to rebuild the group.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
