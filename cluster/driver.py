@@ -74,15 +74,17 @@ class Driver:
         for slot, event in self.scheduler.expire():
             self._end(slot, event)
         admitted = self.scheduler.admit()
+        contexts = [self.scheduler.context(slot) for slot, _ in admitted]  # prompt (+ tokens, when resumed)
         if admitted and hasattr(self.engine, "prefill_many"):  # one call for the whole burst
-            out = self.engine.prefill_many([slot for slot, _ in admitted], [r.prompt for _, r in admitted],
-                                           [r.sampling for _, r in admitted])
+            resumed = {"generated": [n for _, n in contexts]} if any(n for _, n in contexts) else {}
+            out = self.engine.prefill_many([slot for slot, _ in admitted], [c for c, _ in contexts],
+                                           [r.sampling for _, r in admitted], **resumed)
             self._count(out.expert_counts)
             for k, (slot, _) in enumerate(admitted):
                 self._deliver(slot, out.tokens[k], out.logprobs[k])
         else:
-            for slot, request in admitted:
-                out = self.engine.prefill(slot, request.prompt, request.sampling)
+            for (slot, request), (context, n) in zip(admitted, contexts):
+                out = self.engine.prefill(slot, context, request.sampling, **({"generated": n} if n else {}))
                 self._count(out.expert_counts)
                 self._deliver(slot, out.tokens[0], out.logprobs[0])
         self.on_flush()  # the deadlines and first tokens go out now, not after the decode step below
@@ -109,6 +111,12 @@ class Driver:
             self._finish(event)
         self.on_flush()
         return events
+
+    def readmit_running(self) -> list[str]:
+        """The engine is gone and will be rebuilt: running requests are queued again to resume (see
+        Scheduler.readmit_running); the step in flight is forgotten, its tokens never handed out."""
+        self._in_flight = None
+        return self.scheduler.readmit_running()
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> dict[str, FinishedSequence]:
         for _ in range(max_steps):

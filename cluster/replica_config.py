@@ -72,6 +72,15 @@ class ReplicaConfig(BaseModel):
                                               "declared failed and rebuilt")
     health_timeout_s: float = Field(30, gt=0, le=600,
                                     description="seconds a health probe (a 1-token generation) may take")
+    resume_timeout_s: float = Field(
+        120, gt=0, le=86_400, description="seconds a request may wait for a failed shard group to be rebuilt "
+                                          "(running ones then resume where they were, queued ones start); "
+                                          "past it, it ends with the retriable error")
+    drain_grace_s: float = Field(
+        60, gt=0, le=3600, description="on replica shutdown: seconds running requests may take to finish "
+                                       "(new ones get HTTP 503 meanwhile); the rest then end with the "
+                                       "retriable error. Serve's graceful_shutdown_timeout_s and the pods' "
+                                       "terminationGracePeriodSeconds are set above it")
     pipelined: bool = Field(True, description="start decode step k+1 before reading step k's tokens")
 
     @model_validator(mode="before")
@@ -104,14 +113,15 @@ class ReplicaConfig(BaseModel):
         """Only the replica's settings, as this class (what travels to the router actor)."""
         return ReplicaConfig.from_overrides(base=self)
 
-    def group_spec(self, config: "Grok1Config", checkpoint: str,
-                   env: Mapping[str, str] | None = None) -> GroupSpec:
-        """The shard group for `config`'s model and `checkpoint`, checked against the model (mesh sizes)."""
+    def group_spec(self, config: "Grok1Config", checkpoint: str, env: Mapping[str, str] | None = None,
+                   placement_name: str | None = None) -> GroupSpec:
+        """The shard group for `config`'s model and `checkpoint`, checked against the model (mesh sizes);
+        `placement_name` names its placement group (one per replica, so a stale one can be found)."""
         return GroupSpec(config=config, checkpoint=str(checkpoint), mesh=MeshShape(self.ep, self.tp),
                          strategy=self.placement_strategy, devices_per_process=self.devices_per_process,
                          use_gpus=self.use_gpus, capacity_factor=self.capacity_factor,
                          start_timeout_s=self.start_timeout_s, step_timeout_s=self.step_timeout_s,
-                         env=tuple(sorted((env or {}).items()))).validate()
+                         env=tuple(sorted((env or {}).items())), placement_name=placement_name).validate()
 
 
 def describe(err: ValidationError, model: type[BaseModel]) -> str:

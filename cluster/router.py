@@ -19,10 +19,15 @@ Data flow, from request to last token:
    the caller falls behind (Ray's generator backpressure holds the next item until the last one is read).
    A request ends on EOS, a stop token, max_tokens, its deadline, or cancellation; its slot is released at
    once and the next queued request takes it at the next step. A caller that goes away cancels its request.
-6. Faults: a worker that dies or stops answering fails the step (`GroupFailure`); requests in flight end with
-   finish_reason "error" (retriable), queued requests stay queued, the whole group is torn down and rebuilt
-   from the checkpoint, and serving resumes. While idle the router pings the workers every few seconds, so
-   a loss is noticed even without traffic.
+6. Faults: a worker that dies or stops answering fails the step (`GroupFailure`); the whole group is torn
+   down and rebuilt from the checkpoint. Running requests are not ended: they go back to the front of the
+   queue with the tokens they have sent, and after the rebuild each is prefilled with prompt + those tokens,
+   its sampling continuing at the same index of its random stream (fold_in(seed, n)) and its penalty counts
+   restored, so the caller's stream only pauses and then goes on with exactly the tokens of an uninterrupted
+   run. While rebuilding (in a helper thread) the step thread keeps taking requests (the queue bound refuses
+   at once) and ends those past their deadline, or waiting longer than resume_timeout_s, with "deadline" /
+   the retriable "error"; if the group cannot be rebuilt (REBUILD_ATTEMPTS) every request ends with the
+   error. While idle the router pings the workers every few seconds, so a loss is noticed without traffic.
 
 Where things live: the request types and errors are the engine API's (grok1/engine_api.py, no JAX: this actor
 never loads the model); the decisions are cluster/scheduler.py's, the step loop cluster/driver.py's; the fan-out
@@ -38,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import os
 import queue
 import threading
 import time
@@ -87,6 +93,8 @@ class Router:
         self.state = "loading"
         self.error: str | None = None
         self.restarts = 0
+        self._outage_since = 0.0  # when the group last failed
+        self._draining = False  # shutting down: no new requests
         self.group = None
         self.driver: Driver | None = None
         self._inbox: queue.Queue = queue.Queue()
@@ -112,7 +120,9 @@ class Router:
     async def generate(self, request: Request, timeout_s: float | None = None):
         """Stream the request's TokenEvents in lists (each one: all the events since the caller's last read, in
         order); the last event of the last list has a finish_reason."""
-        if self.state != "ready":
+        if self._draining:
+            raise Unavailable("the replica is shutting down (draining); retry on another replica")
+        if self.state not in ("ready", "recovering"):  # while recovering it queues (bounded) and waits
             raise Unavailable(f"the replica is {self.state}" + (f": {self.error}" if self.error else ""))
         if request.request_id in self._streams:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
@@ -168,8 +178,9 @@ class Router:
 
     async def health(self, probe: bool = True) -> dict:
         """ok when the group is up and (with probe) a 1-token greedy generation completes."""
-        if self.state != "ready":
-            return {"ok": False, "state": self.state, "detail": self.error or self.state}
+        if self.state != "ready" or self._draining:
+            return {"ok": False, "state": self.state, "detail": "draining" if self._draining else
+                    self.error or self.state}
         if not probe:
             return {"ok": True, "state": self.state, "detail": "serving"}
         request = Request(f"health-{time.monotonic_ns()}", [self.spec.config.model.eos_token], max_tokens=1,
@@ -199,8 +210,25 @@ class Router:
             "stream_items_total": self._items, "stream_flushes_total": self._outbox.flushes,
             "expert_token_counts": self._expert_counts.tolist(),
             "workers": workers, "node_ids": [worker["node_id"] for worker in workers],
-            "router_node_id": _this_node_id(),
+            "router_node_id": _this_node_id(), "router_pid": os.getpid(),
         }
+
+    async def drain(self, grace_s: float | None = None) -> dict:
+        """Stop admitting (new requests get Unavailable: 503), let queued and running requests finish within
+        `grace_s` (default drain_grace_s), then end the rest with the retriable error. Returns the counts."""
+        self._draining = True
+        grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = len(self._streams)
+        if left:
+            self._inbox.put(("abort", f"the replica is shutting down and the request did not finish within its "
+                                      f"{grace:g}s grace period; it can be retried", None))
+            ended_by = time.monotonic() + 10
+            while self._streams and time.monotonic() < ended_by:
+                await asyncio.sleep(0.05)
+        return {"ended_with_error": left}
 
     async def shutdown(self) -> None:
         self._stop.set()
@@ -222,7 +250,10 @@ class Router:
                         self.state = "failed"
                         self._fail_queued(self.error)
                         return
-                    time.sleep(min(2.0 ** attempts, 30))
+                    retry_at = time.monotonic() + min(2.0 ** attempts, 30)
+                    while time.monotonic() < retry_at and not self._stop.is_set():
+                        self._tend_queue()  # deadlines and the resume bound hold between attempts too
+                        time.sleep(0.05)
                     continue
             try:
                 self._drain_inbox(block=self.driver.idle)  # a cancel flushes its event
@@ -245,8 +276,23 @@ class Router:
         self.state = "stopped"
 
     def _build(self) -> None:
+        """Make the group in a helper thread; meanwhile this thread keeps taking requests (queue bound) and
+        ending those past their deadline or the resume bound, so no caller waits on a rebuild unbounded."""
         self.state = "loading" if self.restarts == 0 else "recovering"
-        self.group = self.group_factory(self.spec)
+        made: concurrent.futures.Future = concurrent.futures.Future()
+
+        def make() -> None:
+            try:
+                made.set_result(self.group_factory(self.spec))
+            except BaseException as err:  # noqa: BLE001 - handed to the step thread
+                made.set_exception(err)
+
+        threading.Thread(target=make, name="router-build", daemon=True).start()
+        while not made.done():
+            if self.state == "recovering":
+                self._tend_queue()
+            time.sleep(0.05)
+        self.group = made.result()
         self.driver = Driver(GroupEngine(self.group), self.scheduler, self._on_event, pipelined=self.pipelined,
                              keep_completions=False, on_flush=self._flush)
         self.error = None
@@ -254,20 +300,40 @@ class Router:
         self._last_ping = time.monotonic()
 
     def _recover(self, err: Exception) -> None:
+        """Running requests are re-admitted (they resume from prompt + tokens once the group is rebuilt; their
+        callers' streams just pause); the group is torn down for `_run` to rebuild."""
         self.restarts += 1
         self.state = "recovering"
         self.error = f"shard group failed ({err}); rebuilding"
-        message = f"the shard group failed while generating ({err}); the request can be retried"
-        self.driver.abort_running(message)
+        self._outage_since = time.monotonic()
+        self.driver.readmit_running()
         group, self.group = self.group, None
         try:
             group.shutdown()
         except Exception:  # noqa: BLE001 - it is being discarded anyway
             pass
 
+    def _tend_queue(self) -> None:
+        """While the group is being rebuilt: take requests (or refuse them: queue bound), end those past their
+        deadline, and end with the retriable error those that waited resume_timeout_s for the group."""
+        self._drain_inbox(block=False)
+        for _, event in self.scheduler.expire():
+            self._on_event(event)
+        now = time.monotonic()
+        for request in list(self.scheduler.queue):
+            timing = self._timings.get(request.request_id)
+            since = max(self._outage_since, timing.submitted if timing else 0.0)
+            if now - since > self.settings.resume_timeout_s:
+                self.scheduler.drop_queued(request)
+                self._on_event(TokenEvent(request.request_id, None, None, FinishReason.ERROR,
+                                          f"the shard group was not rebuilt within {self.settings.resume_timeout_s:g}s "
+                                          f"({self.error}); the request can be retried"))
+        self._flush()
+
     def _fail_queued(self, message: str) -> None:
         while self.scheduler.queue:
-            request = self.scheduler.queue.popleft()
+            request = self.scheduler.queue[0]
+            self.scheduler.drop_queued(request)
             self._on_event(TokenEvent(request.request_id, None, None, FinishReason.ERROR, message))
         self._drain_inbox(block=False, refuse=message)
         self._flush()
@@ -286,14 +352,22 @@ class Router:
                 try:
                     if refuse:
                         raise Unavailable(refuse)
-                    self.driver.submit(payload)
+                    self.scheduler.submit(payload)  # what Driver.submit does without completions
                     self._timings[payload.request_id] = _Timing(time.monotonic(), len(payload.prompt))
                     self._prompt_tokens_total += len(payload.prompt)
                     reply.set_result(None)
                 except Exception as err:  # noqa: BLE001 - InvalidRequest / QueueFull go back to the caller
                     reply.set_exception(err)
-            elif kind == "cancel" and self.driver is not None:
+            elif kind == "abort":
+                if self.driver is not None:
+                    self.driver.abort_running(payload)
+                self._fail_queued(payload)
+            elif kind == "cancel" and self.driver is not None and self.group is not None:
                 self.driver.cancel(payload)
+            elif kind == "cancel":  # no group: the request can only be queued
+                ended = self.scheduler.cancel(payload)
+                if ended is not None:
+                    self._on_event(ended[1])
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -335,17 +409,25 @@ def _this_node_id() -> str | None:
         return None
 
 
+def placement_name(router_name: str) -> str:
+    """The placement group of the router named `router_name`."""
+    return f"{router_name}-shards"
+
+
 def start_router(config: Grok1Config, settings: ReplicaConfig | None = None, *, checkpoint: str,
-                 name: str | None = None, env: dict[str, str] | None = None, **overrides):
+                 name: str | None = None, env: dict[str, str] | None = None, group_name: str | None = None,
+                 **overrides):
     """Create the router as a Ray actor; its shard group starts loading at once (see `wait_ready`).
 
     `settings` (default: ReplicaConfig's defaults) with `overrides` (ReplicaConfig fields) applied; `env` is
-    extra environment for the shard workers. Bad settings, or a mesh the model does not allow, raise here."""
+    extra environment for the shard workers. Bad settings, or a mesh the model does not allow, raise here.
+    A named router names its placement group `group_name` (default `placement_name(name)`); a stale group of
+    that name (the replica's last router died) is removed when the new one builds its group."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     settings = ReplicaConfig.from_overrides(overrides, base=settings)
-    spec = settings.group_spec(config, checkpoint, env)
+    spec = settings.group_spec(config, checkpoint, env, group_name or (placement_name(name) if name else None))
     # The router sits next to its caller (the head node or the ingress replica), not on a shard's node: it has
     # to outlive the loss of any shard's node to rebuild the group.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

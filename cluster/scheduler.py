@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from grok1.engine_api import FinishReason, InvalidRequest, QueueFull, Request, TokenEvent, validate_request
 
@@ -21,6 +21,7 @@ __all__ = ["InvalidRequest", "QueueFull", "Request", "Scheduler", "TokenEvent"]
 class _Running:
     request: Request
     generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # generated so far: what a resume replays
 
 
 class Scheduler:
@@ -34,6 +35,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.queue: collections.deque[Request] = collections.deque()
         self.slots: list[_Running | None] = [None] * max_slots
+        self.resume: dict[str, list[int]] = {}  # re-admitted requests (queued again): the tokens they generated
 
     # ------------------------------------------------------------------------------------------ intake
     def validate(self, request: Request) -> None:
@@ -53,15 +55,40 @@ class Scheduler:
         for slot, running in enumerate(self.slots):
             if running is None and self.queue:
                 request = self.queue.popleft()
-                self.slots[slot] = _Running(request)
+                replay = self.resume.pop(request.request_id, [])
+                self.slots[slot] = _Running(request, len(replay), list(replay))
                 admitted.append((slot, request))
         return admitted
+
+    def context(self, slot: int) -> tuple[list[int], int]:
+        """What the slot's prefill runs: the prompt and the tokens generated before a re-admission, and how
+        many of those are generated (the random stream's index of the next token)."""
+        running = self.slots[slot]
+        return running.request.prompt + running.tokens, len(running.tokens)
+
+    def readmit_running(self) -> list[str]:
+        """The engine is gone but will be rebuilt: running requests go back to the front of the queue (in
+        slot order), keeping their tokens, to be prefilled with prompt + tokens and continue where they were."""
+        readmitted = []
+        for slot, running in enumerate(self.slots):
+            if running is not None:
+                self.resume[running.request.request_id] = running.tokens
+                readmitted.append(running.request)
+                self.slots[slot] = None
+        self.queue.extendleft(reversed(readmitted))
+        return [request.request_id for request in readmitted]
+
+    def drop_queued(self, request: Request) -> None:
+        """Take a queued request out (the caller ends it)."""
+        self.queue.remove(request)
+        self.resume.pop(request.request_id, None)
 
     def record(self, slot: int, token: int, logprob: float) -> TokenEvent:
         """A token produced for `slot`; says whether its request is now finished."""
         running = self.slots[slot]
         request = running.request
         running.generated += 1
+        running.tokens.append(int(token))
         reason = None
         if (token == self.eos_token and not request.ignore_eos) or token in request.stop_token_ids:
             reason = FinishReason.STOP
@@ -74,7 +101,7 @@ class Scheduler:
         now = time.monotonic() if now is None else now
         ended = []
         for request in [r for r in self.queue if r.deadline is not None and r.deadline <= now]:
-            self.queue.remove(request)
+            self.drop_queued(request)
             ended.append((None, TokenEvent(request.request_id, None, None, FinishReason.DEADLINE)))
         for slot, running in enumerate(self.slots):
             if running and running.request.deadline is not None and running.request.deadline <= now:
@@ -84,7 +111,7 @@ class Scheduler:
     def cancel(self, request_id: str) -> tuple[int | None, TokenEvent] | None:
         for request in self.queue:
             if request.request_id == request_id:
-                self.queue.remove(request)
+                self.drop_queued(request)
                 return None, TokenEvent(request_id, None, None, FinishReason.CANCELLED)
         for slot, running in enumerate(self.slots):
             if running and running.request.request_id == request_id:

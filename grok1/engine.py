@@ -115,10 +115,13 @@ def _expert_counts(expert_index, valid, num_experts):
     return jnp.sum(one_hot * valid[None, :, :, None, None], axis=(1, 2, 3))
 
 
-def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: SlotSampling, *,
+def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: SlotSampling, generated, *,
                  config: Grok1Config, moe_fn=model.moe):
-    """Run n prompts (each padded to one bucket: tokens [n, T]) into `slots` [n] and sample their first tokens.
+    """Run n prompts (each padded to one bucket: tokens [n, T]) into `slots` [n] and sample their next tokens.
 
+    generated [n] int32: how many of a row's last tokens its request generated before (a resumed request:
+    prompt + its tokens so far; 0 for a new one). The token sampled here is then that request's token number
+    `generated` (its random stream's index), and those tokens count for the penalties, as if never interrupted.
     Rows whose slot is out of range (>= max_slots) are padding: every write of theirs is dropped.
     """
     rows, steps = tokens.shape
@@ -126,16 +129,18 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
     valid = positions < lengths[:, None]  # [n, T]
     out = model.forward(params, config.model, tokens, positions, state.cache, slots, kv_len=steps,
                         valid=valid, block=config.engine.moe_block_size, logits_at=lengths - 1, moe_fn=moe_fn)
-    token, logprob = sample(out.logits[:, 0], sampling, jnp.zeros(rows, jnp.int32))
 
     def put(all_slots, new):
         return all_slots.at[slots].set(new, mode="drop")
 
-    # The slot's counts restart from this request's first token (whatever the slot's last request left).
-    counts = put(state.token_counts, 0).at[slots, token].add(1, mode="drop")  # [B, V]
+    # The slot's counts restart from this request's own generated tokens (whatever the slot's last request left).
+    replayed = valid & (positions >= (lengths - generated)[:, None])  # [n, T]
+    counts = put(state.token_counts, 0).at[slots[:, None], tokens].add(replayed.astype(jnp.int32), mode="drop")
+    token, logprob = sample(out.logits[:, 0], sampling, generated, counts[jnp.clip(slots, 0, counts.shape[0] - 1)])
+    counts = counts.at[slots, token].add(1, mode="drop")  # [B, V]
     state = DecodeState(
         cache=out.cache, lengths=put(state.lengths, lengths), next_token=put(state.next_token, token),
-        generated=put(state.generated, jnp.ones(rows, jnp.int32)), active=put(state.active, jnp.ones(rows, bool)),
+        generated=put(state.generated, generated + 1), active=put(state.active, jnp.ones(rows, bool)),
         sampling=jax.tree.map(put, state.sampling, sampling), token_counts=counts)
     counts = _expert_counts(out.expert_index, valid, config.model.num_experts)
     return state, token, logprob, counts
@@ -274,9 +279,13 @@ class Engine:
             sizes.append(sizes[-1] * PREFILL_BATCH_GROWTH)
         return tuple(sizes)
 
-    def prefill_many(self, slots: list[int], prompts: list[list[int]], samplings: list[Sampling]) -> StepOutput:
+    def prefill_many(self, slots: list[int], prompts: list[list[int]], samplings: list[Sampling],
+                     generated: list[int] | None = None) -> StepOutput:
         """Prefill several prompts into their slots: one call per bucket (and per batch that fits), so that a
-        burst of admissions costs a few steps, not one per request. Tokens and logprobs come back in order."""
+        burst of admissions costs a few steps, not one per request. Tokens and logprobs come back in order.
+        `generated[i]`: how many of prompt i's last tokens are its request's own (a resumed request; see
+        prefill_step)."""
+        generated = [0] * len(prompts) if generated is None else generated
         for prompt in prompts:
             if not 0 < len(prompt) < self.max_len:
                 raise ValueError(f"prompt length {len(prompt)} must be in [1, {self.max_len})")
@@ -294,14 +303,16 @@ class Engine:
                 batch_tokens = np.zeros((size, bucket), np.int32)
                 batch_slots = np.full(size, self.max_slots, np.int32)  # out of range: padding rows write nothing
                 lengths = np.zeros(size, np.int32)
+                replayed = np.zeros(size, np.int32)
                 chosen = [samplings[i] for i in chunk] + [Sampling()] * (size - len(chunk))
                 for row, index in enumerate(chunk):
                     batch_tokens[row, : len(prompts[index])] = prompts[index]
                     batch_slots[row] = slots[index]
                     lengths[row] = len(prompts[index])
+                    replayed[row] = generated[index]
                 self.state, token, logprob, step_counts = self._prefill(
                     self.params, self.state, batch_slots, batch_tokens, lengths,
-                    _slot_sampling(chosen, self.config.model.vocab_size))
+                    _slot_sampling(chosen, self.config.model.vocab_size), replayed)
                 for index in chunk:
                     self._active[slots[index]], self._lengths[slots[index]] = True, len(prompts[index])
                 tokens[chunk] = np.asarray(token)[: len(chunk)]

@@ -10,9 +10,14 @@
    ingress/grpc_service.py's.
 3. Both parse into `GenerationParams` (ingress/protocol.py), run a `Generation` (ingress/generation.py) on the
    router, and render its deltas: SSE chunks, JSON, or protobuf messages.
-4. Until the weights are loaded the router refuses requests as Unavailable: HTTP 503, gRPC UNAVAILABLE.
-   `/health` is 200 only when a 1-token generation works. Serve's own health check fails the replica when its
-   router has failed or died, so Serve replaces both.
+4. Readiness means loaded: the constructor returns only once the router has loaded the weights and a 1-token
+   generation works (bounded by start_timeout_s; past it, or on a failed start, it raises and Serve retries
+   the replica). Serve marks a replica RUNNING, and routes to it, only when its constructor has returned, and
+   an application is RUNNING (what a RayService upgrade waits for before switching traffic) only when all its
+   replicas are; so no traffic reaches a loading replica. (A check_health that fails while loading would not
+   do: Serve kills a replica whose health check fails.) A router that is later recovering refuses requests
+   as Unavailable: HTTP 503, gRPC UNAVAILABLE. `/health` is 200 only when a 1-token generation works. Serve's
+   own health check fails the replica when its router has failed or died, so Serve replaces both.
 5. The settings are one `ServingConfig` (ingress/serving_config.py): build_app's arguments only override it.
 """
 
@@ -24,13 +29,14 @@ import os
 import time
 from pathlib import Path
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.router import start_router
+from cluster.router import placement_name, start_router
 from grok1.tokenizer import Tokenizer
 from ingress import metrics, protocol, responses
 from ingress.auth import ApiKeys, bearer, read_keys
@@ -41,7 +47,9 @@ from ingress.grpc_service import GrpcService
 from ingress.ray_export import ray_export
 from ingress.render import ChatRender, CompletionRender
 from ingress.serving_config import ServingConfig
+from workers.group import remove_placement_group_named
 
+SHUTDOWN_MARGIN_S = 30  # beyond the drain grace: the router's shutdown and removing its workers
 GRPC_SERVICER = "grok1_api.v1.grok1_pb2_grpc.add_Grok1ServiceServicer_to_server"
 
 
@@ -81,6 +89,15 @@ async def _read_body(request: Request, timeout_s: float) -> dict:
     return parse_json_body(raw)
 
 
+def wait_loaded(router, start_timeout_s: float, probe_timeout_s: float) -> None:
+    """Block until `router` has loaded its weights and a 1-token generation works; raise (with what went wrong)
+    when it fails to start, or is not ready within start_timeout_s."""
+    ray.get(router.wait_ready.remote(start_timeout_s), timeout=start_timeout_s + 30)
+    health = ray.get(router.health.remote(probe=True), timeout=probe_timeout_s + 30)
+    if not health["ok"]:
+        raise RuntimeError(f"the replica loaded but its 1-token generation failed: {health['detail']}")
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10, health_check_timeout_s=60)
 @serve.ingress(app)
 class Grok1Ingress(GrpcService):
@@ -102,15 +119,40 @@ class Grok1Ingress(GrpcService):
                                               ingress_counts=self.counts, export=ray_export(
                                                   self.options.ray_metrics, config.name, self.replica,
                                                   config.engine.max_len))
-        self.router = start_router(config, self.options.replica(), checkpoint=config.checkpoint.path)
+        self.router_name = f"grok1-router-{self.replica}"  # names its placement group too (one per replica)
+        self.router = start_router(config, self.options.replica(), checkpoint=config.checkpoint.path,
+                                   name=self.router_name)
+        try:
+            wait_loaded(self.router, self.options.start_timeout_s, self.options.health_timeout_s)
+        except BaseException:
+            ray.kill(self.router)  # Serve retries this replica with a new router: this one must not linger
+            raise
 
     # ------------------------------------------------------------------------------------ Serve hooks
     async def check_health(self):
         """Serve's health check: fail when the router died or gave up (Serve then replaces this replica)."""
-        health = await self.router.health.remote(probe=False)
+        try:
+            health = await self.router.health.remote(probe=False)
+        except ray.exceptions.RayActorError:
+            # The router died with its placement group still reserved (Ray keeps it for the job): free it.
+            remove_placement_group_named(placement_name(self.router_name))
+            raise
         await self._update_metrics()  # every health check period: the Ray export's gauges stay current
         if health["state"] == "failed":
             raise RuntimeError(f"the router failed: {health['detail']}")
+
+    async def __del__(self):
+        """Serve's graceful shutdown (scale-down, redeploy, upgrade), once it has stopped routing here and its
+        ongoing requests are done or it gave up waiting: drain the router (whatever still runs gets the grace
+        period, then the retriable error) and shut it down, so its workers and placement group go too."""
+        router = getattr(self, "router", None)  # None: the constructor never got that far
+        if router is None:
+            return
+        try:
+            await asyncio.wait_for(router.drain.remote(self.options.drain_grace_s), self.options.drain_grace_s + 20)
+            await asyncio.wait_for(router.shutdown.remote(), 20)
+        except Exception:  # noqa: BLE001 - the router is gone already: its group may be left, remove it
+            remove_placement_group_named(placement_name(self.router_name))
 
     async def router_handle(self):
         """The router actor (tests read its state through it)."""
@@ -241,6 +283,8 @@ def build_app(args: dict) -> serve.Application:
         # Serve queues beyond this; the router's queue is the limit.
         max_ongoing_requests=options.max_queue + slots + 32,
         max_queued_requests=-1,
+        # Serve waits this long for ongoing requests and __del__ (the router's drain) before it kills us.
+        graceful_shutdown_timeout_s=options.drain_grace_s + SHUTDOWN_MARGIN_S,
     ).bind(options.model_dump())
 
 

@@ -53,6 +53,7 @@ class GroupSpec:
     start_timeout_s: float  # joining and loading
     step_timeout_s: float  # one prefill or decode step
     env: tuple[tuple[str, str], ...]  # extra environment for the workers (network interfaces, ...)
+    placement_name: str | None  # the placement group's name, one per replica (None: unnamed)
 
     @property
     def num_processes(self) -> int:
@@ -80,7 +81,10 @@ class RayShardGroup:
         self._ray = ray
         n = spec.num_processes
         bundle = {"GPU": spec.devices_per_process, "CPU": 1} if spec.use_gpus else {"CPU": 1}
-        self.placement_group = placement_group([dict(bundle) for _ in range(n)], strategy=spec.strategy)
+        if spec.placement_name:
+            remove_placement_group_named(spec.placement_name)  # left by a router of this replica that died
+        self.placement_group = placement_group([dict(bundle) for _ in range(n)], strategy=spec.strategy,
+                                               name=spec.placement_name or "")
         self.workers = []
         try:
             deadline = time.monotonic() + spec.start_timeout_s
@@ -163,6 +167,20 @@ class RayShardGroup:
         self.workers = []
 
 
+def remove_placement_group_named(name: str) -> bool:
+    """Remove the placement group of that name, if there is one (True then). Ray keeps a placement group until
+    its creator's job ends, not when the creating actor (a router) dies: whoever replaces or watches that
+    router calls this, so the devices it reserved are not held for ever."""
+    import ray
+
+    try:
+        stale = ray.util.get_placement_group(name)
+    except ValueError:  # no such group
+        return False
+    ray.util.remove_placement_group(stale)
+    return True
+
+
 class LocalShardGroup:
     """The same interface over an engine in this process: the router without Ray, and its tests."""
 
@@ -210,8 +228,9 @@ class GroupEngine:
     def prefill(self, slot, prompt, sampling):
         return self.group.call("prefill", slot, prompt, sampling)[0]
 
-    def prefill_many(self, slots, prompts, samplings):
-        return self.group.call("prefill_many", slots, prompts, samplings)[0]
+    def prefill_many(self, slots, prompts, samplings, generated=None):
+        resumed = () if generated is None else (generated,)  # engines without resume never see it
+        return self.group.call("prefill_many", slots, prompts, samplings, *resumed)[0]
 
     def decode(self):
         return self.decode_finish(self.decode_start())

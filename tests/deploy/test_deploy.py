@@ -662,6 +662,20 @@ def test_rayservice_survives_a_minutes_long_load_and_upgrades_explicitly(name):
     assert spec["serviceUnhealthySecondThreshold"] >= MIN_UNHEALTHY_THRESHOLD_S
 
 
+@pytest.mark.parametrize("name", RAYSERVICE_KUSTOMIZATIONS)
+def test_pods_outlast_the_replicas_drain(name):
+    """Drain on shutdown: the router's grace period < Serve's graceful_shutdown_timeout_s (what build_app sets)
+    < every Ray pod's terminationGracePeriodSeconds, so the kubelet never cuts a drain short."""
+    from ingress.app import SHUTDOWN_MARGIN_S
+
+    doc = the("RayService", name)
+    (app,) = serve_config(doc)["applications"]
+    serving = serving_config(app["args"], f"{name}: serveConfigV2 args", strict=True)
+    serve_timeout = serving.drain_grace_s + SHUTDOWN_MARGIN_S
+    for group, pod, _ in cluster_pods(doc["spec"]["rayClusterConfig"]):
+        assert pod.get("terminationGracePeriodSeconds", 30) > serve_timeout, f"{group}: shorter than the drain"
+
+
 @pytest.mark.parametrize("kind, name", RAY_CLUSTERS)
 def test_ray_pods_have_shared_memory_for_the_object_store_and_gpu_tolerations(kind, name):
     doc = the(kind, name)

@@ -4,7 +4,8 @@ A head with no CPUs (the router actor needs none) and two worker nodes of one CP
 expert-parallel group (STRICT_SPREAD) must put one shard worker on each worker node. Checked: placement on
 different nodes, golden greedy through the router equal to the single-process engine, 16 concurrent mixed
 requests each equal to its result alone, cancellation and deadlines, and recovery when a worker process is
-killed and when a whole node is removed and another one added.
+killed and when a whole node is removed and another one added: the requests in flight resume and complete
+with the tokens they get alone.
 """
 
 from __future__ import annotations
@@ -168,15 +169,18 @@ def _assert_recovered(router, restarts_before: int, reference) -> dict:
     return state
 
 
-def test_killed_worker_fails_in_flight_requests_and_the_group_is_rebuilt(router, reference):
+def _assert_resumed(results, reference) -> None:
+    """Each long request completed through the fault with exactly the tokens it gets alone."""
+    for k, events in enumerate(results):
+        assert events[-1].finish_reason == "length", events[-1]
+        assert [e.token for e in events] == reference(Request("alone", [3 + k, 9], 120))
+
+
+def test_killed_worker_pauses_in_flight_requests_which_resume_once_the_group_is_rebuilt(router, reference):
     before = stats(router)
     victim = before["workers"][1]["pid"]
-    started = time.monotonic()
     results = _long_requests_then(router, lambda: os.kill(victim, signal.SIGKILL))
-    assert time.monotonic() - started < 120  # noticed in seconds, not at the step timeout
-    for events in results:
-        assert events[-1].finish_reason == "error" and "retried" in events[-1].error
-        assert len(events) < 120
+    _assert_resumed(results, reference)
     after = _assert_recovered(router, before["restarts"], reference)
     assert victim not in {w["pid"] for w in after["workers"]}
 
@@ -193,8 +197,7 @@ def test_lost_node_is_replaced_and_serving_resumes(router, ray_cluster, referenc
         ray_cluster.worker_nodes_list.append(ray_cluster.add_node(num_cpus=1))
 
     results = _long_requests_then(router, remove_node_and_add_another)
-    for events in results:
-        assert events[-1].finish_reason == "error"
+    _assert_resumed(results, reference)
     after = _assert_recovered(router, before["restarts"], reference)
     assert lost_id not in {w["node_id"] for w in after["workers"]}
     assert ray_cluster.worker_nodes_list[-1].node_id in {w["node_id"] for w in after["workers"]}

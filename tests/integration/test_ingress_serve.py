@@ -41,8 +41,9 @@ class Server:
     router: object
     model: str
     config_path: str
-    loading_http_status: int
-    loading_grpc_code: str
+    loading_http_status: int  # a request sent while the replica was loading
+    loading_grpc_code: str  # gRPC Health right after serve.run
+    ready_before_serve_run: bool  # the router was ready when the (blocking) serve.run returned
 
     def stats(self) -> dict:
         import ray
@@ -68,16 +69,21 @@ def server(golden_dir, tmp_path_factory):
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(**serve_options("127.0.0.1", http_port, grpc_port))
-        handle = serve.run(build_app({"config": str(config_path), "ep": 1, "backend": "local",
-                                      "max_queue": MAX_QUEUE, "body_timeout_s": BODY_TIMEOUT_S}),
-                           name=APP, route_prefix="/", blocking=False)
+        app = build_app({"config": str(config_path), "ep": 1, "backend": "local", "max_queue": MAX_QUEUE,
+                         "body_timeout_s": BODY_TIMEOUT_S})
         http = f"http://127.0.0.1:{http_port}"
-        loading_status = requests.post(f"{http}/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            deploying = pool.submit(serve.run, app, name=APP, route_prefix="/")  # returns once RUNNING
+            time.sleep(1.0)  # the replica is loading now: these wait for it instead of getting 503
+            loading_http = pool.submit(requests.post, f"{http}/v1/completions",
+                                       json={"prompt": "hi", "max_tokens": 1}, timeout=600)
+            handle = deploying.result(timeout=600)
+            router = handle.router_handle.remote().result()
+            ready = ray.get(router.stats.remote())["state"] == "ready"
+            loading_status = loading_http.result(timeout=600).status_code
         loading_code = GrpcClient(f"127.0.0.1:{grpc_port}").health().state
-        router = handle.router_handle.remote().result()
-        assert ray.get(router.wait_ready.remote(600))
         yield Server(http, f"127.0.0.1:{grpc_port}", router, "grok1-tiny", str(config_path), loading_status,
-                     loading_code)
+                     loading_code, ready)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -128,9 +134,12 @@ def good_request(server):
 # ------------------------------------------------------------------------------------------ start-up, health
 
 
-def test_unavailable_while_loading_then_healthy(server, grpc_client):
-    assert server.loading_http_status == 503
-    assert server.loading_grpc_code == "UNAVAILABLE"
+def test_no_traffic_until_loaded_then_healthy(server, grpc_client):
+    """Readiness means loaded: the app is RUNNING only once the weights are loaded and a token was generated,
+    and a request sent while the replica was loading was served, not refused with 503."""
+    assert server.ready_before_serve_run
+    assert server.loading_http_status == 200
+    assert server.loading_grpc_code == "ready"
     health = requests.get(f"{server.http}/health")
     assert health.status_code == 200 and health.json()["ok"]
     assert grpc_client.health().ok

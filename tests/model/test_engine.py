@@ -633,3 +633,19 @@ def test_a_step_over_a_short_kv_bucket_and_few_rows_equals_the_full_width_step(e
     np.testing.assert_array_equal(short[0].token_counts, full[0].token_counts)
     for slot in slots:
         engine.release(slot)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, seed=7),
+                                      Sampling(temperature=0.9, top_k=40, seed=3, frequency_penalty=1.5,
+                                               presence_penalty=0.5)], ids=["greedy", "seeded", "penalties"])
+def test_resumed_prefill_continues_the_same_tokens(engine, golden, alone, sampling):
+    """A request re-admitted with prompt + its first k tokens (`generated=k`) samples token k with the same
+    random draw and penalty counts, so it goes on exactly as the uninterrupted run."""
+    ids, total, k = prompt(9, 41), 8, 3
+    uninterrupted = alone(ids, total, sampling).tokens
+    out = engine.prefill_many([1], [ids + uninterrupted[:k]], [sampling], generated=[k])
+    resumed = [int(out.tokens[0])]
+    while len(resumed) < total - k:
+        resumed.append(int(engine.decode().tokens[1]))
+    engine.release(1)
+    assert resumed == uninterrupted[k:]

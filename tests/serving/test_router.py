@@ -45,8 +45,12 @@ class SlowFakeEngine(FakeEngine):
     def decode_start(self):
         return self.decode()
 
-    def prefill_many(self, slots, prompts, samplings):
+    def prefill_many(self, slots, prompts, samplings, generated=None):
+        """A resumed request (prompt + its n generated tokens) continues its +1 sequence from its last token."""
         outs = [self.prefill(slot, prompt, sampling) for slot, prompt, sampling in zip(slots, prompts, samplings)]
+        for k, n in enumerate(generated or []):
+            if n:
+                outs[k].tokens[0] = self.last[slots[k]] = (prompts[k][-1] + 1) % VOCAB
         return StepOutput(np.concatenate([o.tokens for o in outs]), np.concatenate([o.logprobs for o in outs]),
                           sum(o.expert_counts for o in outs))
 
@@ -62,11 +66,13 @@ def expected(prompt, n):
     return [(first + i) % VOCAB for i in range(n)]
 
 
-def make_router(engines, **kwargs) -> Router:
-    """A router whose k-th shard group (first start, then each rebuild) runs engines[k]."""
+def make_router(engines, rebuild_s: float = 0.0, **kwargs) -> Router:
+    """A router whose k-th shard group (first start, then each rebuild, which takes rebuild_s) runs engines[k]."""
     made = []
 
     def factory(spec):
+        if made:
+            time.sleep(rebuild_s)
         if not engines:
             raise RuntimeError("no more engines")
         made.append(engines.pop(0))
@@ -203,24 +209,70 @@ def test_deadline_ends_queued_and_running_requests():
     run(main())
 
 
-def test_group_failure_fails_in_flight_keeps_queue_and_rebuilds():
+def test_group_failure_resumes_running_requests_exactly_and_keeps_the_queue():
     first, second = SlowFakeEngine(step_s=0.01, fail_at_decode=5), SlowFakeEngine()
     router = make_router([first, second])
 
     async def main():
         await router.wait_ready(10)
-        running = [asyncio.create_task(collect(router, Request(f"run{k}", [k + 10], 20, ignore_eos=True)))
-                   for k in range(MAX_SLOTS)]
+        prompts = [[k + 10] for k in range(MAX_SLOTS)]
+        running = [asyncio.create_task(collect(router, Request(f"run{k}", p, 20, ignore_eos=True)))
+                   for k, p in enumerate(prompts)]
         await asyncio.sleep(0.005)
         queued = asyncio.create_task(collect(router, Request("queued", [3], 3, ignore_eos=True)))
-        for task in running:
-            events = await task
-            assert events[-1].finish_reason == "error" and "can be retried" in events[-1].error
+        for task, prompt in zip(running, prompts):
+            events = await task  # paused through the rebuild, then resumed: none lost, none repeated
+            assert [e.token for e in events] == expected(prompt, 20) and events[-1].finish_reason == "length"
         events = await queued  # kept in the queue through the rebuild, then served by the new group
         assert [e.token for e in events] == expected([3], 3) and events[-1].finish_reason == "length"
-        await router.wait_ready(10)
+        for prompt in prompts:  # the new group was given prompt + the tokens already sent
+            [(_, context, _)] = [p for p in second.prefills if p[1][0] == prompt[0]]
+            assert context[1:] == expected(prompt, len(context) - 1) and 1 < len(context) < 21
         stats = await router.stats()
         assert stats["restarts"] == 1 and stats["state"] == "ready" and len(router.made) == 2
+        await router.shutdown()
+
+    run(main())
+
+
+def test_during_a_rebuild_deadlines_hold_and_the_queue_bound_refuses_at_once():
+    first, second = SlowFakeEngine(step_s=0.01, fail_at_decode=3), SlowFakeEngine()
+    router = make_router([first, second], rebuild_s=3.0, max_queue=1)
+
+    async def main():
+        await router.wait_ready(10)
+        running = [asyncio.create_task(collect(router, Request(f"run{k}", [k + 10], 30, ignore_eos=True)))
+                   for k in range(MAX_SLOTS)]
+        while router.state != "recovering":
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        events = await collect(router, Request("late", [5], 3), timeout_s=0.3)  # queued during the rebuild
+        assert events[-1].finish_reason == "deadline" and time.monotonic() - started < 2.0
+        queued = asyncio.create_task(collect(router, Request("fits", [4], 2, ignore_eos=True)))
+        await asyncio.sleep(0.2)
+        with pytest.raises(QueueFull):  # 4 resuming + 1 queued for 4 slots: over the bound of 1
+            await collect(router, Request("over", [6], 2))
+        assert router.state == "recovering" and time.monotonic() - started < 2.5
+        for k, task in enumerate(running):
+            assert [e.token for e in await task] == expected([k + 10], 30)
+        assert [e.token for e in await queued] == expected([4], 2)
+        await router.shutdown()
+
+    run(main())
+
+
+def test_requests_that_cannot_resume_within_the_bound_end_with_the_retriable_error():
+    first, second = SlowFakeEngine(step_s=0.01, fail_at_decode=3), SlowFakeEngine()
+    router = make_router([first, second], rebuild_s=3.0, resume_timeout_s=0.5)
+
+    async def main():
+        await router.wait_ready(10)
+        running = [asyncio.create_task(collect(router, Request(f"run{k}", [k + 10], 30, ignore_eos=True)))
+                   for k in range(MAX_SLOTS)]
+        for task in running:
+            events = await task
+            assert events[-1].finish_reason == "error" and "not rebuilt within 0.5s" in events[-1].error
+            assert router.state == "recovering"  # ended within the bound, not when the rebuild was done
         await router.shutdown()
 
     run(main())
@@ -352,3 +404,28 @@ def test_the_driver_flushes_once_per_phase_with_at_most_one_event_per_request(pi
             current.append(item.request_id)
     assert current == [] and phases[0] == ["f0", "f1", "f2"]  # the prefills, flushed before any decode
     assert all(len(ids) == len(set(ids)) for ids in phases) and sum(map(len, phases)) == 12
+
+
+def test_drain_refuses_new_requests_lets_running_finish_then_ends_the_rest():
+    router = make_router([SlowFakeEngine(step_s=0.01)])
+
+    async def main():
+        await router.wait_ready(10)
+        short = [asyncio.create_task(collect(router, Request(f"short{k}", [k + 10], 8, ignore_eos=True)))
+                 for k in range(2)]
+        long = asyncio.create_task(collect(router, Request("long", [7], 60, ignore_eos=True)))
+        await asyncio.sleep(0.03)
+        draining = asyncio.create_task(router.drain(grace_s=0.3))
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable, match="draining"):
+            await collect(router, Request("new", [5], 2))
+        assert not (await router.health(probe=False))["ok"]
+        for k, task in enumerate(short):  # finished within the grace period
+            assert [e.token for e in await task] == expected([k + 10], 8)
+        assert await draining == {"ended_with_error": 1}
+        events = await long
+        assert events[-1].finish_reason == "error" and "grace period" in events[-1].error
+        assert [e.token for e in events[:-1]] == expected([7], len(events) - 1)
+        await router.shutdown()
+
+    run(main())
