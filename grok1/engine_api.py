@@ -16,7 +16,15 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from grok1.limits import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE, SEED_RANGE, TEMPERATURE_MAX, TOP_K_MAX
+from grok1.limits import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_TOP_LOGPROBS,
+    PENALTY_RANGE,
+    SEED_RANGE,
+    TEMPERATURE_MAX,
+    TOP_K_MAX,
+)
 
 # The verbs a shard group runs on every worker's engine (workers.actor.ShardWorker.execute).
 ENGINE_VERBS = frozenset({"prefill", "prefill_many", "decode", "release", "check_health"})
@@ -75,6 +83,22 @@ class Request:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     deadline: float | None = None  # time.monotonic() after which the request is ended
+    top_logprobs: int = 0  # the k (<= MAX_TOP_LOGPROBS) most likely tokens at each generated position
+    prompt_logprobs: bool = False  # the log-probability of every prompt token (and its top_logprobs) at prefill
+    grammar: Any = None  # a compiled grammar (grok1.grammar) the generated text must match; None: free text
+
+
+# (token id, log-probability) pairs, most likely first.
+TopLogprobs = tuple[tuple[int, float], ...]
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt token: its log-probability given the tokens before it (None for the first) and the
+    top_logprobs there (empty for the first)."""
+
+    logprobs: list[float | None]
+    top: list[TopLogprobs]
 
 
 @dataclass
@@ -84,6 +108,8 @@ class TokenEvent:
     logprob: float | None
     finish_reason: FinishReason | None  # None while running
     error: str | None = None  # with ERROR: what failed; the request may be retried from its prompt
+    top_logprobs: TopLogprobs = ()  # when the request asked for top_logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # on the first token's event, when the request asked
 
 
 class QueueFull(RuntimeError):
@@ -136,6 +162,8 @@ def validate_request(request: Request, max_len: int, vocab_size: int) -> None:
     if len(prompt) + request.max_tokens > max_len:
         raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds "
                              f"the context of {max_len} tokens", "max_tokens")
+    if not _is_int(request.top_logprobs) or not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
     if not all(_is_int(t) and 0 <= t < vocab_size for t in request.stop_token_ids):
         raise InvalidRequest(f"stop token ids must be in [0, {vocab_size})", "stop_token_ids")
     s = request.sampling
