@@ -74,7 +74,7 @@ class GrammarCompiler:
         key = (str(tokenizer.path), tokenizer.eos_id)
         with _COMPILERS_LOCK:
             if key not in _COMPILERS:
-                _COMPILERS[key] = cls(token_bytes(tokenizer._sp), tokenizer.eos_id)
+                _COMPILERS[key] = cls(token_bytes(tokenizer.sentencepiece), tokenizer.eos_id)
             return _COMPILERS[key]
 
     def compile(self, regex: str):
