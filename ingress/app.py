@@ -135,6 +135,12 @@ class Grok1Ingress(GrpcService):
     async def http_tokenize(self, request: Request):
         return await self._http_call(request, tokenize.tokenize)
 
+    @app.get("/tokenizer_info")
+    async def http_tokenizer_info(self, request: Request):
+        if denied := self._http_denied(request):
+            return denied
+        return tokenize.tokenizer_info(self.model, self.tokenizer)
+
     @app.post("/detokenize")
     async def http_detokenize(self, request: Request):
         return await self._http_call(request, tokenize.detokenize)

@@ -4,9 +4,13 @@
                  or {"messages": [...], "add_generation_prompt"?, ...}  (laid out as chat completions do)
               -> {"count": n, "max_model_len": m, "tokens": [ids], "token_strs": [pieces] or null}
     /detokenize  {"tokens": [ids]} -> {"prompt": text}
+    GET /tokenizer_info -> {"eos_token", "pad_token", "model_max_length", ...}  (what lm-evaluation-harness's
+                 remote tokenizer reads)
 
 Grok-1 prompts carry no special tokens (no BOS, as in the reference runner), so `add_special_tokens` adds
-none either way: the ids are exactly what /v1/completions would run.
+none either way: the ids are exactly what /v1/completions would run. A prompt that is exactly the EOS
+token's text ("[EOS]") tokenizes as EOS's id, as Hugging Face tokenizers treat special tokens (clients find
+the EOS id that way); inside a longer text it is plain text.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def tokenize(body: dict, model: protocol.ModelInfo, tokenizer) -> dict:
         if not isinstance(text, str):
             raise invalid(f"prompt must be a string, got {show(text)}", "prompt")
         text = check_text(text, "prompt", model.max_prompt_chars)
-    ids = tokenizer.encode(text)
+    ids = [model.eos_token] if text == tokenizer.id_to_piece(model.eos_token) else tokenizer.encode(text)
     pieces = [tokenizer.id_to_piece(i) for i in ids] if boolean(body, "return_token_strs") else None
     return {"count": len(ids), "max_model_len": model.max_len, "tokens": ids, "token_strs": pieces}
 
@@ -53,3 +57,10 @@ def detokenize(body: dict, model: protocol.ModelInfo, tokenizer) -> dict:
     if bad:
         raise invalid(f"token ids must be in [0, {model.vocab_size}), got {show(bad[:5])}", "tokens")
     return {"prompt": tokenizer.decode(ids)}
+
+
+def tokenizer_info(model: protocol.ModelInfo, tokenizer) -> dict:
+    """vLLM's GET /tokenizer_info, as far as a SentencePiece model has it (no chat template: see README)."""
+    return {"tokenizer_class": "SentencePiece", "model_max_length": model.max_len,
+            "vocab_size": model.vocab_size, "eos_token": tokenizer.id_to_piece(model.eos_token),
+            "bos_token": None, "pad_token": None, "chat_template": None}

@@ -104,6 +104,9 @@ def test_tokenize_and_detokenize_in_vllms_shapes():
                              MODEL, TOK)
     assert TOK.decode(bare["tokens"]) == "User: yo"
     assert tokenize.detokenize({"tokens": [104, 105]}, MODEL, TOK) == {"prompt": "hi"}
+    assert tokenize.tokenize({"prompt": TOK.id_to_piece(2)}, MODEL, TOK)["tokens"] == [2]  # EOS's own text
+    info = tokenize.tokenizer_info(MODEL, TOK)
+    assert info["eos_token"] == TOK.id_to_piece(2) and info["model_max_length"] == 64
     for body, field in [({"prompt": 5}, "prompt"), ({"prompt": "a", "extra": 1}, "extra"),
                         ({"prompt": "a", "model": "x"}, "model")]:
         with pytest.raises(ApiError) as info:
