@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,6 +57,19 @@ def vocabulary_map(pieces: list[bytes | None]) -> dict[bytes, list[int]]:
     return by_bytes
 
 
+@dataclass(frozen=True)
+class CompiledGrammar:
+    """A regex compiled over one vocabulary: what a request carries to the router (it pickles)."""
+
+    regex: str
+    index: object  # outlines_core.Index
+    vocab_size: int
+    eos_token: int
+
+    def matcher(self) -> "Matcher":
+        return Matcher(self.index, self.vocab_size, self.eos_token)
+
+
 class GrammarCompiler:
     """Regex -> compiled index over one vocabulary, cached by regex."""
 
@@ -77,7 +91,7 @@ class GrammarCompiler:
                 _COMPILERS[key] = cls(token_bytes(tokenizer.sentencepiece), tokenizer.eos_id)
             return _COMPILERS[key]
 
-    def compile(self, regex: str):
+    def compile(self, regex: str) -> CompiledGrammar:
         with self._lock:
             if regex in self._cache:
                 self._cache.move_to_end(regex)
@@ -90,14 +104,15 @@ class GrammarCompiler:
             raise GrammarError(f"the grammar cannot be compiled: {str(err)[:200]}") from None
         if set(Guide(index).get_tokens()) <= {self.eos_token}:
             raise GrammarError("no text satisfies the grammar (only the empty text does)")
+        compiled = CompiledGrammar(regex, index, self.vocab_size, self.eos_token)
         with self._lock:
-            self._cache[regex] = index
+            self._cache[regex] = compiled
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return index
+        return compiled
 
     def matcher(self, regex: str) -> "Matcher":
-        return Matcher(self.compile(regex), self.vocab_size, self.eos_token)
+        return self.compile(regex).matcher()
 
 
 _COMPILERS: dict[tuple[str, int], GrammarCompiler] = {}

@@ -50,10 +50,8 @@ class _Choice:
         # must not be able to collide with, or cancel, a running request.
         self.request_id = protocol.new_id("r")
         self.prompt = params.prompts[index // params.n]
-        wants_logprobs = params.logprobs is not None
         request = Request(self.request_id, list(self.prompt), protocol.router_max_tokens(params),
                           protocol.sampling(params, index % params.n), ignore_eos=params.ignore_eos,
-                          top_logprobs=params.logprobs or 0, prompt_logprobs=params.echo and wants_logprobs,
                           grammar=generation.grammar)
         self.refs = generation.router.generate.options(num_returns="streaming").remote(
             request, timeout_s=params.timeout_s)

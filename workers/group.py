@@ -210,14 +210,15 @@ class GroupEngine:
     def prefill(self, slot, prompt, sampling):
         return self.group.call("prefill", slot, prompt, sampling)[0]
 
-    def prefill_many(self, slots, prompts, samplings):
-        return self.group.call("prefill_many", slots, prompts, samplings)[0]
+    def prefill_many(self, slots, prompts, samplings, masks=None):
+        return self.group.call("prefill_many", slots, prompts, samplings, masks)[0]
 
-    def decode(self):
-        return self.decode_finish(self.decode_start())
+    def decode(self, masks=None, skip=()):
+        return self.decode_finish(self.decode_start(masks, skip))
 
-    def decode_start(self):
-        return self.group.submit("decode")
+    def decode_start(self, masks=None, skip=()):
+        # Grammar masks go to every worker: each samples the same tokens from the same (replicated) logits.
+        return self.group.submit("decode", masks, skip) if masks or skip else self.group.submit("decode")
 
     def decode_finish(self, handle):
         return self.group.collect(handle)[0]
