@@ -169,6 +169,11 @@ def validate_request(request: Request, max_len: int, vocab_size: int) -> None:
                              f"the context of {max_len} tokens", "max_tokens")
     if not all(_is_int(t) and 0 <= t < vocab_size for t in request.stop_token_ids):
         raise InvalidRequest(f"stop token ids must be in [0, {vocab_size})", "stop_token_ids")
+    grammar = request.grammar
+    if grammar is not None and not (callable(getattr(grammar, "matcher", None))
+                                    and getattr(grammar, "vocab_size", None) == vocab_size):
+        raise InvalidRequest(f"the grammar must be compiled (grok1.grammar) over this vocabulary of {vocab_size}",
+                             "grammar")
     s = request.sampling
     if not _finite_in(s.temperature, 0.0, TEMPERATURE_MAX):
         raise InvalidRequest(f"temperature must be in [0, {TEMPERATURE_MAX:g}], got {s.temperature!r}",

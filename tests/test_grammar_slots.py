@@ -8,7 +8,7 @@ import numpy as np
 
 from cluster.driver import Driver
 from cluster.scheduler import Request, Scheduler
-from grok1.engine_api import PromptLogprobs, Sampling, StepOutput
+from grok1.engine_api import InvalidRequest, PromptLogprobs, Sampling, StepOutput
 
 SLOTS, VOCAB, EOS = 4, 64, 7
 
@@ -27,6 +27,8 @@ class CountingMatcher:
 
 
 class FakeGrammar:
+    vocab_size = VOCAB
+
     def __init__(self):
         self.matchers = []
 
@@ -107,3 +109,14 @@ def test_top_and_prompt_logprobs_ride_on_the_events():
     assert first.prompt_logprobs.logprobs == [None, -1.0]
     assert all(e.top_logprobs == ((e.token, -1.0), (0, -1.0)) for e in events if e.request_id == "g")
     assert all(e.top_logprobs == () and e.prompt_logprobs is None for e in events if e.request_id == "free")
+
+
+def test_the_scheduler_refuses_a_grammar_that_is_not_compiled_for_its_vocabulary():
+    scheduler = Scheduler(max_slots=SLOTS, max_len=64, vocab_size=VOCAB, eos_token=EOS)
+    for grammar in ("a+", type("Other", (FakeGrammar,), {"vocab_size": VOCAB + 1})()):
+        try:
+            scheduler.submit(Request("x", [1], 2, grammar=grammar))
+        except InvalidRequest as err:
+            assert err.field == "grammar"
+        else:
+            raise AssertionError("accepted")
