@@ -432,7 +432,7 @@ HOSTILE_CHAT = {
     "chat role that is an object": ({"messages": [{"role": {"x": 1}, "content": "hi"}]}, "messages"),
     "chat lone surrogate": (b'{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages[0].content"),
     "chat response_format": ({"messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, "response_format"),
+                              "response_format": {"type": "xml"}}, "response_format.type"),
 }
 
 
