@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fixtures imported from tests/test_ingress_serve.py are parameters here
 """The base-model API on real Ray Serve (the fixtures of tests/test_ingress_serve.py: the golden model, random
 weights, the real tokenizer): prompt logprobs against the model's full forward, top logprobs, scoring with
 max_tokens 0, structured output that always parses, tokenizer routes, and refusals naming the field.
@@ -32,7 +33,7 @@ def _reference_logprobs(golden, prompt: list[int]) -> np.ndarray:
     return np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))  # [T, V]
 
 
-def test_echo_scores_prompts_over_several_buckets_like_the_full_forward(server, golden, openai_client):  # noqa: F811
+def test_echo_scores_prompts_over_several_buckets_like_the_full_forward(server, golden, openai_client):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, 30000, size=n).tolist() for n in (9, 27, 50)]  # buckets 16, 32, 64
     result = openai_client.completions.create(model=server.model, prompt=prompts, echo=True, logprobs=5,
@@ -51,7 +52,7 @@ def test_echo_scores_prompts_over_several_buckets_like_the_full_forward(server, 
             assert abs(top[0] - reference[t - 1].max()) < LOGPROB_ATOL
 
 
-def test_top_logprobs_of_generated_tokens(server, openai_client):  # noqa: F811
+def test_top_logprobs_of_generated_tokens(server, openai_client):
     for temperature in (0.0, 0.8):
         result = openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=8,
                                                   logprobs=5, temperature=temperature, seed=3)
@@ -93,7 +94,7 @@ def test_json_schema_output_always_parses(server):
     assert isinstance(json.loads(chat.json()["choices"][0]["message"]["content"]), dict)
 
 
-def test_regex_output_matches_over_http_and_grpc(server, grpc_client):  # noqa: F811
+def test_regex_output_matches_over_http_and_grpc(server, grpc_client):
     pattern = r"[0-9]{3}-[a-z]{2,4}"
     body = {"prompt": "Code:", "max_tokens": 16, "temperature": 1.0, "n": 4,
             "structured_outputs": {"regex": pattern}}
@@ -107,7 +108,7 @@ def test_regex_output_matches_over_http_and_grpc(server, grpc_client):  # noqa: 
         assert json.loads(parsed.text)["color"] in ("red", "green")
 
 
-def test_grpc_top_and_prompt_logprobs(server, stub):  # noqa: F811
+def test_grpc_top_and_prompt_logprobs(server, stub):
     from grok1_api.v1 import grok1_pb2 as pb
 
     reply = stub.Generate(pb.GenerateRequest(tokens=pb.TokenIds(ids=[5, 6, 7, 8]), max_tokens=3, logprobs=True,
