@@ -18,18 +18,21 @@ from grok1.limits import MAX_TOP_LOGPROBS
 MASK_WORD_BITS = 32
 
 
-def top_logprobs(logprobs, wanted, k: int = MAX_TOP_LOGPROBS):
-    """ids int32 [B, k] and values f32 [B, k] of each row's k largest logprobs (sorted, largest first); zeros
-    when no row wants any (wanted [B] int32: each row's k, 0 none)."""
-    def compute(lp):
-        values, ids = jax.lax.top_k(lp, k)
-        return ids.astype(jnp.int32), values.astype(jnp.float32)
+def top_logprobs(scores, total, wanted, k: int = MAX_TOP_LOGPROBS):
+    """ids int32 [B, k] and logprobs f32 [B, k] of each row's k most likely tokens (largest first), where a
+    token's logprob is scores [B, V] - total [B] (total: the row's logsumexp, so no [B, V] log-softmax is
+    built); zeros when no row wants any (wanted [B] int32: each row's k, 0 none)."""
+    def compute(scores, total):
+        values, ids = jax.lax.top_k(scores, min(k, scores.shape[-1]))  # a vocabulary under k: padded
+        pad = ((0, 0), (0, k - ids.shape[-1]))
+        return (jnp.pad(ids.astype(jnp.int32), pad),
+                jnp.pad((values - total[:, None]).astype(jnp.float32), pad, constant_values=-jnp.inf))
 
-    def skip(lp):
-        rows = lp.shape[0]
+    def skip(scores, total):
+        rows = scores.shape[0]
         return jnp.zeros((rows, k), jnp.int32), jnp.zeros((rows, k), jnp.float32)
 
-    return jax.lax.cond(jnp.any(wanted > 0), compute, skip, logprobs)
+    return jax.lax.cond(jnp.any(wanted > 0), compute, skip, scores, total)
 
 
 def prompt_logprobs(logits, tokens, k: int = MAX_TOP_LOGPROBS):

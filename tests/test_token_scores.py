@@ -17,8 +17,8 @@ def log_softmax(x) -> np.ndarray:
 
 def test_top_logprobs_are_the_k_largest_sorted_and_skipped_when_unwanted():
     logits = jax.random.normal(jax.random.PRNGKey(0), (3, 50)) * 3
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    ids, values = jax.jit(token_scores.top_logprobs, static_argnums=2)(lp, jnp.asarray([5, 0, 20]), 20)
+    total = jax.nn.logsumexp(logits, axis=-1)
+    ids, values = jax.jit(token_scores.top_logprobs, static_argnums=3)(logits, total, jnp.asarray([5, 0, 20]), 20)
     ids, values = np.asarray(ids), np.asarray(values)
     reference = log_softmax(np.asarray(logits))
     for row in range(3):
@@ -26,7 +26,7 @@ def test_top_logprobs_are_the_k_largest_sorted_and_skipped_when_unwanted():
         assert list(ids[row]) == list(order)
         np.testing.assert_allclose(values[row], reference[row][order], atol=1e-5)
         assert np.all(np.diff(values[row]) <= 0)
-    ids, values = token_scores.top_logprobs(lp, jnp.zeros(3, jnp.int32), 20)
+    ids, values = token_scores.top_logprobs(logits, total, jnp.zeros(3, jnp.int32), 20)
     assert not np.any(np.asarray(ids)) and not np.any(np.asarray(values))
 
 
