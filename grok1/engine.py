@@ -2,8 +2,14 @@
 
     prefill(slot, prompt, sampling) -> first token   # runs the prompt into a free slot's cache rows
     prefill_many(slots, prompts, samplings)           # the same for a burst: one call per bucket
-    decode()                        -> one token per slot (inactive slots give -1)
+    decode(masks?, skip?)           -> one token per slot (inactive slots give -1)
     release(slot)                                     # the slot stops decoding at once
+
+Each step also returns the top MAX_TOP_LOGPROBS tokens' logprobs of every slot (computed only when a slot
+asks), and a prefill whose prompts ask for it their prompt logprobs (a separate compile per bucket, run one
+prompt at a time: its logits cover every position). Grammar masks (grok1/grammar.py's bitmasks) are inputs
+of the step that needs them: prefill always takes them (zeros when none), decode has a masked variant
+(with `skip`: slots that sit the step out), so a batch without grammars moves no mask at all.
 
 The device state (`DecodeState`) holds the cache, each slot's length, the token it feeds next, its
 sampling settings and how often it generated each token (for the penalties), so consecutive decode steps
@@ -23,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok1 import model
+from grok1 import model, token_scores
 from grok1.config import Grok1Config
-from grok1.engine_api import Sampling, StepOutput
-from grok1.limits import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE
-from grok1.sampling import LogitPenalties, SlotSampling, sample, seed_key_data
+from grok1.engine_api import PromptLogprobs, Sampling, StepOutput
+from grok1.limits import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, PENALTY_RANGE
+from grok1.sampling import LogitPenalties, SlotSampling, sample_scored, seed_key_data
 
 
 @jax.tree_util.register_dataclass
@@ -79,7 +85,13 @@ def _slot_sampling(samplings: list[Sampling], vocab: int) -> SlotSampling:
     return SlotSampling(np.asarray([s.temperature for s in samplings], np.float32),
                         np.asarray([s.top_p for s in samplings], np.float32),
                         np.asarray([min(max(int(s.top_k), 0), vocab) for s in samplings], np.int32),
-                        np.stack([seed_key_data(s.seed) for s in samplings]), penalties)
+                        np.stack([seed_key_data(s.seed) for s in samplings]), penalties,
+                        np.asarray([min(max(int(getattr(s, "top_logprobs", 0)), 0), MAX_TOP_LOGPROBS)
+                                    for s in samplings], np.int32))
+
+
+def mask_words(vocab: int) -> int:
+    return -(-vocab // token_scores.MASK_WORD_BITS)
 
 
 def init_state(config: Grok1Config) -> DecodeState:
@@ -97,18 +109,28 @@ def _expert_counts(expert_index, valid, num_experts):
     return jnp.sum(one_hot * valid[None, :, :, None, None], axis=(1, 2, 3))
 
 
-def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: SlotSampling, *,
-                 config: Grok1Config, moe_fn=model.moe):
-    """Run n prompts (each padded to one bucket: tokens [n, T]) into `slots` [n] and sample their first tokens.
+def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: SlotSampling, mask_words, has_mask,
+                 *, config: Grok1Config, moe_fn=model.moe, score_prompt: bool = False):
+    """Run n prompts (each padded to one bucket: tokens [n, T]) into `slots` [n] and sample their first tokens
+    (under the grammar masks mask_words uint32 [n, W] of the rows with has_mask [n]).
 
-    Rows whose slot is out of range (>= max_slots) are padding: every write of theirs is dropped.
+    Rows whose slot is out of range (>= max_slots) are padding: every write of theirs is dropped. With
+    score_prompt (static) the logits of every position are kept and the prompt logprobs returned as well.
+    Returns (state, (token, logprob, expert counts, top ids, top logprobs, prompt scores or None)).
     """
     rows, steps = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(steps)[None], (rows, steps))
     valid = positions < lengths[:, None]  # [n, T]
     out = model.forward(params, config.model, tokens, positions, state.cache, slots, kv_len=steps,
-                        valid=valid, block=config.engine.moe_block_size, logits_at=lengths - 1, moe_fn=moe_fn)
-    token, logprob = sample(out.logits[:, 0], sampling, jnp.zeros(rows, jnp.int32))
+                        valid=valid, block=config.engine.moe_block_size,
+                        logits_at=None if score_prompt else lengths - 1, moe_fn=moe_fn)
+    if score_prompt:
+        scores = token_scores.prompt_logprobs(out.logits, tokens, MAX_TOP_LOGPROBS)
+        last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, V]
+    else:
+        scores, last = None, out.logits[:, 0]
+    sampled = sample_scored(last, sampling, jnp.zeros(rows, jnp.int32), None, (mask_words, has_mask))
+    token = sampled.tokens
 
     def put(all_slots, new):
         return all_slots.at[slots].set(new, mode="drop")
@@ -120,26 +142,33 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
         generated=put(state.generated, jnp.ones(rows, jnp.int32)), active=put(state.active, jnp.ones(rows, bool)),
         sampling=jax.tree.map(put, state.sampling, sampling), token_counts=counts)
     counts = _expert_counts(out.expert_index, valid, config.model.num_experts)
-    return state, token, logprob, counts
+    return state, (token, sampled.logprobs, counts, sampled.top_ids, sampled.top_logprobs, scores)
 
 
-def decode_step(params, state: DecodeState, *, config: Grok1Config, moe_fn=model.moe):
-    """One token for every active slot, all slots in one batch."""
+def decode_step(params, state: DecodeState, mask_words=None, has_mask=None, skip=None, *, config: Grok1Config,
+                moe_fn=model.moe):
+    """One token for every active slot, all slots in one batch. The masked variant takes the grammar masks
+    (mask_words uint32 [B, W], has_mask [B]) and skip [B]: slots that sit this step out (no token, no change).
+    Returns (state, (tokens, logprobs, expert counts, top ids, top logprobs))."""
+    going = state.active if skip is None else state.active & ~skip  # [B]
     positions = state.lengths[:, None]
-    valid = state.active[:, None]
+    valid = going[:, None]
     out = model.forward(params, config.model, state.next_token[:, None], positions, state.cache,
                         None, kv_len=state.cache.k.shape[2], valid=valid,
                         block=config.engine.moe_block_size, moe_fn=moe_fn)
-    tokens, logprobs = sample(out.logits[:, 0], state.sampling, state.generated, state.token_counts)
-    step = state.active.astype(jnp.int32)
+    mask = None if mask_words is None else (mask_words, has_mask & going)
+    sampled = sample_scored(out.logits[:, 0], state.sampling, state.generated, state.token_counts, mask)
+    tokens = sampled.tokens
+    step = going.astype(jnp.int32)
     # One entry per slot (inactive ones add 0), in place: the state is donated.
     counts = state.token_counts.at[jnp.arange(tokens.shape[0]), tokens].add(step)  # [B, V]
-    tokens = jnp.where(state.active, tokens, -1)
+    tokens = jnp.where(going, tokens, -1)
     state = DecodeState(cache=out.cache, lengths=state.lengths + step,
-                        next_token=jnp.where(state.active, tokens, state.next_token),
+                        next_token=jnp.where(going, tokens, state.next_token),
                         generated=state.generated + step, active=state.active, sampling=state.sampling,
                         token_counts=counts)
-    return state, tokens, logprobs, _expert_counts(out.expert_index, valid, config.model.num_experts)
+    return state, (tokens, sampled.logprobs, _expert_counts(out.expert_index, valid, config.model.num_experts),
+                   sampled.top_ids, sampled.top_logprobs)
 
 
 def release_slot(state: DecodeState, slot) -> DecodeState:
@@ -151,6 +180,14 @@ def release_slot(state: DecodeState, slot) -> DecodeState:
                        next_token=state.next_token, generated=state.generated,
                        active=state.active.at[slot].set(False), sampling=sampling,
                        token_counts=state.token_counts.at[slot].set(0))
+
+
+def _prompt_scores(scores, row: int, length: int, k: int) -> PromptLogprobs:
+    """Row `row` of prefill_step's prompt scores as host values: the first token has none."""
+    chosen, ids, values = (np.asarray(x)[row] for x in scores)
+    k = min(max(int(k), 0), MAX_TOP_LOGPROBS)
+    return PromptLogprobs([None] + chosen[1:length].tolist(),
+                          [()] + [tuple(zip(ids[t, :k].tolist(), values[t, :k].tolist())) for t in range(1, length)])
 
 
 class Engine:
@@ -171,13 +208,15 @@ class Engine:
         self.params = params
         self.state = state
         keep = {} if layout is None else {"out_shardings": layout.state_shardings(state)}
-        with_outputs = {} if layout is None else {
-            "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated,
-                              layout.replicated)}
+        with_outputs = {} if layout is None else {  # the step's outputs (a tuple) all replicated
+            "out_shardings": (layout.state_shardings(state), layout.replicated)}
         self._prefill = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn),
                                 donate_argnums=(1,), **with_outputs)
+        self._prefill_scored = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn,
+                                                         score_prompt=True), donate_argnums=(1,), **with_outputs)
         self._decode = jax.jit(functools.partial(decode_step, config=config, moe_fn=moe_fn),
                                donate_argnums=(1,), **with_outputs)
+        self._words = mask_words(config.model.vocab_size)
         self._release = jax.jit(release_slot, donate_argnums=(0,), **keep)
 
     @property
@@ -206,46 +245,74 @@ class Engine:
             sizes.append(sizes[-1] * PREFILL_BATCH_GROWTH)
         return tuple(sizes)
 
-    def prefill_many(self, slots: list[int], prompts: list[list[int]], samplings: list[Sampling]) -> StepOutput:
+    def prefill_many(self, slots: list[int], prompts: list[list[int]], samplings: list[Sampling],
+                     masks: list | None = None) -> StepOutput:
         """Prefill several prompts into their slots: one call per bucket (and per batch that fits), so that a
-        burst of admissions costs a few steps, not one per request. Tokens and logprobs come back in order."""
+        burst of admissions costs a few steps, not one per request. Outputs come back in order. masks: per
+        prompt, its grammar's bitmask for the first token, or None."""
         for prompt in prompts:
             if not 0 < len(prompt) < self.max_len:
                 raise ValueError(f"prompt length {len(prompt)} must be in [1, {self.max_len})")
-        tokens = np.zeros(len(slots), np.int32)
-        logprobs = np.zeros(len(slots), np.float32)
+        masks = masks or [None] * len(prompts)
+        n = len(slots)
+        tokens, logprobs = np.zeros(n, np.int32), np.zeros(n, np.float32)
+        top_ids = np.zeros((n, MAX_TOP_LOGPROBS), np.int32)
+        top_values = np.zeros((n, MAX_TOP_LOGPROBS), np.float32)
+        scored: list = [None] * n
         counts = None
-        by_bucket: dict[int, list[int]] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}  # (bucket, scores the prompt) -> prompt indices
         for index, prompt in enumerate(prompts):
-            by_bucket.setdefault(self.bucket_for(len(prompt)), []).append(index)
-        for bucket, indices in by_bucket.items():
-            sizes = self.prefill_batches(bucket)
+            wants = bool(getattr(samplings[index], "prompt_logprobs", False))
+            groups.setdefault((self.bucket_for(len(prompt)), wants), []).append(index)
+        for (bucket, wants), indices in groups.items():
+            sizes = (1,) if wants else self.prefill_batches(bucket)  # logits at every position: one at a time
             while indices:
                 chunk, indices = indices[: sizes[-1]], indices[sizes[-1]:]
-                size = next(n for n in sizes if n >= len(chunk))
+                size = next(k for k in sizes if k >= len(chunk))
                 batch_tokens = np.zeros((size, bucket), np.int32)
                 batch_slots = np.full(size, self.max_slots, np.int32)  # out of range: padding rows write nothing
                 lengths = np.zeros(size, np.int32)
+                words = np.zeros((size, self._words), np.uint32)
+                has = np.zeros(size, bool)
                 chosen = [samplings[i] for i in chunk] + [Sampling()] * (size - len(chunk))
                 for row, index in enumerate(chunk):
                     batch_tokens[row, : len(prompts[index])] = prompts[index]
                     batch_slots[row] = slots[index]
                     lengths[row] = len(prompts[index])
-                self.state, token, logprob, step_counts = self._prefill(
-                    self.params, self.state, batch_slots, batch_tokens, lengths,
-                    _slot_sampling(chosen, self.config.model.vocab_size))
-                tokens[chunk] = np.asarray(token)[: len(chunk)]
-                logprobs[chunk] = np.asarray(logprob)[: len(chunk)]
+                    if masks[index] is not None:
+                        words[row], has[row] = masks[index], True
+                step = self._prefill_scored if wants else self._prefill
+                self.state, out = step(self.params, self.state, batch_slots, batch_tokens, lengths,
+                                       _slot_sampling(chosen, self.config.model.vocab_size), words, has)
+                token, logprob, step_counts, ids, values, scores = out
+                k = len(chunk)
+                tokens[chunk], logprobs[chunk] = np.asarray(token)[:k], np.asarray(logprob)[:k]
+                top_ids[chunk], top_values[chunk] = np.asarray(ids)[:k], np.asarray(values)[:k]
                 counts = np.asarray(step_counts) if counts is None else counts + np.asarray(step_counts)
-        return StepOutput(tokens, logprobs, counts)
+                if scores is not None:
+                    for row, index in enumerate(chunk):
+                        scored[index] = _prompt_scores(scores, row, len(prompts[index]),
+                                                       samplings[index].top_logprobs)
+        return StepOutput(tokens, logprobs, counts, top_ids, top_values,
+                          scored if any(s is not None for s in scored) else None)
 
-    def decode(self) -> StepOutput:
-        return self.decode_finish(self.decode_start())
+    def decode(self, masks: dict | None = None, skip=()) -> StepOutput:
+        return self.decode_finish(self.decode_start(masks, skip))
 
-    def decode_start(self):
-        """Dispatch a decode step and return at once (JAX runs it asynchronously); read it with decode_finish."""
-        self.state, tokens, logprobs, counts = self._decode(self.params, self.state)
-        return tokens, logprobs, counts
+    def decode_start(self, masks: dict | None = None, skip=()):
+        """Dispatch a decode step and return at once (JAX runs it asynchronously); read it with decode_finish.
+        masks {slot: bitmask}: the grammar slots' masks for this step; skip: slots that sit it out."""
+        if not masks and not len(skip):
+            self.state, out = self._decode(self.params, self.state)
+            return out
+        words = np.zeros((self.max_slots, self._words), np.uint32)
+        has = np.zeros(self.max_slots, bool)
+        for slot, mask in (masks or {}).items():
+            words[slot], has[slot] = mask, True
+        skipping = np.zeros(self.max_slots, bool)
+        skipping[list(skip)] = True
+        self.state, out = self._decode(self.params, self.state, words, has, skipping)
+        return out
 
     @staticmethod
     def decode_finish(handle) -> StepOutput:
@@ -263,6 +330,7 @@ class Engine:
                 for slot in range(size):
                     self.release(slot)
         self.decode()
+        self.decode(skip=[0])  # the masked variant, for requests under a grammar
 
     def check_health(self) -> bool:
         return bool(jnp.all(jnp.isfinite(self.state.lengths)))
