@@ -88,10 +88,17 @@ def test_json_schema_output_always_parses(server):
     assert len(texts) == 20
     for text in texts:
         jsonschema.validate(json.loads(text), SCHEMA)
+    # Any object: random weights would write one string for ever, so closing quotes and braces are made likely
+    # (a bias, not a constraint: the grammar decides what is allowed).
+    from grok1.tokenizer import Tokenizer
+
+    pieces = Tokenizer.load().sentencepiece
+    bias = {str(pieces.piece_to_id(p)): 6 for p in ('"', "}", '"}', "1")}
     chat = requests.post(f"{server.http}/v1/chat/completions", timeout=300, json={
         "messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 120, "temperature": 1.0,
-        "response_format": {"type": "json_object"}})
-    assert isinstance(json.loads(chat.json()["choices"][0]["message"]["content"]), dict)
+        "seed": 1, "logit_bias": bias, "response_format": {"type": "json_object"}})
+    choice = chat.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and isinstance(json.loads(choice["message"]["content"]), dict)
 
 
 def test_regex_output_matches_over_http_and_grpc(server, grpc_client):
