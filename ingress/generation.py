@@ -6,8 +6,11 @@
    before anything is sent to the client: HTTP can still answer 400 / 429 / 503, gRPC its status code.
 2. Iterating yields `Delta`s: new text (stop strings cut, partial characters held back: ingress/text.py),
    the new token ids, their logprobs and top logprobs (token texts), on the first one of each choice the
-   prompt's logprobs when echo asked for them, and on the last one its finish_reason. A score-only request
-   (max_tokens 0) generates one token, which is dropped.
+   prompt's logprobs when echo asked for them, and on the last one its finish_reason (a score-only request,
+   max_tokens 0, generates one token, which is dropped). The router
+   streams each request's events in lists (all of a step's, or all since the last read when this replica
+   falls behind); one list becomes one Delta, so a busy replica sends fewer, larger chunks rather than
+   falling further behind.
 3. A stop string ends a choice early: the router is told to cancel it, which frees its slot at the next step.
    So does a client that goes away (the handler's task is cancelled and `close()` runs).
 4. Router-side endings that are not a normal finish become errors: "deadline" -> DEADLINE_EXCEEDED / 504,
@@ -56,11 +59,12 @@ class _Choice:
         self.refs = generation.router.generate.options(num_returns="streaming").remote(
             request, timeout_s=params.timeout_s)
         self.text = TextStream(generation.tokenizer, self.prompt, params.stop)
-        self.first = None
+        self.first: list | None = None  # the first list of events, read by start()
         self.tokens = 0
         self.finished = False
 
-    async def next_event(self):
+    async def next_batch(self) -> list:
+        """The router's next list of TokenEvents for this choice."""
         try:
             ref = await self.refs.__anext__()
             return await ref
@@ -73,28 +77,41 @@ class _Choice:
 
     async def start(self) -> None:
         try:
-            self.first = await self.next_event()
+            self.first = await self.next_batch()
         except ApiError:
             self.finished = True  # refused: the router holds nothing of it to cancel
             raise
 
     async def deltas(self):
-        event, self.first = self.first, None
+        batch, self.first = self.first, None
         try:
             while True:
-                delta = self._delta(event)
+                delta, error = self._delta(batch)
                 if delta.finish_reason or delta.text or delta.token_ids or delta.prompt_pieces is not None:
                     yield delta
+                if error is not None:  # after the tokens that came before it
+                    raise error
                 if delta.finish_reason:
                     return
-                event = await self.next_event()
+                batch = await self.next_batch()
         finally:
             if not self.finished:
                 self.finished = True
                 self.generation.cancel(self.request_id)
 
-    def _delta(self, event) -> Delta:
+    def _delta(self, batch: list) -> tuple[Delta, ApiError | None]:
+        """One Delta for a list of events, up to the one that ends the choice (and the error it ends with)."""
         delta = Delta(self.index)
+        for event in batch:
+            try:
+                self._add(delta, event)
+            except ApiError as error:
+                return delta, error
+            if delta.finish_reason:
+                break
+        return delta, None
+
+    def _add(self, delta: Delta, event) -> None:
         params = self.generation.params
         if event.prompt_logprobs is not None:
             delta.prompt_pieces = self._prompt_pieces(event.prompt_logprobs)
@@ -108,7 +125,7 @@ class _Choice:
                 delta.text_offsets.append(len(self.text.text))
                 delta.token_texts.append(self._piece(event.token))
                 delta.top_logprobs.append(self._top(event.top_logprobs))
-            delta.text = self.text.add(event.token)
+            delta.text += self.text.add(event.token)
         if self.text.stopped:
             delta.finish_reason = FinishReason.STOP.value
             self.generation.cancel(self.request_id)  # the router may still be generating: free the slot
@@ -123,7 +140,6 @@ class _Choice:
         elif event.finish_reason is not None:  # ERROR: the shard group failed; CANCELLED: not by us
             self.finished = True
             raise ApiError("unavailable", event.error or f"the request ended: {event.finish_reason}; retry it")
-        return delta
 
     def _piece(self, token: int) -> str:
         return self.generation.tokenizer.id_to_piece(token).replace("\u2581", " ")
@@ -157,10 +173,10 @@ def compile_grammar(tokenizer, params: GenerationParams):
 class Generation:
     def __init__(self, router, tokenizer, params: GenerationParams, request_id: str):
         self.router = router
-        self.grammar = None  # params.grammar compiled (grok1.grammar) by start()
         self.tokenizer = tokenizer
         self.params = params
         self.request_id = request_id
+        self.grammar = None  # params.grammar compiled (grok1.grammar) by start()
         self.choices: list[_Choice] = []
 
     @property

@@ -211,7 +211,8 @@ class GroupEngine:
         return self.group.call("prefill", slot, prompt, sampling)[0]
 
     def prefill_many(self, slots, prompts, samplings, masks=None):
-        return self.group.call("prefill_many", slots, prompts, samplings, masks)[0]
+        extra = (masks,) if masks is not None else ()  # engines without grammars take three arguments
+        return self.group.call("prefill_many", slots, prompts, samplings, *extra)[0]
 
     def decode(self, masks=None, skip=()):
         return self.decode_finish(self.decode_start(masks, skip))

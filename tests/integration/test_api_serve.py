@@ -1,6 +1,6 @@
-# ruff: noqa: F811 - the fixtures imported from tests/test_ingress_serve.py are parameters here
-"""The base-model API on real Ray Serve (the fixtures of tests/test_ingress_serve.py: the golden model, random
-weights, the real tokenizer): prompt logprobs against the model's full forward, top logprobs, scoring with
+# ruff: noqa: F811 - the fixtures imported from tests/integration/test_ingress_serve.py are parameters here
+"""The base-model API on real Ray Serve (the fixtures of tests/integration/test_ingress_serve.py: the golden
+model, random weights, the real tokenizer): prompt logprobs against the model's full forward, top logprobs, scoring with
 max_tokens 0, structured output that always parses, tokenizer routes, and refusals naming the field.
 """
 
@@ -14,7 +14,14 @@ import jax
 import numpy as np
 import pytest
 import requests
-from test_ingress_serve import ENGINE, grpc_client, openai_client, server, stub  # noqa: F401 - fixtures
+
+from tests.integration.test_ingress_serve import (  # noqa: F401 - fixtures
+    ENGINE,
+    grpc_client,
+    openai_client,
+    server,
+    stub,
+)
 
 pytestmark = pytest.mark.slow
 

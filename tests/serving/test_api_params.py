@@ -11,19 +11,9 @@ from ingress import protocol, tokenize
 from ingress.errors import ApiError
 from ingress.generation import Delta
 from ingress.render import ChatRender, CompletionRender
+from tests.serving.test_ingress import CharTokenizer
 
 MODEL = protocol.ModelInfo("grok-1-tiny", max_len=64, vocab_size=1000, eos_token=2)
-
-
-class CharTokenizer:
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def id_to_piece(self, i):
-        return chr(i)
 
 
 TOK = CharTokenizer()

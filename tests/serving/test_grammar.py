@@ -13,6 +13,7 @@ import pytest
 
 from ingress import protocol, structured
 from ingress.errors import ApiError
+from tests.serving.test_ingress import CharTokenizer
 
 pytest.importorskip("outlines_core")
 
@@ -120,14 +121,3 @@ def test_structured_output_fields_become_a_regex():
     p = protocol.parse_chat(chat, model, tok)
     assert p.grammar_field == "response_format" and re.fullmatch(p.grammar, '{"a": [1, "x"], "b": {"c": null}}')
     assert protocol.parse_chat({**chat, "response_format": {"type": "text"}}, model, tok).grammar is None
-
-
-class CharTokenizer:
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def id_to_piece(self, i):
-        return chr(i)
