@@ -160,8 +160,9 @@ def test_openai_completions(server, openai_client):
     echo = openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=8, echo=True,
                                             logprobs=1)
     assert echo.choices[0].text == "The answer is" + result.choices[0].text
-    logprobs = echo.choices[0].logprobs
-    assert len(logprobs.token_logprobs) == 8 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    logprobs = echo.choices[0].logprobs  # the prompt's tokens (the first without a logprob), then the 8 generated
+    assert len(logprobs.token_logprobs) == result.usage.prompt_tokens + 8 and logprobs.token_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
     two = openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=4, n=2,
                                            temperature=1.0, seed=5)
     assert sorted(c.index for c in two.choices) == [0, 1] and two.usage.completion_tokens == 8
