@@ -19,6 +19,10 @@ the next step while the host hands out the last one. The sampled tokens never le
 what the pipeline costs is one wasted token for a request that ends at step k (its slot is released after
 step k+1 was started), and that token is dropped: a step's tokens go only to the requests that owned the
 slots when the step was started and are still running.
+
+Requests under a grammar (structured output) get a token mask per step (cluster/grammar_slots.py): with the
+pipeline, such a slot sits out each step that starts before its last token was read. A token's top logprobs
+and a prompt's logprobs (when its sampling asks) ride on its TokenEvent.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from typing import Callable
 
 import numpy as np
 
+from cluster.grammar_slots import GrammarSlots
 from cluster.scheduler import Request, Scheduler, TokenEvent
+from grok1.engine_api import PromptLogprobs
 
 
 @dataclass
@@ -54,6 +60,7 @@ class Driver:
         self.completions: dict[str, FinishedSequence] = {}
         self.expert_counts: np.ndarray | None = None  # cumulative [L, E] tokens per expert
         self._in_flight = None  # (handle, {slot: request_id}) of a started, unread decode step
+        self.grammars = GrammarSlots()
 
     @property
     def idle(self) -> bool:
@@ -75,27 +82,33 @@ class Driver:
             self._end(slot, event)
         admitted = self.scheduler.admit()
         contexts = [self.scheduler.context(slot) for slot, _ in admitted]  # prompt (+ tokens, when resumed)
+        masks = [self.grammars.admit(slot, r) for slot, r in admitted]
+        extra = {"masks": masks} if any(m is not None for m in masks) else {}  # engines without grammars too
+        if any(n for _, n in contexts):
+            extra["generated"] = [n for _, n in contexts]  # engines without resume never see it
         if admitted and hasattr(self.engine, "prefill_many"):  # one call for the whole burst
-            resumed = {"generated": [n for _, n in contexts]} if any(n for _, n in contexts) else {}
             out = self.engine.prefill_many([slot for slot, _ in admitted], [c for c, _ in contexts],
-                                           [r.sampling for _, r in admitted], **resumed)
+                                           [r.sampling for _, r in admitted], **extra)
             self._count(out.expert_counts)
             for k, (slot, _) in enumerate(admitted):
-                self._deliver(slot, out.tokens[k], out.logprobs[k])
+                self._deliver(slot, out, k)
         else:
             for (slot, request), (context, n) in zip(admitted, contexts):
                 out = self.engine.prefill(slot, context, request.sampling, **({"generated": n} if n else {}))
                 self._count(out.expert_counts)
-                self._deliver(slot, out.tokens[0], out.logprobs[0])
+                self._deliver(slot, out, 0)
         self.on_flush()  # the deadlines and first tokens go out now, not after the decode step below
         running = self.scheduler.running_slots()
+        masks, skip = self.grammars.for_step(running)
+        running = [slot for slot in running if slot not in skip]
         owners = {slot: self.scheduler.request_in(slot).request_id for slot in running}
+        step_args = (masks, skip) if masks or skip else ()
         if not self.pipelined:
             if running:
-                self._hand_out(self.engine.decode(), owners)
+                self._hand_out(self.engine.decode(*step_args), owners)
                 self.on_flush()
             return
-        started = (self.engine.decode_start(), owners) if running else None
+        started = (self.engine.decode_start(*step_args), owners) if running else None
         if self._in_flight is not None:
             handle, previous_owners = self._in_flight
             self._in_flight = None
@@ -106,6 +119,7 @@ class Driver:
     def abort_running(self, message: str) -> list[TokenEvent]:
         """The engine is gone: end running requests with a retriable error and forget the step in flight."""
         self._in_flight = None
+        self.grammars = GrammarSlots()
         events = [event for _, event in self.scheduler.abort_running(message)]
         for event in events:
             self._finish(event)
@@ -138,10 +152,20 @@ class Driver:
         for slot, request_id in owners.items():
             current = self.scheduler.request_in(slot)
             if current is not None and current.request_id == request_id:  # not ended since the step started
-                self._deliver(slot, out.tokens[slot], out.logprobs[slot])
+                self._deliver(slot, out, slot)
 
-    def _deliver(self, slot: int, token, logprob) -> None:
-        event = self.scheduler.record(slot, int(token), float(logprob))
+    def _deliver(self, slot: int, out, row: int) -> None:
+        """Row `row` of a step's output is the token of the request in `slot`."""
+        sampling = self.scheduler.request_in(slot).sampling
+        token = int(out.tokens[row])
+        self.grammars.delivered(slot, token)
+        event = self.scheduler.record(slot, token, float(out.logprobs[row]))
+        k = getattr(sampling, "top_logprobs", 0)
+        if k and getattr(out, "top_ids", None) is not None:
+            event.top_logprobs = tuple(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))
+        if getattr(out, "prompt_logprobs", None) is not None and isinstance(out.prompt_logprobs[row],
+                                                                              PromptLogprobs):
+            event.prompt_logprobs = out.prompt_logprobs[row]
         completion = self.completions.get(event.request_id)
         if completion is not None:
             completion.tokens.append(event.token)
@@ -149,10 +173,12 @@ class Driver:
         if event.finish_reason:
             self.engine.release(slot)
             self.scheduler.free(slot)
+            self.grammars.free(slot)
         self._finish(event)
 
     def _end(self, slot: int | None, event: TokenEvent) -> None:
         if slot is not None:
+            self.grammars.free(slot)
             self.engine.release(slot)
             self.scheduler.free(slot)
         self._finish(event)

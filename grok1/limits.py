@@ -12,3 +12,4 @@ PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty, frequency_penalty (OpenAI's)
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit); the sampler keeps that many per slot
 MAX_TIMEOUT_S = 86_400.0  # a request's deadline is at most a day away
+MAX_TOP_LOGPROBS = 20  # top_logprobs per position (OpenAI's limit); the step computes this many for every slot

@@ -5,8 +5,12 @@ Each slot carries its own settings and PRNG key; the n-th token of a request use
 gives the same tokens whatever else shares the batch.
 
 Order of the steps, as vLLM does it: penalties and bias change the logits first (both the greedy argmax and the
-draw see them), then temperature, top-k, top-p, and the draw. Every costly step is skipped by `lax.cond` when
-no row of the batch asks for it, and every argmax is `first_argmax` (see there why).
+draw see them), then temperature, the grammar's token mask, top-k, top-p, and the draw. Every costly step is
+skipped by `lax.cond` when no row of the batch asks for it, and every argmax is `first_argmax` (see there why).
+
+Logprobs (the sampled token's and the top k) are a log-softmax of the logits after penalties, bias and
+temperature (greedy rows: temperature 1), before the mask and the top-k / top-p filters: the distribution
+that was sampled, as OpenAI reports it, and finite for every token.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok1.limits import MAX_LOGIT_BIAS
+from grok1.limits import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from grok1.token_scores import apply_token_mask, top_logprobs
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -52,19 +57,21 @@ class LogitPenalties(NamedTuple):
 class SlotSampling(NamedTuple):
     """Per-slot sampling settings, all [B]: temperature f32 (0 greedy), top_p f32 (1 off),
     top_k int32 (0 off), key uint32 [B, 2] (the request's seed); penalties None means none (a static choice:
-    the engine's state always has them, hand-made settings in tests may leave them out)."""
+    the engine's state always has them, hand-made settings in tests may leave them out); top_logprobs int32
+    [B]: how many of the most likely tokens each row reports (None: none, likewise static)."""
 
     temperature: jax.Array
     top_p: jax.Array
     top_k: jax.Array
     key: jax.Array
     penalties: LogitPenalties | None = None
+    top_logprobs: jax.Array | None = None
 
     @staticmethod
     def defaults(batch: int) -> "SlotSampling":
         return SlotSampling(jnp.zeros(batch, jnp.float32), jnp.ones(batch, jnp.float32),
                             jnp.zeros(batch, jnp.int32), jnp.zeros((batch, 2), jnp.uint32),
-                            LogitPenalties.defaults(batch))
+                            LogitPenalties.defaults(batch), jnp.zeros(batch, jnp.int32))
 
     @staticmethod
     def single(temperature: float, top_p: float, top_k: int, seed: int) -> "SlotSampling":
@@ -124,31 +131,54 @@ def _filter_top_k_top_p(scaled, top_k, top_p):
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
-def sample(logits, sampling: SlotSampling, step, counts=None):
-    """Choose one token per row. logits [B, V]; step [B] the index of the token being chosen; counts [B, V]
-    int32 the row's generated-token counts for the penalties (None: nothing generated yet).
+class Sampled(NamedTuple):
+    tokens: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B] f32, of the sampled tokens
+    top_ids: jax.Array  # [B, MAX_TOP_LOGPROBS] int32, most likely first (zeros when no row asks)
+    top_logprobs: jax.Array  # [B, MAX_TOP_LOGPROBS] f32
 
-    Returns tokens [B] int32 and their log-probabilities [B] under the model's own distribution: log_softmax of
-    the logits as given, before penalties, bias, temperature and filters (what OpenAI's logprobs report).
+
+def sample(logits, sampling: SlotSampling, step, counts=None):
+    """`sample_scored` without the top logprobs: tokens [B] int32 and their logprobs [B]."""
+    out = sample_scored(logits, sampling, step, counts)
+    return out.tokens, out.logprobs
+
+
+def sample_scored(logits, sampling: SlotSampling, step, counts=None, mask=None) -> Sampled:
+    """Choose one token per row. logits [B, V]; step [B] the index of the token being chosen; counts [B, V]
+    int32 the row's generated-token counts for the penalties (None: nothing generated yet); mask (words
+    uint32 [B, ceil(V / 32)], has bool [B]) the grammar's allowed tokens (None: no row has a grammar).
+
+    The logprobs are under the distribution that was sampled (see the module's docstring).
     """
     logits = logits.astype(jnp.float32)
     greedy = sampling.temperature <= 0
     divisor = jnp.where(greedy, 1.0, sampling.temperature)[:, None]  # [B, 1]
 
-    def argmax_and_scaled(adjusted):  # [B] int32, [B, V]
-        return first_argmax(adjusted), adjusted / divisor
+    def argmax_and(adjusted):  # [B] int32, [B, V]
+        return first_argmax(adjusted), adjusted
 
     if sampling.penalties is None:
-        argmax, scaled = argmax_and_scaled(logits)
+        argmax, adjusted = argmax_and(logits)
     else:
         penalties = sampling.penalties
         in_use = (jnp.any(penalties.presence != 0) | jnp.any(penalties.frequency != 0)
                   | jnp.any(penalties.bias_values != 0))
-        # Reading every count costs a pass over [B, V]: skip it when no row has penalties or a bias. Both
-        # branches end in the scaling, so that the plain one makes no copy of the logits (which the
-        # logprobs below still read).
-        argmax, scaled = jax.lax.cond(in_use, lambda x: argmax_and_scaled(apply_penalties(x, penalties, counts)),
-                                      argmax_and_scaled, logits)
+        # Reading every count costs a pass over [B, V]: skip it when no row has penalties or a bias.
+        argmax, adjusted = jax.lax.cond(in_use, lambda x: argmax_and(apply_penalties(x, penalties, counts)),
+                                        argmax_and, logits)
+    # Scaled outside the branches: the logprobs below read it, and a row without penalties must get the very
+    # bits it gets from a sampler without the penalty step.
+    scaled = adjusted / divisor
+    tempered = scaled  # what the logprobs are of
+    if mask is not None:
+        words, has = mask
+
+        def constrain(argmax, scaled):
+            masked = apply_token_mask(scaled, words, has)
+            return jnp.where(has, first_argmax(masked), argmax), masked
+
+        argmax, scaled = jax.lax.cond(jnp.any(has), constrain, lambda a, s: (a, s), argmax, scaled)
     needs_filter = jnp.any(~greedy & ((sampling.top_k > 0) | (sampling.top_p < 1.0)))
     scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, sampling.top_k,
                           sampling.top_p)
@@ -160,6 +190,8 @@ def sample(logits, sampling: SlotSampling, step, counts=None):
 
     # Drawing costs a random number per vocabulary entry: skip it when every row is greedy.
     tokens = jax.lax.cond(jnp.all(greedy), lambda scaled: argmax, draw, scaled)
-    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    logprobs = chosen - jax.nn.logsumexp(logits, axis=-1)
-    return tokens, logprobs
+    total = jax.nn.logsumexp(tempered, axis=-1)  # [B]
+    logprobs = jnp.take_along_axis(tempered, tokens[:, None], axis=-1)[:, 0] - total
+    wanted = jnp.zeros_like(tokens) if sampling.top_logprobs is None else sampling.top_logprobs
+    top_ids, top_values = top_logprobs(tempered, total, wanted, MAX_TOP_LOGPROBS)
+    return Sampled(tokens, logprobs, top_ids, top_values)

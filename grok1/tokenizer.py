@@ -65,5 +65,10 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    @property
+    def sentencepiece(self):
+        """The SentencePiece processor (grok1/grammar.py reads the pieces' kinds from it)."""
+        return self._sp
+
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.router import placement_name, start_router
 from grok1.tokenizer import Tokenizer
-from ingress import metrics, protocol, responses
+from ingress import metrics, protocol, responses, tokenize
 from ingress.auth import ApiKeys, bearer, read_keys
 from ingress.errors import ApiError, from_exception
 from ingress.fields import MAX_BODY_BYTES, parse_json_body
@@ -178,6 +178,34 @@ class Grok1Ingress(GrpcService):
             return denied
         await self._update_metrics()
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def http_tokenize(self, request: Request):
+        return await self._http_call(request, tokenize.tokenize)
+
+    @app.get("/tokenizer_info")
+    async def http_tokenizer_info(self, request: Request):
+        if denied := self._http_denied(request):
+            return denied
+        return tokenize.tokenizer_info(self.model, self.tokenizer)
+
+    @app.post("/detokenize")
+    async def http_detokenize(self, request: Request):
+        return await self._http_call(request, tokenize.detokenize)
+
+    async def _http_call(self, request: Request, handler):
+        """A JSON body through `handler(body, model, tokenizer)` (CPU work: off the event loop)."""
+        if denied := self._http_denied(request):
+            return denied
+        try:
+            body = await _read_body(request, self.options.body_timeout_s)
+            result = await asyncio.to_thread(handler, body, self.model, self.tokenizer)
+        except Exception as err:  # noqa: BLE001
+            error = from_exception(err)
+            self.counts["http", error.http_status] += 1
+            return _error_response(error)
+        self.counts["http", 200] += 1
+        return result
 
     @app.post("/v1/completions")
     async def http_completions(self, request: Request):

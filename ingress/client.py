@@ -45,6 +45,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)  # gRPC only (OpenAI's HTTP responses carry text)
     logprobs: list[float] = field(default_factory=list)
     request_id: str = ""
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)  # per token, when top_logprobs was set
 
 
 @dataclass
@@ -73,6 +74,9 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     timeout_s: float | None = None
+    top_logprobs: int | None = None  # with logprobs: the k most likely tokens at each position
+    regex: str | None = None  # structured output: the text must match this regex ...
+    json_schema: dict | None = None  # ... or this JSON schema
 
 
 # ------------------------------------------------------------------------------------------------- HTTP
@@ -98,9 +102,11 @@ class HttpClient:
         if sampling.stop:
             body["stop"] = sampling.stop
         if sampling.logprobs:
-            body["logprobs"] = 1
+            body["logprobs"] = sampling.top_logprobs or 0
         if sampling.timeout_s:
             body["timeout_s"] = sampling.timeout_s
+        if sampling.regex is not None or sampling.json_schema is not None:
+            body["structured_outputs"] = {"regex": sampling.regex, "json": sampling.json_schema}
         if stream:
             body["stream_options"] = {"include_usage": True}
         return body
@@ -122,10 +128,22 @@ class HttpClient:
         self._raise(response)
         data = response.json()
         choice = data["choices"][0]
-        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+        logprobs = choice.get("logprobs") or {}
         return Completion(choice["text"], choice["finish_reason"], Usage(data["usage"]["prompt_tokens"],
                                                                          data["usage"]["completion_tokens"]),
-                          logprobs=logprobs, request_id=data["id"])
+                          logprobs=logprobs.get("token_logprobs") or [], request_id=data["id"],
+                          top_logprobs=logprobs.get("top_logprobs") or [] if sampling.top_logprobs else [])
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._post("/tokenize", {"prompt": text})["tokens"]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._post("/detokenize", {"tokens": list(token_ids)})["prompt"]
+
+    def _post(self, path: str, body: dict) -> dict:
+        response = self.session.post(f"{self.base_url}{path}", json=body, timeout=self.timeout_s)
+        self._raise(response)
+        return response.json()
 
     def stream(self, prompt: str | list[int], sampling: GenerationParams | None = None, **kwargs) -> Iterator[Chunk]:
         sampling = sampling or GenerationParams(**kwargs)
@@ -196,6 +214,12 @@ class GrpcClient:
                                                                 seed=sampling.seed))
         if sampling.timeout_s:
             request.timeout_s = sampling.timeout_s
+        if sampling.top_logprobs is not None:
+            request.top_logprobs = sampling.top_logprobs
+        if sampling.regex is not None:
+            request.structured_output.regex = sampling.regex
+        elif sampling.json_schema is not None:
+            request.structured_output.json_schema = json.dumps(sampling.json_schema)
         if isinstance(prompt, str):
             request.text = prompt
         else:
@@ -216,7 +240,8 @@ class GrpcClient:
         sampling = sampling or GenerationParams(**kwargs)
         r = self._call(self.stub.Generate, self._request(prompt, sampling))
         return Completion(r.text, r.finish_reason, Usage(r.usage.prompt_tokens, r.usage.completion_tokens),
-                          list(r.token_ids), list(r.logprobs), r.request_id)
+                          list(r.token_ids), list(r.logprobs), r.request_id,
+                          [{t.token: t.logprob for t in top.top} for top in r.top_logprobs])
 
     def stream(self, prompt: str | list[int], sampling: GenerationParams | None = None, **kwargs) -> Iterator[Chunk]:
         sampling = sampling or GenerationParams(**kwargs)

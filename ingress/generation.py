@@ -1,10 +1,13 @@
 """One client request carried out against the router; HTTP and gRPC both go through here.
 
-1. `start()` submits one router request per choice (n of them, seeds seed, seed+1, ...) and waits for each
+1. `start()` submits one router request per choice (n per prompt, seeds seed, seed+1, ...; choice index
+   prompt index * n + i) and waits for each
    one's first event, so that refusals (InvalidRequest, QueueFull, Unavailable) arrive as an `ApiError`
    before anything is sent to the client: HTTP can still answer 400 / 429 / 503, gRPC its status code.
 2. Iterating yields `Delta`s: new text (stop strings cut, partial characters held back: ingress/text.py),
-   the new token ids and their logprobs, and on the last one of each choice its finish_reason. The router
+   the new token ids, their logprobs and top logprobs (token texts), on the first one of each choice the
+   prompt's logprobs when echo asked for them, and on the last one its finish_reason (a score-only request,
+   max_tokens 0, generates one token, which is dropped). The router
    streams each request's events in lists (all of a step's, or all since the last read when this replica
    falls behind); one list becomes one Delta, so a busy replica sends fewer, larger chunks rather than
    falling further behind.
@@ -34,6 +37,10 @@ class Delta:
     logprobs: list[float] = field(default_factory=list)
     token_texts: list[str] = field(default_factory=list)  # each token's own text (for logprobs)
     text_offsets: list[int] = field(default_factory=list)  # where each token starts in the choice's text
+    # per token: (token text, logprob, token id) of the most likely tokens, most likely first
+    top_logprobs: list[list[tuple[str, float, int]]] = field(default_factory=list)
+    # per prompt token (echo): (token text, logprob or None, offset in the prompt's text, top logprobs, token id)
+    prompt_pieces: list[tuple] | None = None
     finish_reason: str | None = None
 
 
@@ -45,11 +52,13 @@ class _Choice:
         # The router's id is ours, never the client's: a client reusing an id (its own or another client's)
         # must not be able to collide with, or cancel, a running request.
         self.request_id = protocol.new_id("r")
-        request = Request(self.request_id, list(params.prompt), params.max_tokens, protocol.sampling(params, index),
-                          ignore_eos=params.ignore_eos)
+        self.prompt = params.prompts[index // params.n]
+        request = Request(self.request_id, list(self.prompt), protocol.router_max_tokens(params),
+                          protocol.sampling(params, index % params.n), ignore_eos=params.ignore_eos,
+                          grammar=generation.grammar)
         self.refs = generation.router.generate.options(num_returns="streaming").remote(
             request, timeout_s=params.timeout_s)
-        self.text = TextStream(generation.tokenizer, params.prompt, params.stop)
+        self.text = TextStream(generation.tokenizer, self.prompt, params.stop)
         self.first: list | None = None  # the first list of events, read by start()
         self.tokens = 0
         self.finished = False
@@ -78,7 +87,7 @@ class _Choice:
         try:
             while True:
                 delta, error = self._delta(batch)
-                if delta.finish_reason or delta.text or delta.token_ids:
+                if delta.finish_reason or delta.text or delta.token_ids or delta.prompt_pieces is not None:
                     yield delta
                 if error is not None:  # after the tokens that came before it
                     raise error
@@ -107,16 +116,21 @@ class _Choice:
 
     def _add(self, delta: Delta, event) -> None:
         timer = self.generation.timer
-        if event.token is not None:
+        params = self.generation.params
+        if event.prompt_logprobs is not None:
+            delta.prompt_pieces = self._prompt_pieces(event.prompt_logprobs)
+        if params.score_only and event.token is not None:
+            event.finish_reason = FinishReason.LENGTH  # the one token generated is dropped
+        elif event.token is not None:
             self.tokens += 1
             if timer is not None:
                 timer.token(self.index)
-            tokenizer = self.generation.tokenizer
             delta.token_ids.append(event.token)
             delta.logprobs.append(event.logprob)
-            if self.generation.params.logprobs is not None:
+            if params.logprobs is not None:
                 delta.text_offsets.append(len(self.text.text))
-                delta.token_texts.append(tokenizer.id_to_piece(event.token).replace("\u2581", " "))
+                delta.token_texts.append(self._piece(event.token))
+                delta.top_logprobs.append(self._top(event.top_logprobs))
             delta.text += self.text.add(event.token)
         if self.text.stopped:
             delta.finish_reason = FinishReason.STOP.value
@@ -133,6 +147,34 @@ class _Choice:
             self.finished = True
             raise ApiError("unavailable", event.error or f"the request ended: {event.finish_reason}; retry it")
 
+    def _piece(self, token: int) -> str:
+        return self.generation.tokenizer.id_to_piece(token).replace("\u2581", " ")
+
+    def _top(self, pairs) -> list[tuple[str, float, int]]:
+        return [(self._piece(token), logprob, token) for token, logprob in pairs]
+
+    def _prompt_pieces(self, scored) -> list:
+        """The prompt's tokens with their logprobs and offsets into the prompt's text as the client sees it."""
+        pieces, offset = [], 0
+        for k, token in enumerate(self.prompt):
+            text = self._piece(token)
+            if k == 0:
+                text = self.generation.tokenizer.decode([token])  # decoding drops the first token's space
+            pieces.append((text, scored.logprobs[k], offset, self._top(scored.top[k]), token))
+            offset += len(text)
+        return pieces
+
+
+def compile_grammar(tokenizer, params: GenerationParams):
+    """The request's grammar compiled over the tokenizer's vocabulary (cached by regex; about a second for a
+    JSON schema the first time, so it runs off the event loop); a grammar no text satisfies is a 400."""
+    from grok1.grammar import GrammarCompiler, GrammarError
+
+    try:
+        return GrammarCompiler.for_tokenizer(tokenizer).compile(params.grammar)
+    except GrammarError as err:
+        raise ApiError("invalid_request", f"{params.grammar_field}: {err}", params.grammar_field) from None
+
 
 class Generation:
     def __init__(self, router, tokenizer, params: GenerationParams, request_id: str, metrics=None):
@@ -141,12 +183,13 @@ class Generation:
         self.tokenizer = tokenizer
         self.params = params
         self.request_id = request_id
+        self.grammar = None  # params.grammar compiled (grok1.grammar) by start()
         self.choices: list[_Choice] = []
         self.timer = metrics.request(len(params.prompt), params.n) if metrics is not None else None
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.params.prompt)
+        return sum(len(p) for p in self.params.prompts)
 
     @property
     def completion_tokens(self) -> int:
@@ -156,7 +199,9 @@ class Generation:
         self.router.cancel.remote(request_id)  # fire and forget: the slot is freed within one step
 
     async def start(self) -> "Generation":
-        self.choices = [_Choice(self, i) for i in range(self.params.n)]
+        if self.params.grammar is not None:
+            self.grammar = await asyncio.to_thread(compile_grammar, self.tokenizer, self.params)
+        self.choices = [_Choice(self, i) for i in range(self.params.choices)]
         try:
             results = await asyncio.gather(*(c.start() for c in self.choices), return_exceptions=True)
         except BaseException:  # the client went away while its request was queued: cancel it there
@@ -218,5 +263,7 @@ class Generation:
             whole.logprobs += delta.logprobs
             whole.token_texts += delta.token_texts
             whole.text_offsets += delta.text_offsets
+            whole.top_logprobs += delta.top_logprobs
+            whole.prompt_pieces = delta.prompt_pieces if delta.prompt_pieces is not None else whole.prompt_pieces
             whole.finish_reason = delta.finish_reason or whole.finish_reason
         return merged

@@ -8,6 +8,7 @@ accept and refuse exactly the same requests; every failure sets the status code 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from grok1_api.v1 import grok1_pb2 as pb
 from ingress import protocol
@@ -15,6 +16,7 @@ from ingress.auth import bearer, grpc_peer_host
 from ingress.errors import ApiError, from_exception
 from ingress.fields import check_text
 from ingress.generation import Generation
+from ingress.structured import JSON_OBJECT_SCHEMA
 
 MAX_CLIENT_REQUEST_ID = 128  # characters of a gRPC client's request_id (echoed back, never used as the router's)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty")
@@ -36,7 +38,8 @@ class GrpcService:
         return pb.GenerateResponse(
             request_id=request_id, text=whole.text, token_ids=whole.token_ids,
             logprobs=whole.logprobs if params.logprobs is not None else [], finish_reason=whole.finish_reason,
-            usage=self._grpc_usage(generation), model=self.model.name)
+            usage=self._grpc_usage(generation), model=self.model.name, top_logprobs=_top_messages(whole),
+            prompt_logprobs=_prompt_message(whole))
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context):
         generation, params, request_id = await self._grpc_start(request, grpc_context)
@@ -47,7 +50,8 @@ class GrpcService:
                     request_id=request_id, text=delta.text, token_ids=delta.token_ids,
                     logprobs=delta.logprobs if params.logprobs is not None else [],
                     finish_reason=delta.finish_reason or "",
-                    usage=self._grpc_usage(generation) if delta.finish_reason else None)
+                    usage=self._grpc_usage(generation) if delta.finish_reason else None,
+                    top_logprobs=_top_messages(delta), prompt_logprobs=_prompt_message(delta))
         except Exception as err:  # noqa: BLE001
             self._grpc_fail(grpc_context, err)
         finally:
@@ -113,12 +117,19 @@ class GrpcService:
                 body[name] = getattr(sampling, name)
         if sampling.logit_bias:
             body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
+        if request.HasField("top_logprobs"):
+            body["logprobs"] = request.top_logprobs
+        if request.prompt_logprobs:
+            body["echo"] = True
+        if request.HasField("structured_output"):
+            body["structured_outputs"] = _structured(request.structured_output)
         which = request.WhichOneof("prompt")
         if which is None:
             raise ApiError("invalid_request", "the prompt is empty (set text or tokens)", "prompt")
         body["prompt"] = request.text if which == "text" else list(request.tokens.ids)
         params = protocol.parse_completion(body, self.model, self.tokenizer)
-        params.logprobs = 1 if request.logprobs else None
+        params.logprobs = (request.top_logprobs if request.HasField("top_logprobs") else 0) \
+            if request.logprobs or request.prompt_logprobs else None
         return params
 
     def _grpc_usage(self, generation: Generation) -> pb.Usage:
@@ -132,3 +143,36 @@ class GrpcService:
         grpc_context.set_code(error.grpc_code)
         grpc_context.set_details(error.message)
         raise error
+
+
+def _structured(message: pb.StructuredOutput) -> dict:
+    """As the HTTP extension `structured_outputs` (parsed and refused by the same code)."""
+    which = message.WhichOneof("kind")
+    if which == "regex":
+        return {"regex": message.regex}
+    if which == "json_schema":
+        try:
+            return {"json": json.loads(message.json_schema)}
+        except ValueError as err:
+            raise protocol.invalid(f"structured_output.json_schema is not JSON: {err}"[:200],
+                                   "structured_output.json_schema") from None
+    if which == "json_object" and message.json_object:
+        return {"json": JSON_OBJECT_SCHEMA}
+    raise protocol.invalid("structured_output must set regex, json_schema or json_object", "structured_output")
+
+
+def _tops(tops) -> list[pb.TopLogprobs]:
+    return [pb.TopLogprobs(top=[pb.TopLogprob(token_id=i, token=t, logprob=lp) for t, lp, i in top])
+            for top in tops]
+
+
+def _top_messages(delta) -> list[pb.TopLogprobs]:
+    return _tops(delta.top_logprobs) if any(delta.top_logprobs) else []
+
+
+def _prompt_message(delta) -> pb.PromptLogprobs | None:
+    pieces = delta.prompt_pieces
+    if pieces is None:
+        return None
+    return pb.PromptLogprobs(token_ids=[p[4] for p in pieces], logprobs=[p[1] for p in pieces[1:]],
+                             top=_tops([p[3] for p in pieces[1:]]) if any(p[3] for p in pieces) else [])

@@ -11,9 +11,12 @@ Decisions, documented in the README:
   (`render_chat`) ending in "Assistant:", and "\\nUser:" is added to the stop strings.
 - n: up to MAX_N choices, each its own request to the router with seed + i (they batch together in the
   decode slots; the prompt is prefilled once per choice).
-- logprobs: the engine computes the log-probability of each sampled token only, so `top_logprobs` holds just
-  that token (whatever number was asked for) and echoed prompt tokens have logprob null.
-- One prompt per request (a list of several prompts is refused); at most MAX_STOP stop strings.
+- A list of prompts (completions) gives each prompt its n choices: choice index = prompt index * n + i, as
+  OpenAI numbers them; usage counts each prompt once.
+- logprobs: k (0..MAX_LOGPROBS) most likely tokens per position from the distribution that was sampled;
+  with echo, prompt tokens too (the first one null). `max_tokens: 0` with echo scores a text (no generation).
+- Structured output (response_format, structured_outputs): ingress/structured.py, as a regex.
+- At most MAX_STOP stop strings.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from grok1.limits import (
     LOGIT_BIAS_RANGE,
     MAX_LOGIT_BIAS,
     MAX_TIMEOUT_S,
+    MAX_TOP_LOGPROBS,
     PENALTY_RANGE,
     SEED_RANGE,
     TEMPERATURE_MAX,
@@ -33,11 +37,14 @@ from grok1.limits import (
 )
 from ingress.errors import ApiError, invalid
 from ingress.fields import MAX_BODY_BYTES, boolean, check_text, integer, number, show
+from ingress.structured import grammar_of
 
 MAX_N = 8
+MAX_PROMPTS = 32  # prompts in one completions request (evaluation harnesses batch theirs)
+MAX_CHOICES = 64  # prompts x n: each choice is one router request
 MAX_STOP = 4
 MAX_STOP_CHARS = 256  # the text hold-back and stop search cost grows with it, per token
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = MAX_TOP_LOGPROBS
 CHARS_PER_TOKEN = 16  # a text prompt may have at most max_len * this many characters (tokenising is CPU work)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 256  # capped at the context left after the prompt
@@ -69,7 +76,7 @@ class GenerationParams:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     n: int = 1
-    logprobs: int | None = None  # None: not asked for; k: asked for (we return the sampled token's only)
+    logprobs: int | None = None  # None: not asked for; k: the k most likely tokens at each position
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
@@ -79,18 +86,37 @@ class GenerationParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    prompts: list[list[int]] = field(default_factory=list)  # all prompts (completions may send several)
+    prompt_texts: list[str | None] = field(default_factory=list)
+    grammar: str | None = None  # a regex the generated text must match (structured output)
+    grammar_field: str | None = None  # the request field it came from (for errors)
+
+    def __post_init__(self):
+        if not self.prompts:
+            self.prompts = [self.prompt]
+            self.prompt_texts = [self.prompt_text]
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def score_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt's logprobs, nothing generated (one token is, and dropped)."""
+        return self.max_tokens == 0
 
 
 # Parameters each route implements (OpenAI's, and our extensions timeout_s, ignore_eos, top_k). `user` is an
 # end-user id for abuse tracking: accepted and not used for generation.
 _SHARED_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
                             "stream_options", "user", "timeout_s", "ignore_eos", "presence_penalty",
-                            "frequency_penalty", "logit_bias", "logprobs"})
+                            "frequency_penalty", "logit_bias", "logprobs", "response_format",
+                            "structured_outputs"})
 COMPLETION_FIELDS = _SHARED_FIELDS | {"prompt", "echo"}
 CHAT_FIELDS = _SHARED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 # OpenAI parameters we do not implement, with the values that ask for nothing (accepted as such).
 UNSUPPORTED = {
-    "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None,), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "reasoning_effort": (None,), "service_tier": (None, "auto", "default"), "store": (None, False),
@@ -151,19 +177,25 @@ def check_model(body: dict, model: ModelInfo) -> None:
                                           f"serves {model.name!r} (GET /v1/models)", "model")
 
 
-def _common(body: dict, model: ModelInfo, prompt: list[int], default_max_tokens: int) -> GenerationParams:
+def _common(body: dict, model: ModelInfo, prompts: list[list[int]], default_max_tokens: int,
+            score_only_ok: bool = False) -> GenerationParams:
     check_model(body, model)
-    max_tokens = integer(body, "max_tokens", None, 1, model.max_len)
+    max_tokens = integer(body, "max_tokens", None, 0 if score_only_ok else 1, model.max_len)
     if max_tokens is None:
         max_tokens = integer(body, "max_completion_tokens", None, 1, model.max_len)
     if max_tokens is None:
-        max_tokens = max(1, min(default_max_tokens, model.max_len - len(prompt)))
+        max_tokens = max(1, min(default_max_tokens, model.max_len - max(len(p) for p in prompts)))
+    if max_tokens == 0 and not boolean(body, "echo"):
+        raise invalid("max_tokens 0 generates nothing: it needs echo: true (to score the prompt)", "max_tokens")
     n = integer(body, "n", 1, 1, MAX_N)
+    if n * len(prompts) > MAX_CHOICES:
+        raise invalid(f"{len(prompts)} prompts x n {n} is over {MAX_CHOICES} choices", "n")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise invalid("stream_options must be an object", "stream_options")
     params = GenerationParams(
-        prompt=prompt, max_tokens=max_tokens, temperature=number(body, "temperature", 0.0, 0.0, TEMPERATURE_MAX),
+        prompt=prompts[0], prompts=prompts, max_tokens=max_tokens,
+        temperature=number(body, "temperature", 0.0, 0.0, TEMPERATURE_MAX),
         top_p=number(body, "top_p", 1.0, 0.0, 1.0), top_k=integer(body, "top_k", 0, 0, TOP_K_MAX),
         seed=integer(body, "seed", 0, *SEED_RANGE), stop=_stop(body), n=n,
         stream=boolean(body, "stream"), include_usage=boolean(stream_options, "include_usage"),
@@ -171,6 +203,9 @@ def _common(body: dict, model: ModelInfo, prompt: list[int], default_max_tokens:
         presence_penalty=number(body, "presence_penalty", 0.0, *PENALTY_RANGE),
         frequency_penalty=number(body, "frequency_penalty", 0.0, *PENALTY_RANGE),
         logit_bias=_logit_bias(body, model))
+    params.grammar, params.grammar_field = grammar_of(body)
+    if params.grammar is not None and params.score_only:
+        raise invalid("a structured output needs max_tokens of at least 1", "max_tokens")
     if params.timeout_s is not None and params.timeout_s <= 0:
         raise invalid(f"timeout_s must be positive, got {params.timeout_s}", "timeout_s")
     validate(params, model)
@@ -186,22 +221,36 @@ def sampling(params: GenerationParams, index: int = 0):
     """The engine's sampling settings for choice `index`."""
     return Sampling(params.temperature, params.top_p, params.top_k, choice_seed(params.seed, index),
                     presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                    logit_bias=params.logit_bias)
+                    logit_bias=params.logit_bias, top_logprobs=params.logprobs or 0,
+                    prompt_logprobs=params.echo and params.logprobs is not None)
+
+
+def router_max_tokens(params: GenerationParams) -> int:
+    """What the router is asked for: a score-only request generates one token, which is dropped."""
+    return max(1, params.max_tokens)
 
 
 def validate(params: GenerationParams, model: ModelInfo) -> None:
     """The scheduler's checks (prompt, context, vocabulary, sampling ranges), as an ApiError naming the field."""
     try:
-        validate_request(Request("validate", params.prompt, params.max_tokens, sampling(params)), model.max_len,
-                         model.vocab_size)
+        for prompt in params.prompts:
+            validate_request(Request("validate", prompt, router_max_tokens(params), sampling(params)),
+                             model.max_len, model.vocab_size)
     except InvalidRequest as err:
         raise invalid(str(err), err.field) from None
 
 
+def _prompt_list(value, tokenizer, model: ModelInfo) -> list[tuple[list[int], str | None]]:
+    """OpenAI's prompt: a text, token ids, or a list of either (several prompts)."""
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        if len(value) > MAX_PROMPTS:
+            raise invalid(f"prompt has {len(value)} prompts; the limit is {MAX_PROMPTS}", "prompt")
+        return [_prompt_ids(p, tokenizer, model) for p in value]
+    return [_prompt_ids(value, tokenizer, model)]
+
+
 def _prompt_ids(value, tokenizer, model: ModelInfo) -> tuple[list[int], str | None]:
-    """A prompt given as text or as token ids (a list of one of either is accepted too)."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]
+    """One prompt given as text or as token ids."""
     if isinstance(value, str):
         return tokenizer.encode(check_text(value, "prompt", model.max_prompt_chars)), value
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
@@ -211,8 +260,6 @@ def _prompt_ids(value, tokenizer, model: ModelInfo) -> tuple[list[int], str | No
         if any(not 0 <= t < model.vocab_size for t in value):
             raise invalid(f"token ids must be in [0, {model.vocab_size})", "prompt")
         return list(value), None
-    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
-        raise invalid("one prompt per request: send several prompts as separate requests", "prompt")
     raise invalid("prompt must be a string or a list of token ids", "prompt")
 
 
@@ -220,11 +267,13 @@ def parse_completion(body: dict, model: ModelInfo, tokenizer) -> GenerationParam
     check_fields(body, COMPLETION_FIELDS, "/v1/completions")
     if "prompt" not in body:
         raise invalid("prompt is required", "prompt")
-    prompt, text = _prompt_ids(body["prompt"], tokenizer, model)
-    params = _common(body, model, prompt, DEFAULT_MAX_TOKENS)
+    prompts = _prompt_list(body["prompt"], tokenizer, model)
+    params = _common(body, model, [ids for ids, _ in prompts], DEFAULT_MAX_TOKENS, score_only_ok=True)
     params.logprobs = integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     params.echo = boolean(body, "echo")
-    params.prompt_text = text if text is not None else (tokenizer.decode(prompt) if params.echo else None)
+    params.prompt_texts = [text if text is not None else (tokenizer.decode(ids) if params.echo else None)
+                           for ids, text in prompts]
+    params.prompt_text = params.prompt_texts[0]
     return params
 
 
@@ -273,7 +322,7 @@ def parse_chat(body: dict, model: ModelInfo, tokenizer) -> GenerationParams:
     check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
     text = render_chat(body.get("messages"), model.max_prompt_chars)
     prompt = tokenizer.encode(text)
-    params = _common(body, model, prompt, DEFAULT_CHAT_MAX_TOKENS)
+    params = _common(body, model, [prompt], DEFAULT_CHAT_MAX_TOKENS)
     params.stop = params.stop + [CHAT_STOP] if CHAT_STOP not in params.stop else params.stop
     top = integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if boolean(body, "logprobs"):
@@ -281,6 +330,7 @@ def parse_chat(body: dict, model: ModelInfo, tokenizer) -> GenerationParams:
     elif top is not None:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     params.prompt_text = text
+    params.prompt_texts = [text]
     return params
 
 

@@ -17,18 +17,26 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(pieces: list[tuple[str, float | None, int]]) -> dict:
-    """OpenAI's completions logprobs from (token text, logprob, text offset) triples."""
+# A logprobs piece: (token text, logprob or None, text offset, top logprobs [(token text, logprob, id)], ...).
+Piece = tuple
+
+
+def completion_logprobs(pieces: list[Piece]) -> dict:
+    """OpenAI's completions logprobs. top_logprobs maps token text -> logprob, most likely first (an empty top
+    list, as logprobs: 0 asks, gives the token itself); null where the logprob is (a prompt's first token)."""
+    def top(piece):
+        if piece[1] is None:
+            return None
+        return {t: lp for t, lp, *_ in piece[3]} if piece[3] else {piece[0]: piece[1]}
     return {"tokens": [p[0] for p in pieces], "token_logprobs": [p[1] for p in pieces],
-            "top_logprobs": [None if p[1] is None else {p[0]: p[1]} for p in pieces],
-            "text_offset": [p[2] for p in pieces]}
+            "top_logprobs": [top(p) for p in pieces], "text_offset": [p[2] for p in pieces]}
 
 
-def chat_logprobs(pieces: list[tuple[str, float | None, int]]) -> dict:
+def chat_logprobs(pieces: list[Piece]) -> dict:
     def entry(token, logprob):
-        raw = list(token.encode("utf-8"))
-        return {"token": token, "logprob": logprob, "bytes": raw}
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(t, lp)]} for t, lp, _ in pieces]}
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    return {"content": [{**entry(p[0], p[1]), "top_logprobs": [entry(t, lp) for t, lp, *_ in p[3]]}
+                        for p in pieces]}
 
 
 def completion_response(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:

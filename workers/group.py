@@ -228,15 +228,17 @@ class GroupEngine:
     def prefill(self, slot, prompt, sampling):
         return self.group.call("prefill", slot, prompt, sampling)[0]
 
-    def prefill_many(self, slots, prompts, samplings, generated=None):
-        resumed = () if generated is None else (generated,)  # engines without resume never see it
-        return self.group.call("prefill_many", slots, prompts, samplings, *resumed)[0]
+    def prefill_many(self, slots, prompts, samplings, generated=None, masks=None):
+        # Extra arguments only when used: engines without resume or grammars take the three.
+        extra = (generated, masks) if masks is not None else () if generated is None else (generated,)
+        return self.group.call("prefill_many", slots, prompts, samplings, *extra)[0]
 
-    def decode(self):
-        return self.decode_finish(self.decode_start())
+    def decode(self, masks=None, skip=()):
+        return self.decode_finish(self.decode_start(masks, skip))
 
-    def decode_start(self):
-        return self.group.submit("decode")
+    def decode_start(self, masks=None, skip=()):
+        # Grammar masks go to every worker: each samples the same tokens from the same (replicated) logits.
+        return self.group.submit("decode", masks, skip) if masks or skip else self.group.submit("decode")
 
     def decode_finish(self, handle):
         return self.group.collect(handle)[0]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18grok1_api/v1/grok1.proto\x12\x08grok1.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xeb\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12;\n\nlogit_bias\x18\x07 \x03(\x0b\x32\'.grok1.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xa2\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x06tokens\x18\x02 \x01(\x0b\x32\x12.grok1.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.grok1.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\x16\n\ttimeout_s\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0c\n\n_timeout_s\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x9f\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.grok1.v1.Usage\x12\r\n\x05model\x18\x07 \x01(\t\"\x8d\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.grok1.v1.Usage\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1e\n\rHealthRequest\x12\r\n\x05probe\x18\x01 \x01(\x08\"J\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t2\xe2\x02\n\x0cGrok1Service\x12\x41\n\x08Generate\x12\x19.grok1.v1.GenerateRequest\x1a\x1a.grok1.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.grok1.v1.GenerateRequest\x1a\x17.grok1.v1.GenerateChunk0\x01\x12\x41\n\x08Tokenize\x12\x19.grok1.v1.TokenizeRequest\x1a\x1a.grok1.v1.TokenizeResponse\x12G\n\nDetokenize\x12\x1b.grok1.v1.DetokenizeRequest\x1a\x1c.grok1.v1.DetokenizeResponse\x12;\n\x06Health\x12\x17.grok1.v1.HealthRequest\x1a\x18.grok1.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18grok1_api/v1/grok1.proto\x12\x08grok1.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xeb\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12;\n\nlogit_bias\x18\x07 \x03(\x0b\x32\'.grok1.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x9e\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x06tokens\x18\x02 \x01(\x0b\x32\x12.grok1.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.grok1.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\x16\n\ttimeout_s\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\x12\x35\n\x11structured_output\x18\r \x01(\x0b\x32\x1a.grok1.v1.StructuredOutputB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0c\n\n_timeout_sB\x0f\n\r_top_logprobs\"Y\n\x10StructuredOutput\x12\x0f\n\x05regex\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"0\n\x0bTopLogprobs\x12!\n\x03top\x18\x01 \x03(\x0b\x32\x14.grok1.v1.TopLogprob\"Y\n\x0ePromptLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.grok1.v1.TopLogprobs\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xff\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.grok1.v1.Usage\x12\r\n\x05model\x18\x07 \x01(\t\x12+\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x15.grok1.v1.TopLogprobs\x12\x31\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x18.grok1.v1.PromptLogprobs\"\xed\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.grok1.v1.Usage\x12+\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x15.grok1.v1.TopLogprobs\x12\x31\n\x0fprompt_logprobs\x18\x08 \x01(\x0b\x32\x18.grok1.v1.PromptLogprobs\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1e\n\rHealthRequest\x12\r\n\x05probe\x18\x01 \x01(\x08\"J\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t2\xe2\x02\n\x0cGrok1Service\x12\x41\n\x08Generate\x12\x19.grok1.v1.GenerateRequest\x1a\x1a.grok1.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.grok1.v1.GenerateRequest\x1a\x17.grok1.v1.GenerateChunk0\x01\x12\x41\n\x08Tokenize\x12\x19.grok1.v1.TokenizeRequest\x1a\x1a.grok1.v1.TokenizeResponse\x12G\n\nDetokenize\x12\x1b.grok1.v1.DetokenizeRequest\x1a\x1c.grok1.v1.DetokenizeResponse\x12;\n\x06Health\x12\x17.grok1.v1.HealthRequest\x1a\x18.grok1.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=291
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=339
   _globals['_GENERATEREQUEST']._serialized_start=430
-  _globals['_GENERATEREQUEST']._serialized_end=720
-  _globals['_USAGE']._serialized_start=722
-  _globals['_USAGE']._serialized_end=801
-  _globals['_GENERATERESPONSE']._serialized_start=804
-  _globals['_GENERATERESPONSE']._serialized_end=963
-  _globals['_GENERATECHUNK']._serialized_start=966
-  _globals['_GENERATECHUNK']._serialized_end=1107
-  _globals['_TOKENIZEREQUEST']._serialized_start=1109
-  _globals['_TOKENIZEREQUEST']._serialized_end=1140
-  _globals['_TOKENIZERESPONSE']._serialized_start=1142
-  _globals['_TOKENIZERESPONSE']._serialized_end=1195
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1197
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1235
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1237
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1271
-  _globals['_HEALTHREQUEST']._serialized_start=1273
-  _globals['_HEALTHREQUEST']._serialized_end=1303
-  _globals['_HEALTHRESPONSE']._serialized_start=1305
-  _globals['_HEALTHRESPONSE']._serialized_end=1379
-  _globals['_GROK1SERVICE']._serialized_start=1382
-  _globals['_GROK1SERVICE']._serialized_end=1736
+  _globals['_GENERATEREQUEST']._serialized_end=844
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=846
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=935
+  _globals['_TOPLOGPROB']._serialized_start=937
+  _globals['_TOPLOGPROB']._serialized_end=999
+  _globals['_TOPLOGPROBS']._serialized_start=1001
+  _globals['_TOPLOGPROBS']._serialized_end=1049
+  _globals['_PROMPTLOGPROBS']._serialized_start=1051
+  _globals['_PROMPTLOGPROBS']._serialized_end=1140
+  _globals['_USAGE']._serialized_start=1142
+  _globals['_USAGE']._serialized_end=1221
+  _globals['_GENERATERESPONSE']._serialized_start=1224
+  _globals['_GENERATERESPONSE']._serialized_end=1479
+  _globals['_GENERATECHUNK']._serialized_start=1482
+  _globals['_GENERATECHUNK']._serialized_end=1719
+  _globals['_TOKENIZEREQUEST']._serialized_start=1721
+  _globals['_TOKENIZEREQUEST']._serialized_end=1752
+  _globals['_TOKENIZERESPONSE']._serialized_start=1754
+  _globals['_TOKENIZERESPONSE']._serialized_end=1807
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1809
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1847
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1849
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1883
+  _globals['_HEALTHREQUEST']._serialized_start=1885
+  _globals['_HEALTHREQUEST']._serialized_end=1915
+  _globals['_HEALTHRESPONSE']._serialized_start=1917
+  _globals['_HEALTHRESPONSE']._serialized_end=1991
+  _globals['_GROK1SERVICE']._serialized_start=1994
+  _globals['_GROK1SERVICE']._serialized_end=2348
 # @@protoc_insertion_point(module_scope)

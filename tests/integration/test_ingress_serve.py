@@ -201,8 +201,9 @@ def test_openai_completions(server, openai_client):
     echo = openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=8, echo=True,
                                             logprobs=1)
     assert echo.choices[0].text == "The answer is" + result.choices[0].text
-    logprobs = echo.choices[0].logprobs
-    assert len(logprobs.token_logprobs) == 8 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    logprobs = echo.choices[0].logprobs  # the prompt's tokens (the first without a logprob), then the 8 generated
+    assert len(logprobs.token_logprobs) == result.usage.prompt_tokens + 8 and logprobs.token_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
     two = openai_client.completions.create(model=server.model, prompt="The answer is", max_tokens=4, n=2,
                                            temperature=1.0, seed=5)
     assert sorted(c.index for c in two.choices) == [0, 1] and two.usage.completion_tokens == 8
@@ -473,7 +474,7 @@ HOSTILE_CHAT = {
     "chat role that is an object": ({"messages": [{"role": {"x": 1}, "content": "hi"}]}, "messages"),
     "chat lone surrogate": (b'{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages[0].content"),
     "chat response_format": ({"messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, "response_format"),
+                              "response_format": {"type": "xml"}}, "response_format.type"),
 }
 
 

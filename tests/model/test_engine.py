@@ -14,6 +14,7 @@ pick either, so there the engine's token only has to be one of the tied ones.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -310,13 +311,13 @@ def test_same_seed_same_tokens_different_seeds_differ(engine, golden, alone):
     assert seed5.tokens != seed6.tokens
 
     # Every step of a sampled request really samples (at temperature 2 the argmax is the exception), and
-    # its logprobs are under the model's own distribution (temperature 1, no filter) like greedy ones.
+    # its logprobs are under the distribution it was sampled from (temperature 2), greedy ones temperature 1.
     reference = full_forward_logits(golden, [p, p, p], [seed5.tokens, seed6.tokens, greedy.tokens])
     for row, done in enumerate([seed5, seed6]):
         argmax = reference[row].argmax(-1)
         assert np.sum(np.asarray(done.tokens) != argmax) >= n // 2, (done.tokens, argmax.tolist())
         assert np.sum(np.asarray(done.tokens[1:]) != argmax[1:]) >= n // 2 - 1  # decode steps too
-        expected = log_softmax(reference[row])[np.arange(n), done.tokens]
+        expected = log_softmax(reference[row] / 2.0)[np.arange(n), done.tokens]
         np.testing.assert_allclose(done.logprobs, expected, rtol=0, atol=LOGPROB_ATOL)
 
 
@@ -531,8 +532,10 @@ def test_penalties_follow_a_numpy_reference_over_the_generated_sequence(engine, 
     scores = reference_scores(reference[0], penalised.tokens, sampling)
     tie = NEAR_TIE / max(sampling.temperature, 1.0)
     assert_argmax_up_to_near_ties(scores, penalised.tokens, tie, f"{sampling}")
-    # The logprobs stay the model's own (no penalties, bias or temperature in them).
-    expected = log_softmax(reference[0])[np.arange(GREEDY_TOKENS), penalised.tokens]
+    # The logprobs are of the distribution sampled: penalties, bias and temperature in, noise out.
+    adjusted = reference_scores(reference[0], penalised.tokens, dataclasses.replace(sampling, temperature=0.0))
+    divisor = sampling.temperature if sampling.temperature > 0 else 1.0
+    expected = log_softmax(adjusted / divisor)[np.arange(GREEDY_TOKENS), penalised.tokens]
     np.testing.assert_allclose(penalised.logprobs, expected, rtol=0, atol=LOGPROB_ATOL)
 
 

@@ -242,14 +242,57 @@ def test_frequencies_follow_the_tempered_softmax(temperature):
         assert chi_square(tokens, PROBS) > 4 * CHI2_BOUND_4_TOKENS  # the temperature is not ignored
 
 
-def test_sampled_logprobs_are_under_the_models_own_distribution():
+def test_sampled_logprobs_are_under_the_tempered_distribution():
     logits = np.log(PROBS).astype(np.float32)
     tokens, logprobs = _sample(jnp.broadcast_to(jnp.asarray(logits), (256, 4)),
                                settings(256, temperature=2.0, top_k=2, seed=1), jnp.arange(256, dtype=jnp.int32))
     tokens = np.asarray(tokens)
     assert set(tokens.tolist()) == {0, 1}
-    # Not the tempered or filtered distribution: log_softmax of the logits as given.
-    np.testing.assert_allclose(np.asarray(logprobs), np.log(PROBS)[tokens], rtol=1e-5, atol=1e-5)
+    # The distribution that was sampled, after temperature (as OpenAI reports), before the top-k filter: every
+    # token's value is finite, and greedy rows (temperature 1 for this) get log_softmax of the logits as given.
+    np.testing.assert_allclose(np.asarray(logprobs), log_softmax(logits / 2.0)[tokens], rtol=1e-5, atol=1e-5)
+    greedy_tokens, greedy = _sample(jnp.asarray(logits)[None], settings(1), jnp.zeros(1, jnp.int32))
+    np.testing.assert_allclose(np.asarray(greedy), np.log(PROBS)[np.asarray(greedy_tokens)], atol=1e-5)
+
+
+def test_top_logprobs_are_sorted_and_hold_the_sampled_token():
+    from grok1.sampling import sample_scored
+
+    rows, vocab = 64, 300
+    logits = jax.random.normal(jax.random.PRNGKey(4), (rows, vocab)) * 4
+    base = settings(rows, temperature=0.7, seed=2)
+    wanted = jnp.asarray([5] * (rows // 2) + [20] * (rows // 2), jnp.int32)
+    out = jax.jit(sample_scored)(logits, base._replace(top_logprobs=wanted), jnp.arange(rows, dtype=jnp.int32))
+    ids, values = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
+    reference = log_softmax(np.asarray(logits) / 0.7)
+    assert np.all(np.diff(values, axis=1) <= 0)
+    np.testing.assert_allclose(values, np.take_along_axis(reference, ids, axis=1), atol=1e-4)
+    np.testing.assert_allclose(np.exp(reference).sum(axis=1), 1.0, atol=1e-5)  # over the whole vocabulary
+    for row in range(rows):
+        token = int(out.tokens[row])
+        np.testing.assert_allclose(float(out.logprobs[row]), reference[row, token], atol=1e-4)
+        if reference[row, token] >= values[row, 19]:
+            assert token in ids[row].tolist()
+    none = jax.jit(sample_scored)(logits, base, jnp.arange(rows, dtype=jnp.int32))
+    assert not np.any(np.asarray(none.top_ids)) and np.array_equal(np.asarray(none.tokens), np.asarray(out.tokens))
+
+
+def test_grammar_mask_constrains_only_its_rows():
+    from grok1.sampling import sample_scored
+
+    rows, vocab = 4, 64
+    logits = jax.random.normal(jax.random.PRNGKey(5), (rows, vocab))
+    words = np.zeros((rows, 2), np.uint32)
+    words[:, 1] = 1 << 3  # token 35 only
+    has = jnp.asarray([True, False, True, False])
+    for temperature in (0.0, 1.0):
+        s = settings(rows, temperature=temperature, seed=1)
+        free = jax.jit(sample_scored)(logits, s, jnp.zeros(rows, jnp.int32))
+        masked = jax.jit(sample_scored)(logits, s, jnp.zeros(rows, jnp.int32), None, (jnp.asarray(words), has))
+        tokens = np.asarray(masked.tokens)
+        assert tokens[0] == 35 and tokens[2] == 35
+        assert np.array_equal(tokens[[1, 3]], np.asarray(free.tokens)[[1, 3]])
+        assert np.all(np.isfinite(np.asarray(masked.logprobs)))
 
 
 # ------------------------------------------------------------------------------------- per-row settings
@@ -357,8 +400,8 @@ def test_penalties_follow_the_numpy_reference_over_a_sequence(logits_sequence, t
         # Seeded: the draw from the reference's logits with the same key and step (fold_in(key, n)).
         want, _ = _sample(jnp.asarray(expected), plain, jnp.full(rows, step, jnp.int32))
         np.testing.assert_array_equal(tokens[step], np.asarray(want), err_msg=f"step {step}")
-        # The logprob stays the model's own: log_softmax of the unpenalised logits.
-        np.testing.assert_allclose(logprobs[step], log_softmax(logits_sequence[step])[np.arange(rows), tokens[step]],
+        # The logprob is of the distribution sampled: the penalised logits (temperature 0 and 1 both divide by 1).
+        np.testing.assert_allclose(logprobs[step], log_softmax(expected)[np.arange(rows), tokens[step]],
                                    rtol=1e-5, atol=1e-5)
         counts[np.arange(rows), tokens[step]] += 1
     # Not vacuous: row 0 (no penalties) repeats its tokens, the penalised rows vary theirs.
@@ -374,7 +417,8 @@ def test_logit_bias_plus_100_forces_and_minus_100_bans(random_logits):
             penalties=penalties(rows, bias={forced_token: 100.0}))
         tokens, logprobs = _sample(jnp.asarray(random_logits), forced, steps)
         np.testing.assert_array_equal(np.asarray(tokens), forced_token)
-        np.testing.assert_allclose(np.asarray(logprobs), log_softmax(random_logits)[:, forced_token], atol=1e-5)
+        # the logprob of the distribution sampled: the forced token has (almost) all of it
+        np.testing.assert_allclose(np.asarray(logprobs), 0.0, atol=1e-5)
     best = random_logits.argmax(-1)
     row = 0
     banned = settings(256, temperature=1.0, seed=3)._replace(penalties=penalties(256, bias={int(best[row]): -100.0}))
@@ -418,8 +462,8 @@ def test_plain_rows_are_unchanged_by_a_penalised_neighbour(random_logits):
     assert int(tokens[2]) == int(random_logits[2].argmin())  # the biased row did change
     np.testing.assert_array_equal(np.asarray(tokens)[3:], np.asarray(want_tokens)[3:])
     np.testing.assert_array_equal(np.asarray(logprobs)[3:], np.asarray(want_logprobs)[3:])
-    # The biased row's logprob is still the model's own, of the token it was forced to.
-    np.testing.assert_allclose(float(logprobs[2]), log_softmax(random_logits[2]).min(), rtol=1e-5)
+    # The biased row's logprob is of the distribution it was sampled from: the forced token has almost all of it.
+    assert abs(float(logprobs[2])) < 1e-4
 
 
 # ------------------------------------------------------------- the host conversion cannot raise (engine)

@@ -79,7 +79,8 @@ def test_completion_defaults_and_fields():
     ({"prompt": "hi", "top_k": -1}, "invalid_request", "top_k"),
     ({"prompt": [1, 1000]}, "invalid_request", "token ids"),
     ({"prompt": [-1, 3]}, "invalid_request", "token ids"),
-    ({"prompt": ["a", "b"]}, "invalid_request", "one prompt per request"),
+    ({"prompt": ["a"] * (protocol.MAX_PROMPTS + 1)}, "invalid_request", "prompts; the limit is"),
+    ({"prompt": [["a"]]}, "invalid_request", "prompt must be"),
     ({"prompt": {"x": 1}}, "invalid_request", "prompt must be"),
     ({"prompt": "hi", "temperature": "hot"}, "invalid_request", "temperature must be a number"),
     ({"prompt": "hi", "max_tokens": 2.5}, "invalid_request", "max_tokens must be an integer"),
@@ -128,11 +129,13 @@ def test_response_shapes_and_sse():
     assert responses.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
     assert responses.SSE_DONE == b"data: [DONE]\n\n"
     assert responses.usage(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-    lp = responses.completion_logprobs([(" a", -0.5, 0), ("b", -1.0, 2)])
-    assert lp == {"tokens": [" a", "b"], "token_logprobs": [-0.5, -1.0], "top_logprobs": [{" a": -0.5}, {"b": -1.0}],
-                  "text_offset": [0, 2]}
-    chat = responses.chat_logprobs([("é", -0.25, 0)])
+    lp = responses.completion_logprobs([("a", None, 0, []), (" a", -0.5, 1, []),
+                                        ("b", -1.0, 3, [("c", -0.1), ("b", -1.0)])])
+    assert lp == {"tokens": ["a", " a", "b"], "token_logprobs": [None, -0.5, -1.0],
+                  "top_logprobs": [None, {" a": -0.5}, {"c": -0.1, "b": -1.0}], "text_offset": [0, 1, 3]}
+    chat = responses.chat_logprobs([("é", -0.25, 0, [("é", -0.25), ("x", -2.0)])])
     assert chat["content"][0]["bytes"] == [0xC3, 0xA9] and chat["content"][0]["top_logprobs"][0]["token"] == "é"
+    assert [t["logprob"] for t in chat["content"][0]["top_logprobs"]] == [-0.25, -2.0]
     models = responses.models_response(MODEL, 123)
     assert models["data"][0]["id"] == "grok-1-tiny" and models["object"] == "list"
 
@@ -301,7 +304,7 @@ def test_completion_fields_out_of_range_are_refused_by_name(body, param):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"logit_bias": {"5": "high"}}, "logit_bias"),
