@@ -29,6 +29,14 @@ MASKED_LOGIT = -1e30
 PAGED_KV_AXES = ("layers", "cache_blocks", "block_positions", "kv_heads", "head_dim")
 
 
+class PagedRows(NamedTuple):
+    """What grok1.model.attention takes as `rows` with a PagedKV cache: table [B, M] the rows' blocks, write
+    [B, T] which tokens store their keys and values (not padding, nor a fork's tokens its parent writes)."""
+
+    table: jax.Array
+    write: jax.Array
+
+
 class PagedKV(NamedTuple):
     """Keys (after RoPE) and values of every layer, in blocks: k, v [L, N, bs, Hkv, K] bfloat16."""
 
@@ -86,7 +94,7 @@ def gather_kv(pool: PagedKV, layer_index, table, kv_len: int):
 def attend(q, keys, values, positions, multiplier: float):
     """Causal grouped-query attention of q [B, T, H, K] (after RoPE) over keys, values [B, S, Hkv, K], where
     position s of a row is visible from positions[b, t] >= s. Returns [B, T, H*K] in q's dtype. The math of
-    grok1.model.attention, step by step (float32 logits and softmax, the 30 tanh cap)."""
+    grok1.model.attention, for either cache (float32 logits and softmax, the 30 tanh cap)."""
     batch, steps, heads, key_size = q.shape
     kv_heads, kv_len = keys.shape[2], keys.shape[1]
     q = q.reshape(batch, steps, kv_heads, heads // kv_heads, key_size)  # query head h uses kv head h // (H/Hkv)
