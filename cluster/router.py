@@ -77,8 +77,7 @@ class Router:
         self.max_queue = settings.max_queue
         self.pipelined = settings.pipelined
         config: Grok1Config = spec.config
-        self.scheduler = Scheduler(config.engine.max_slots, config.engine.max_len, config.model.vocab_size,
-                                   config.model.eos_token, max_queue=settings.max_queue)
+        self.scheduler = Scheduler.for_config(config, max_queue=settings.max_queue)
         self.state = "loading"
         self.error: str | None = None
         self.restarts = 0
@@ -188,6 +187,7 @@ class Router:
             "expert_token_counts": self._expert_counts.tolist(),
             "workers": workers, "node_ids": [worker["node_id"] for worker in workers],
             "router_node_id": _this_node_id(),
+            **self.scheduler.kv_stats(),  # paged KV cache: blocks used / total, prefix hits, preemptions
         }
 
     async def shutdown(self) -> None:
@@ -255,6 +255,7 @@ class Router:
     def _fail_queued(self, message: str) -> None:
         while self.scheduler.queue:
             request = self.scheduler.queue.popleft()
+            self.scheduler.resume.pop(request.request_id, None)  # a preempted one's replay goes with it
             self._on_event(TokenEvent(request.request_id, None, None, FinishReason.ERROR, message))
         self._drain_inbox(block=False, refuse=message)
 

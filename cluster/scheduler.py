@@ -81,6 +81,14 @@ class Scheduler:
         self.prefill_tokens = 0  # prompt (and replayed) tokens run through a prefill
         self.cached_tokens = 0  # prompt tokens whose prefill a prefix hit or a fork saved
 
+    @classmethod
+    def for_config(cls, config, max_queue: int | None = None) -> "Scheduler":
+        """The scheduler of an engine made from this grok1.config.Grok1Config: paged when engine.kv_blocks is."""
+        engine, model = config.engine, config.model
+        kv = BlockPool(engine.kv_blocks, engine.kv_block_size) if engine.paged else None
+        return cls(engine.max_slots, engine.max_len, model.vocab_size, model.eos_token, max_queue=max_queue, kv=kv,
+                   token_budget=engine.token_budget or None)
+
     # ------------------------------------------------------------------------------------------ intake
     def validate(self, request: Request) -> None:
         validate_request(request, self.max_len, self.vocab_size)

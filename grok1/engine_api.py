@@ -20,6 +20,8 @@ from grok1.limits import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE, SEED_R
 
 # The verbs a shard group runs on every worker's engine (workers.actor.ShardWorker.execute).
 ENGINE_VERBS = frozenset({"prefill", "prefill_many", "decode", "release", "check_health"})
+# ... and on a paged engine's (grok1.paged_engine.PagedEngine): one step per scheduler plan.
+PAGED_ENGINE_VERBS = frozenset({"paged_step", "release", "check_health"})
 
 
 class StepOutput(NamedTuple):

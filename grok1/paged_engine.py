@@ -24,7 +24,7 @@ import numpy as np
 
 from grok1 import model
 from grok1.config import Grok1Config
-from grok1.engine import PREFILL_BATCH_GROWTH, DecodeState, _expert_counts, _slot_sampling, release_slot
+from grok1.engine import PREFILL_BATCH_GROWTH, DecodeState, Engine, _expert_counts, _slot_sampling, release_slot
 from grok1.engine_api import Sampling, StepOutput, StepPlan
 from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len
 from grok1.sampling import SlotSampling, sample
@@ -163,8 +163,8 @@ class PagedEngine:
         return StepOutput(*(np.asarray(x) for x in (tokens, logprobs, counts)))
 
     def _prefill_chunks(self, plan: StepPlan) -> StepOutput:
-        """All chunks in calls of one length bucket each, in the plan's order (a fork's chunk reads what its
-        parent's chunk writes: both run in one call, parents first, or the parent's call comes before)."""
+        """Every chunk in one call, padded to the longest one's bucket (a fork's chunk reads what its parent's
+        chunk writes in the same call: each layer writes every row's KV before any row reads)."""
         vocab = self.config.model.vocab_size
         buckets = self.config.engine.buckets_up_to_max_len()
         longest = max(len(chunk.tokens) for chunk in plan.chunks)
@@ -201,9 +201,26 @@ class PagedEngine:
         self.state = self._release(self.state, jnp.int32(slot))
         self._active[slot], self._lengths[slot] = False, 0
 
+    def warmup(self) -> None:
+        """Compile the decode step for every kv_len bucket now (with no slot active nothing is written); prefill
+        shapes compile on first use."""
+        tables = np.full((self.max_slots, self.table_width), -1, np.int32)
+        limit = self.table_width * self.block_size
+        kv_len = self.kv_len_for(1)
+        while True:
+            self.state = self._decode(self.params, self.state, tables, kv_len=kv_len)[0]
+            if kv_len >= limit:
+                break
+            kv_len = self.kv_len_for(kv_len + 1)
+
     def check_health(self) -> bool:
         return bool(jnp.all(jnp.isfinite(self.state.lengths)))
 
     def shutdown(self) -> None:
         self.state = None
         self.params = None
+
+
+def make_engine(config: Grok1Config, params, layout=None):
+    """The engine the config asks for: paged when engine.kv_blocks is set, else the contiguous one."""
+    return PagedEngine(config, params, layout) if config.engine.paged else Engine(config, params, layout)

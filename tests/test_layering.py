@@ -96,8 +96,11 @@ def test_router_and_ingress_load_without_jax():
 
 def test_one_engine_protocol_for_the_engine_and_the_shard_group():
     from grok1.engine import Engine
-    from grok1.engine_api import ENGINE_VERBS, EngineVerbs
+    from grok1.engine_api import ENGINE_VERBS, PAGED_ENGINE_VERBS, EngineVerbs
+    from grok1.paged_engine import PagedEngine
     from workers.group import GroupEngine
 
     assert issubclass(Engine, EngineVerbs) and issubclass(GroupEngine, EngineVerbs)
     assert all(callable(getattr(Engine, verb, None)) for verb in ENGINE_VERBS)  # what ShardWorker.execute runs
+    assert all(callable(getattr(PagedEngine, verb, None)) for verb in PAGED_ENGINE_VERBS)
+    assert all(callable(getattr(GroupEngine, verb, None)) for verb in PAGED_ENGINE_VERBS)
