@@ -36,6 +36,7 @@ test-fast: setup
 # 2-worker group on two nodes). Each prints a table of ratios measured side by side (docs/benchmarks.md).
 bench: setup
 	$(BIN)/python -m benchmarks.bench_engine
+	$(BIN)/python -m benchmarks.bench_paged
 	$(BIN)/python -m benchmarks.bench_multiprocess
 	$(BIN)/python -m benchmarks.bench_cluster
 	$(BIN)/python -m benchmarks.bench_serve
