@@ -6,7 +6,9 @@ One run, on this machine, measures side by side:
 1. the single-process engine (grok1.engine.Engine, no mesh) in this process, driven by cluster.driver.Driver,
    pipelined and not;
 2. the router actor (cluster.router.start_router, ep=2, STRICT_SPREAD), pipelined and not (two routers, each
-   with its own group), streaming TokenEvents to this process;
+   with its own group), streaming TokenEvents to this process; the pipelined one is the router of the Serve
+   application (ingress/app.py, on the same cluster), so the same router is also measured over HTTP
+   (streaming completions through Serve's proxy, ingress/loadgen.py's client);
 3. a third 2-worker ep=2 group (workers.group.RayShardGroup, STRICT_SPREAD) driven by the same Driver from this
    process, without the router actor or streaming; on it, the step breakdown: the decode step's wall time,
    the time each worker spends inside it (ShardWorker.timings), the round trip of a no-op call (`ping`);
@@ -23,8 +25,9 @@ nodes; the script checks that. Load: n streams, each one request of a random 16-
 Breakdown of a decode step at 32 active slots: Ray dispatch = the step's wall time seen by the caller minus
 the time inside the worker's decode call; inside the worker, collective + process split = the worker's time
 minus the same ep=2 step on virtual devices in one process (the compute). Router overhead = the router's
-time per step of the 32-stream load minus the directly driven group's. Prints Markdown tables;
-docs/benchmarks.md records them. Not a test: nothing here asserts a time.
+time per step of the n-stream load (n / its tok/s: one step makes one token per stream, prefills included)
+minus the directly driven group's, at 1 and 32 streams, next to the engine / router / HTTP ratios. Prints
+Markdown tables; docs/benchmarks.md records them. Not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.router_overhead import stream_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = [1, 8, 32]
@@ -97,27 +102,51 @@ def decode_step_s(engine, steps: int, prompt_len: int, pipelined: bool) -> tuple
     return prefill, seconds
 
 
-async def _stream(router, request) -> int:
-    count = 0
-    async for ref in router.generate.options(num_returns="streaming").remote(request):
-        event = await ref
-        if event.error:
-            raise RuntimeError(f"{request.request_id}: {event.error}")
-        count += event.token is not None
-    return count
-
-
 def router_tokens_per_s(router, streams: int, tokens: int, prompt_len: int) -> float:
     requests = _requests(streams, tokens, prompt_len, seed=streams)
 
     async def run():
-        return await asyncio.gather(*[_stream(router, r) for r in requests])
+        return await asyncio.gather(*[stream_tokens(router, r) for r in requests])
 
     started = time.perf_counter()
     counts = asyncio.run(run())
     elapsed = time.perf_counter() - started
     assert counts == [tokens] * streams, counts
     return streams * tokens / elapsed
+
+
+def start_serve_on_cluster(config, checkpoint: str):
+    """The Serve application (HTTP) with its own router and ep=2 group, STRICT_SPREAD; returns (router, url)."""
+    import tempfile
+
+    import ray
+    import yaml
+    from ray import serve
+
+    from benchmarks.bench_serve import _free_port
+    from ingress.app import build_app, serve_options
+
+    source = yaml.safe_load((ROOT / "configs" / f"{config.name}.yaml").read_text())
+    source["engine"]["max_slots"] = config.engine.max_slots  # the Serve app reads its config from a file
+    path = Path(tempfile.mkdtemp(prefix="bench-cluster-")) / "config.yaml"
+    path.write_text(yaml.safe_dump(source))
+    http_port = _free_port()
+    # One proxy, on the head: the nodes of this cluster share one host, and so its ports.
+    serve.start(proxy_location="HeadOnly", **serve_options("127.0.0.1", http_port, _free_port()))
+    app = build_app({"config": str(path), "checkpoint": checkpoint, "ep": 2, "placement_strategy": "STRICT_SPREAD",
+                     "backend": "ray"})
+    router = serve.run(app, name="bench", route_prefix="/", blocking=False).router_handle.remote().result()
+    assert ray.get(router.wait_ready.remote(600))
+    return router, f"http://127.0.0.1:{http_port}"
+
+
+def http_tokens_per_s(url: str, config, streams: int, tokens: int, prompt_len: int) -> float:
+    """n streaming completions at once over HTTP, one request each, exactly `tokens` tokens."""
+    from ingress.loadgen import LoadSpec, run_http
+
+    result = run_http(url, LoadSpec(streams, streams, prompt_len, tokens, config.model.vocab_size, seed=streams))
+    assert result.errors == 0 and result.output_tokens == streams * tokens, result.summary()
+    return result.tokens_per_s
 
 
 def start_router_on_cluster(config, checkpoint: str, pipelined: bool):
@@ -167,6 +196,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import ray
+    from ray import serve
     from ray.cluster_utils import Cluster
 
     from benchmarks.bench_multiprocess import Layout, measure
@@ -174,6 +204,7 @@ def main(argv=None) -> None:
     from grok1.config import load_config
     from grok1.engine import Engine
     from grok1.loading import ensure_random_checkpoint, load_params
+    from ingress.edge import apply_proxy_env
     from workers.group import GroupEngine, RayShardGroup
 
     config = load_config(args.config).replace(engine={"max_slots": 32})
@@ -181,6 +212,7 @@ def main(argv=None) -> None:
     workload = dict(tokens=args.tokens, prompt_len=args.prompt_len)
 
     # Three groups of 2 workers live at once (two routers and the one driven from here): 3 CPUs per node.
+    apply_proxy_env()  # before Ray starts: the Serve proxy inherits it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
         cluster.add_node(num_cpus=3)
@@ -192,9 +224,10 @@ def main(argv=None) -> None:
     def record(key, value):
         samples.setdefault(key, []).append(value)
 
-    routers, group = {}, None
+    routers, group, url = {}, None, None
     try:
-        routers = {pipelined: start_router_on_cluster(config, checkpoint, pipelined) for pipelined in (True, False)}
+        routers = {False: start_router_on_cluster(config, checkpoint, pipelined=False)}
+        routers[True], url = start_serve_on_cluster(config, checkpoint)
         spec = ReplicaConfig(ep=2, placement_strategy="STRICT_SPREAD", start_timeout_s=600,
                              step_timeout_s=120).group_spec(config, checkpoint)
         group = RayShardGroup(spec)
@@ -204,6 +237,7 @@ def main(argv=None) -> None:
         group_engine.max_slots = config.engine.max_slots
         for router in routers.values():
             ready_router(router)
+        http_tokens_per_s(url, config, 4, 4, args.prompt_len)  # warm the HTTP path
         engine = Engine(config, load_params(config, Path(checkpoint)))
         engine.warmup()
         driver_tokens_per_s(group_engine, config, 32, pipelined=True, tokens=4, prompt_len=args.prompt_len)
@@ -214,6 +248,7 @@ def main(argv=None) -> None:
             for n in CONCURRENCY:
                 record(("engine", n, True), driver_tokens_per_s(engine, config, n, pipelined=True, **workload))
                 record(("router", n, True), router_tokens_per_s(routers[True], n, **workload))
+                record(("http", n, True), http_tokens_per_s(url, config, n, **workload))
                 record(("group", n, True), driver_tokens_per_s(group_engine, config, n, pipelined=True, **workload))
             record(("engine", 32, False), driver_tokens_per_s(engine, config, 32, pipelined=False, **workload))
             record(("router", 32, False), router_tokens_per_s(routers[False], 32, **workload))
@@ -231,8 +266,11 @@ def main(argv=None) -> None:
     finally:
         if group is not None:
             group.shutdown()
-        for router in routers.values():
-            ray.kill(router)  # its shard workers and placement group go with it
+        if url is not None:
+            serve.shutdown()  # the app's router and its workers go with it
+        for pipelined, router in routers.items():
+            if not pipelined:
+                ray.kill(router)  # its shard workers and placement group go with it
         ray.shutdown()
         cluster.shutdown()
 
@@ -276,6 +314,21 @@ def main(argv=None) -> None:
         router_step, group_step = (32 / median((what, 32, pipelined)) for what in ("router", "group"))
         print(f"| 32 streams, per step: router / group driven from here "
               f"({'pipelined' if pipelined else 'not pipelined'}) | {ms(router_step)} / {ms(group_step)} | |")
+    print_router_overhead(median)
+
+
+def print_router_overhead(median) -> None:
+    """Engine, router and HTTP side by side at 1 and 32 streams, and the router's own time per step."""
+    print("\nthe router's overhead (pipelined; ms per step = streams / tok/s: one token per stream per step)\n")
+    print("| streams | engine tok/s | router tok/s | HTTP tok/s | router / engine | HTTP / router | HTTP / engine | "
+          "ms per step: engine / group / router / HTTP | router overhead per step (router - group) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in (1, 32):
+        engine, router, http, group = (median((what, n, True)) for what in ("engine", "router", "http", "group"))
+        steps = [1000 * n / tps for tps in (engine, group, router, http)]
+        print(f"| {n} | {engine:.1f} | {router:.1f} | {http:.1f} | {router / engine:.0%} | {http / router:.0%} | "
+              f"{http / engine:.0%} | {' / '.join(f'{s:.1f}' for s in steps)} | "
+              f"{steps[2] - steps[1]:.1f} ms ({steps[2] / steps[1] - 1:+.0%}) |")
 
 if __name__ == "__main__":
     main()

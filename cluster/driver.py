@@ -7,6 +7,9 @@ Each `step()`:
 4. hands every token to the scheduler, which ends a request on EOS, a stop token or max_tokens,
    and releases its slot in the engine at once.
 
+Every event goes to `on_event` as it happens; `on_flush` follows each phase of a step that produced events, so
+the router sends a phase's events on in one message rather than one per token (cluster/streams.py).
+
 The engine is anything with `prefill(slot, prompt, sampling)`, `decode()` and `release(slot)` (see
 grok1.engine.Engine): the same loop runs on the in-process engine, the sharded one, or a fake in tests.
 
@@ -43,10 +46,14 @@ class FinishedSequence:
 
 class Driver:
     def __init__(self, engine, scheduler: Scheduler, on_event: Callable[[TokenEvent], None] | None = None, *,
-                 pipelined: bool = False, keep_completions: bool = True):
+                 pipelined: bool = False, keep_completions: bool = True, on_flush: Callable[[], None] | None = None):
+        """`on_event` gets every event as it happens; `on_flush` is called after each phase that produced events
+        (deadlines, prefills, a decode step's hand-out, a cancel, an abort), so that a consumer can send them on
+        in one message per phase instead of one per token."""
         self.engine = engine
         self.scheduler = scheduler
         self.on_event = on_event
+        self.on_flush = on_flush or (lambda: None)
         self.pipelined = pipelined
         self.keep_completions = keep_completions  # the router streams events instead
         self.completions: dict[str, FinishedSequence] = {}
@@ -66,6 +73,7 @@ class Driver:
         ended = self.scheduler.cancel(request_id)
         if ended is not None:
             self._end(*ended)
+            self.on_flush()
 
     def step(self) -> None:
         for slot, event in self.scheduler.expire():
@@ -85,17 +93,20 @@ class Driver:
                 out = self.engine.prefill(slot, request.prompt, request.sampling)
                 self._count(out.expert_counts)
                 self._deliver(slot, out.tokens[0], out.logprobs[0])
+        self.on_flush()  # the deadlines and first tokens go out now, not after the decode step below
         running = self.scheduler.running_slots()
         owners = {slot: self.scheduler.request_in(slot).request_id for slot in running}
         if not self.pipelined:
             if running:
                 self._hand_out(self.engine.decode(), owners)
+                self.on_flush()
             return
         started = (self.engine.decode_start(), owners) if running else None
         if self._in_flight is not None:
             handle, previous_owners = self._in_flight
             self._in_flight = None
             self._hand_out(self.engine.decode_finish(handle), previous_owners)
+            self.on_flush()
         self._in_flight = started
 
     def abort_running(self, message: str) -> list[TokenEvent]:
@@ -104,6 +115,7 @@ class Driver:
         events = [event for _, event in self.scheduler.abort_running(message)]
         for event in events:
             self._finish(event)
+        self.on_flush()
         return events
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> dict[str, FinishedSequence]:

@@ -13,7 +13,10 @@ Data flow, from request to last token:
    over the collectives (gloo / NCCL) — Ray carries one call per step, never per layer.
 4. Pipelining: decode step k+1 is started before step k's tokens are read, so the workers compute while the
    tokens of step k travel back and are handed out. Sampled tokens stay on the devices between steps.
-5. Each token becomes a `TokenEvent` put on its request's asyncio queue; `generate` yields it to the caller.
+5. Each token becomes a `TokenEvent` in its request's outbox (cluster/streams.py); after each phase of a step
+   the outbox is handed to the callers' event loop in one call, and `generate` yields everything its request
+   got since the caller last read as one list: one Ray streaming item per request per step at most, fewer when
+   the caller falls behind (Ray's generator backpressure holds the next item until the last one is read).
    A request ends on EOS, a stop token, max_tokens, its deadline, or cancellation; its slot is released at
    once and the next queued request takes it at the next step. A caller that goes away cancels its request.
 6. Faults: a worker that dies or stops answering fails the step (`GroupFailure`); requests in flight end with
@@ -42,10 +45,12 @@ import traceback
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 
 from cluster.driver import Driver
 from cluster.replica_config import ReplicaConfig
 from cluster.scheduler import Scheduler
+from cluster.streams import Outbox, Stream
 from grok1.config import Grok1Config
 from grok1.engine_api import FinishReason, InvalidRequest, Request, TokenEvent, Unavailable
 from grok1.limits import MAX_TIMEOUT_S
@@ -84,7 +89,9 @@ class Router:
         self.group = None
         self.driver: Driver | None = None
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, Stream] = {}
+        self._outbox = Outbox(self._streams)  # the step thread's; flushed once per phase of a step
+        self._items = 0  # streaming items yielded to the callers
         self._timings: dict[str, _Timing] = {}
         self._ttft = collections.deque(maxlen=SAMPLES)
         self._tpot = collections.deque(maxlen=SAMPLES)
@@ -99,8 +106,11 @@ class Router:
         self._thread.start()
 
     # ------------------------------------------------------------------------------ the callers' side
+    # One unread item per stream at most: the router yields the next batch once the caller has read the last.
+    @ray.method(_generator_backpressure_num_objects=1)
     async def generate(self, request: Request, timeout_s: float | None = None):
-        """Stream the request's TokenEvents; the last one has a finish_reason."""
+        """Stream the request's TokenEvents in lists (each one: all the events since the caller's last read, in
+        order); the last event of the last list has a finish_reason."""
         if self.state != "ready":
             raise Unavailable(f"the replica is {self.state}" + (f": {self.error}" if self.error else ""))
         if request.request_id in self._streams:
@@ -111,18 +121,18 @@ class Router:
                 raise InvalidRequest(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout_s!r}",
                                      "timeout_s")
             request.deadline = time.monotonic() + timeout_s
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (loop, events)
+        stream = Stream(asyncio.get_running_loop())
+        self._streams[request.request_id] = stream
         accepted = concurrent.futures.Future()
         self._inbox.put(("submit", request, accepted))
         finished = False
         try:
             await self._accepted(accepted)
             while not finished:
-                event = await events.get()
-                finished = event.finish_reason is not None
-                yield event
+                batch = await stream.next_batch()
+                finished = batch[-1].finish_reason is not None
+                self._items += 1
+                yield batch
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:  # the caller went away (or cancelled): free its slot
@@ -164,7 +174,8 @@ class Router:
         request = Request(f"health-{time.monotonic_ns()}", [self.spec.config.model.eos_token], max_tokens=1,
                           ignore_eos=True)
         try:
-            events = [event async for event in self.generate(request, timeout_s=self.settings.health_timeout_s)]
+            events = [event async for batch in self.generate(request, timeout_s=self.settings.health_timeout_s)
+                      for event in batch]
         except Exception as err:  # noqa: BLE001 - any failure means unhealthy; say which
             return {"ok": False, "state": self.state, "detail": f"probe failed: {err!r}"}
         last = events[-1]
@@ -184,6 +195,7 @@ class Router:
             "prompt_tokens_total": self._prompt_tokens_total,
             "ttft_seconds": list(self._ttft), "tpot_seconds": list(self._tpot),
             "tokens_per_second": len(recent) / 10.0,
+            "stream_items_total": self._items, "stream_flushes_total": self._outbox.flushes,
             "expert_token_counts": self._expert_counts.tolist(),
             "workers": workers, "node_ids": [worker["node_id"] for worker in workers],
             "router_node_id": _this_node_id(),
@@ -213,13 +225,14 @@ class Router:
                     time.sleep(min(2.0 ** attempts, 30))
                     continue
             try:
-                self._drain_inbox(block=self.driver.idle)
+                self._drain_inbox(block=self.driver.idle)  # a cancel flushes its event
                 if not self.driver.idle:
-                    self.driver.step()
+                    self.driver.step()  # flushes after its prefills and after its hand-out
             except GroupFailure as err:
                 self._recover(err)
             except Exception:  # noqa: BLE001 - a bug must not hang callers: fail the running ones, rebuild
                 self._recover(GroupFailure(traceback.format_exc(limit=3)))
+            self._flush()
         if self.driver is not None:
             self.driver.abort_running("the router is shutting down")
         self._fail_queued("the router is shutting down")
@@ -235,7 +248,7 @@ class Router:
         self.state = "loading" if self.restarts == 0 else "recovering"
         self.group = self.group_factory(self.spec)
         self.driver = Driver(GroupEngine(self.group), self.scheduler, self._on_event, pipelined=self.pipelined,
-                             keep_completions=False)
+                             keep_completions=False, on_flush=self._flush)
         self.error = None
         self.state = "ready"
         self._last_ping = time.monotonic()
@@ -258,6 +271,7 @@ class Router:
             self.scheduler.resume.pop(request.request_id, None)  # a preempted one's replay goes with it
             self._on_event(TokenEvent(request.request_id, None, None, FinishReason.ERROR, message))
         self._drain_inbox(block=False, refuse=message)
+        self._flush()
 
     def _drain_inbox(self, block: bool, refuse: str | None = None) -> None:
         try:
@@ -304,12 +318,13 @@ class Router:
                 self._timings.pop(event.request_id, None)
                 if timing.tokens > 1:
                     self._tpot.append((timing.last_token - timing.first_token) / (timing.tokens - 1))
+        self._outbox.put(event)
+
+    def _flush(self) -> None:
+        """Hand the events out (once per phase of a step, not per token) and take the step's expert counts."""
         if self.driver is not None and self.driver.expert_counts is not None:
             self._expert_counts = self.driver.expert_counts.astype(np.int64)
-        stream = self._streams.get(event.request_id)
-        if stream is not None:
-            loop, events = stream
-            loop.call_soon_threadsafe(events.put_nowait, event)
+        self._outbox.flush()
 
 
 def _this_node_id() -> str | None:

@@ -7,8 +7,11 @@
 
 The device state (`DecodeState`) holds the cache, each slot's length, the token it feeds next, its
 sampling settings and how often it generated each token (for the penalties), so consecutive decode steps
-need nothing from the host: sampled tokens stay on the device. Both steps are jitted once per shape (decode:
-one shape; prefill: one per prompt bucket) and donate the state, so the cache is updated in place. Which
+need nothing from the host: sampled tokens stay on the device. The steps are jitted once per shape and donate
+the state, so the cache is updated in place. Work follows what is live, not the engine's size: a decode step
+runs the layers for all slots over a power-of-two bucket of the longest live sequence (`kv_len`, not
+`max_len`), then unembeds and samples only a power-of-two bucket of the active slots, two jitted halves
+compiled per bucket (prefill: one per prompt bucket and batch size). Which
 request owns which slot, and when it ends, is the scheduler's business (cluster/scheduler.py), not this
 module's.
 """
@@ -27,6 +30,7 @@ from grok1 import model
 from grok1.config import Grok1Config
 from grok1.engine_api import Sampling, StepOutput
 from grok1.limits import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE
+from grok1.paged_attention import PagedRows
 from grok1.sampling import LogitPenalties, SlotSampling, sample, seed_key_data
 
 
@@ -43,6 +47,21 @@ class DecodeState:
     # int32 rather than int16: the per-step update is a scatter-add, native for 32-bit words everywhere, and
     # the array is 0.5 MiB per slot at Grok-1's vocabulary, next to its 2 GiB of KV cache.
     token_counts: jax.Array
+
+
+KV_BUCKET_MIN = 16  # the shortest cache length a decode step attends over
+
+
+def power_of_two_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 2*smallest, ... while below largest, then largest."""
+    sizes = [smallest]
+    while sizes[-1] * 2 < largest:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sizes) if sizes[-1] == largest else (*sizes, largest)
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    return next(size for size in buckets if size >= n)
 
 
 PREFILL_BATCH_GROWTH = 4  # prefill calls take 1, 4, 16, ... prompts of a bucket (each size is one compile)
@@ -123,23 +142,59 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
     return state, token, logprob, counts
 
 
-def decode_step(params, state: DecodeState, *, config: Grok1Config, moe_fn=model.moe):
-    """One token for every active slot, all slots in one batch."""
-    positions = state.lengths[:, None]
+def decode_forward(params, state: DecodeState, tables=None, *, config: Grok1Config, kv_len: int,
+                   moe_fn=model.moe):
+    """The decoder layers of one decode step for every slot: the new cache, the final hidden states h [B, D]
+    and the expert counts. kv_len (static): a bucket longer than every active slot's sequence (see Engine).
+    tables [B, M]: the slots' block tables when the cache is a paged pool (grok1/paged_engine.py)."""
     valid = state.active[:, None]
-    out = model.forward(params, config.model, state.next_token[:, None], positions, state.cache,
-                        None, kv_len=state.cache.k.shape[2], valid=valid,
-                        block=config.engine.moe_block_size, moe_fn=moe_fn)
-    tokens, logprobs = sample(out.logits[:, 0], state.sampling, state.generated, state.token_counts)
-    step = state.active.astype(jnp.int32)
-    # One entry per slot (inactive ones add 0), in place: the state is donated.
-    counts = state.token_counts.at[jnp.arange(tokens.shape[0]), tokens].add(step)  # [B, V]
+    rows = None if tables is None else PagedRows(tables, valid)
+    h, cache, expert_index = model.run_layers(params, config.model, state.next_token[:, None],
+                                              state.lengths[:, None], state.cache, rows, kv_len=kv_len,
+                                              valid=valid, block=config.engine.moe_block_size, moe_fn=moe_fn)
+    state = DecodeState(cache=cache, lengths=state.lengths, next_token=state.next_token, generated=state.generated,
+                        active=state.active, sampling=state.sampling, token_counts=state.token_counts)
+    return state, h[:, 0], _expert_counts(expert_index, valid, config.model.num_experts)
+
+
+def decode_sample(params, state: DecodeState, h, rows, *, config: Grok1Config):
+    """Unembedding and sampling for the slots `rows` [n] only (a bucket of the active ones, padded with
+    indices >= max_slots), then the state's bookkeeping for every active slot. h [B, D] from decode_forward.
+
+    Returns tokens and logprobs [B] (inactive slots: -1 and 0)."""
+    slots = state.active.shape[0]
+    padding = rows >= slots  # [n]
+    logits = model.unembed(params, jnp.take(h, rows, axis=0, mode="clip")[:, None], config.model)[:, 0]
+    defaults = SlotSampling.defaults(rows.shape[0])
+
+    def row_settings(all_slots, default):  # padding rows sample greedily with no penalties
+        mask = padding.reshape(-1, *([1] * (default.ndim - 1)))
+        return jnp.where(mask, default, jnp.take(all_slots, rows, axis=0, mode="clip"))
+
+    sampling = jax.tree.map(row_settings, state.sampling, defaults)
+    counts = jnp.take(state.token_counts, rows, axis=0, mode="clip")  # [n, V]
+    generated = jnp.take(state.generated, rows, mode="clip")
+    row_tokens, row_logprobs = sample(logits, sampling, generated, counts)
+    tokens = jnp.full(slots, -1, jnp.int32).at[rows].set(row_tokens, mode="drop")
+    logprobs = jnp.zeros(slots, jnp.float32).at[rows].set(row_logprobs, mode="drop")
     tokens = jnp.where(state.active, tokens, -1)
-    state = DecodeState(cache=out.cache, lengths=state.lengths + step,
+    step = state.active.astype(jnp.int32)
+    # One entry per active row, in place: the state is donated.
+    counted = jnp.where(padding, 0, jnp.take(state.active, rows, mode="clip").astype(jnp.int32))  # [n]
+    counts = state.token_counts.at[rows, row_tokens].add(counted, mode="drop")  # [B, V]
+    state = DecodeState(cache=state.cache, lengths=state.lengths + step,
                         next_token=jnp.where(state.active, tokens, state.next_token),
                         generated=state.generated + step, active=state.active, sampling=state.sampling,
                         token_counts=counts)
-    return state, tokens, logprobs, _expert_counts(out.expert_index, valid, config.model.num_experts)
+    return state, tokens, jnp.where(state.active, logprobs, 0.0)
+
+
+def decode_step(params, state: DecodeState, rows, *, config: Grok1Config, kv_len: int, moe_fn=model.moe):
+    """One token for every active slot: decode_forward, then decode_sample of `rows` (which must list every
+    active slot). The Engine jits the two halves apart, so that each compiles per its own bucket."""
+    state, h, expert_counts = decode_forward(params, state, config=config, kv_len=kv_len, moe_fn=moe_fn)
+    state, tokens, logprobs = decode_sample(params, state, h, rows, config=config)
+    return state, tokens, logprobs, expert_counts
 
 
 def release_slot(state: DecodeState, slot) -> DecodeState:
@@ -176,9 +231,17 @@ class Engine:
                               layout.replicated)}
         self._prefill = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn),
                                 donate_argnums=(1,), **with_outputs)
-        self._decode = jax.jit(functools.partial(decode_step, config=config, moe_fn=moe_fn),
-                               donate_argnums=(1,), **with_outputs)
+        forward_outputs = {} if layout is None else {
+            "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated)}
+        self._decode_forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn),
+                                       static_argnames=("kv_len",), donate_argnums=(1,), **forward_outputs)
+        self._decode_sample = jax.jit(functools.partial(decode_sample, config=config), donate_argnums=(1,),
+                                      **forward_outputs)
         self._release = jax.jit(release_slot, donate_argnums=(0,), **keep)
+        # The host's copy of which slots decode and how long their sequences are: every change comes from a call
+        # of this class (prefill, decode, release), so it is exact, and equal in every process of a mesh.
+        self._active = np.zeros(self.max_slots, bool)
+        self._lengths = np.zeros(self.max_slots, np.int64)
 
     @property
     def max_slots(self) -> int:
@@ -187,6 +250,15 @@ class Engine:
     @property
     def max_len(self) -> int:
         return self.config.engine.max_len
+
+    def decode_row_buckets(self) -> tuple[int, ...]:
+        """Row counts the unembedding and sampling of a decode step compile for: powers of two, then max_slots."""
+        return power_of_two_buckets(1, self.max_slots)
+
+    def decode_kv_buckets(self) -> tuple[int, ...]:
+        """Cache lengths a decode step attends over (one compile each): powers of two from KV_BUCKET_MIN, then
+        max_len."""
+        return power_of_two_buckets(min(KV_BUCKET_MIN, self.max_len), self.max_len)
 
     def bucket_for(self, length: int) -> int:
         for bucket in self.config.engine.buckets_up_to_max_len():
@@ -234,6 +306,8 @@ class Engine:
                 self.state, token, logprob, step_counts = self._prefill(
                     self.params, self.state, batch_slots, batch_tokens, lengths,
                     _slot_sampling(chosen, self.config.model.vocab_size))
+                for index in chunk:
+                    self._active[slots[index]], self._lengths[slots[index]] = True, len(prompts[index])
                 tokens[chunk] = np.asarray(token)[: len(chunk)]
                 logprobs[chunk] = np.asarray(logprob)[: len(chunk)]
                 counts = np.asarray(step_counts) if counts is None else counts + np.asarray(step_counts)
@@ -244,7 +318,20 @@ class Engine:
 
     def decode_start(self):
         """Dispatch a decode step and return at once (JAX runs it asynchronously); read it with decode_finish."""
-        self.state, tokens, logprobs, counts = self._decode(self.params, self.state)
+        active = np.flatnonzero(self._active)
+        rows = np.full(_bucket(len(active), self.decode_row_buckets()), self.max_slots, np.int32)
+        rows[: len(active)] = active  # the rest is padding: out of range
+        # The token fed now sits at position lengths[slot]: attend over a bucket that holds it.
+        longest = int(self._lengths[active].max()) + 1 if len(active) else 1
+        kv_len = _bucket(min(longest, self.max_len), self.decode_kv_buckets())
+        return self.decode_buckets(rows, kv_len)
+
+    def decode_buckets(self, rows: np.ndarray, kv_len: int):
+        """decode_start over given buckets: rows [n] (every active slot, then padding >= max_slots), kv_len
+        longer than every active sequence. decode_start picks the smallest; benchmarks compare wider ones."""
+        self.state, h, counts = self._decode_forward(self.params, self.state, kv_len=kv_len)
+        self.state, tokens, logprobs = self._decode_sample(self.params, self.state, h, rows)
+        self._lengths[self._active] += 1
         return tokens, logprobs, counts
 
     @staticmethod
@@ -253,6 +340,7 @@ class Engine:
 
     def release(self, slot: int) -> None:
         self.state = self._release(self.state, jnp.int32(slot))
+        self._active[slot], self._lengths[slot] = False, 0
 
     def warmup(self) -> None:
         """Compile the decode step and every prefill bucket now rather than on the first requests."""
@@ -262,7 +350,10 @@ class Engine:
                 self.prefill_many(list(range(size)), [prompt] * size, [Sampling()] * size)
                 for slot in range(size):
                     self.release(slot)
-        self.decode()
+        for kv_len in self.decode_kv_buckets():  # every decode bucket, with no slot active (nothing changes)
+            self.state = self._decode_forward(self.params, self.state, kv_len=kv_len)[0]
+        for rows in self.decode_row_buckets():
+            self.decode_buckets(np.full(rows, self.max_slots, np.int32), self.decode_kv_buckets()[0])
 
     def check_health(self) -> bool:
         return bool(jnp.all(jnp.isfinite(self.state.lengths)))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from grok1.config import ModelConfig
 from grok1.paged_attention import PagedKV, attend, paged_attention
-from grok1.params import QuantizedWeight
+from grok1.params import QuantizedWeight, dequantize
 
 FPROP_DTYPE = jnp.bfloat16  # the reference's fprop_dtype
 RMS_NORM_EPS = 1e-5
@@ -58,21 +58,6 @@ def rms_norm(x, scale):
     return (scale.astype(jnp.float32) * (x * jax.lax.rsqrt(mean_square + RMS_NORM_EPS))).astype(dtype)
 
 
-def dense_weight(w, dtype=FPROP_DTYPE):
-    """A weight as a plain matrix in `dtype`; an int8 one is dequantised here, inside the caller's jit.
-
-    Like the reference, int8 is first widened to the scales' dtype and multiplied there (bfloat16), and
-    only then cast. Scales [..., G, N] scale G consecutive blocks of the K input rows.
-    """
-    if not isinstance(w, QuantizedWeight):
-        return w.astype(dtype)
-    weight, scales = w.weight, w.scales
-    *lead, k, n = weight.shape
-    groups = scales.shape[-2]
-    grouped = weight.reshape(*lead, groups, k // groups, n).astype(scales.dtype) * scales[..., :, None, :]
-    return grouped.reshape(*lead, k, n).astype(dtype)
-
-
 def matmul(subscripts: str, a, b):
     """einsum accumulated in float32 and rounded to a's dtype.
 
@@ -82,9 +67,57 @@ def matmul(subscripts: str, a, b):
     return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
+def at_least_two_rows(product, x):
+    """product(x) for x [..., K] whose leading dims hold a single row, computed on two rows (a zero one added).
+
+    XLA:CPU (jax 0.10.2) runs a bfloat16 matrix-vector product (one row) on a slow path, 4-8x slower than the
+    same product for two rows (measured: [1, 512] x [512, 131072] 82 ms, [2, 512] x ... 11 ms); every decode
+    step of a lone sequence, and every prefill of one prompt, ends in such a product with the unembedding.
+    """
+    if x.size // x.shape[-1] != 1:
+        return product(x)
+    rows = x.reshape(1, x.shape[-1])
+    out = product(jnp.concatenate([rows, jnp.zeros_like(rows)]))[:1]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def weight_matmul(x, w):
+    """x [M, K] @ w [K, N] accumulated in float32 and returned in float32; w plain or a QuantizedWeight.
+
+    A quantised weight is never dequantised: the int8 matrix enters the product as it is (exact in any float
+    dtype) and the scales multiply the float32 product: with one scale group `(x @ int8) * s`, with G groups
+    the sum of the per-group partial products `sum_g (x_g @ int8_g) * s_g`. So a step reads int8 and converts
+    it, with no scaled [K, N] copy per step. Rounding: the reference rounds each weight's `int8 * s` to
+    bfloat16 and then multiplies; here the scale meets the exact product, which skips that rounding (one
+    rounding per output instead of one per weight). Chosen for the experts (expert_ffn_grouped) because every
+    golden and engine criterion passes unchanged with it there; `linear` (attention) keeps the reference's
+    order (see there why).
+    """
+    if not isinstance(w, QuantizedWeight):
+        return jnp.einsum("mk,kn->mn", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    weight, scales = w.weight, w.scales.astype(jnp.float32)  # [K, N], [G, N]
+    groups = scales.shape[0]
+    size = weight.shape[0] // groups
+    # One 2-D product per group (XLA:CPU has no batched bfloat16 -> float32 dot); G is static and small.
+    out = None
+    for g in range(groups):
+        part = jnp.einsum("mk,kn->mn", x[:, g * size:(g + 1) * size], weight[g * size:(g + 1) * size].astype(x.dtype),
+                          preferred_element_type=jnp.float32) * scales[g]  # [M, N]
+        out = part if out is None else out + part
+    return out
+
+
 def linear(x, w):
-    """[..., K] @ [K, N] in x's dtype, as the reference's quantised Linear."""
-    return matmul("...k,kn->...n", x, dense_weight(w, x.dtype))
+    """[..., K] @ [K, N] in x's dtype, as the reference's quantised Linear: an int8 weight is dequantised first.
+
+    Why not weight_matmul's scale after the product here: in the attention projections that rounding change
+    moved the KV-cache decode's logprobs from the full forward's past tests/test_engine.py's bound (0.109 > 0.1
+    at one step of 16), while in the experts (8x these bytes) it passes every golden and engine criterion.
+    """
+    def product(x):
+        weight = dequantize(w, x.dtype) if isinstance(w, QuantizedWeight) else w.astype(x.dtype)
+        return matmul("...k,kn->...n", x, weight)
+    return at_least_two_rows(product, x)
 
 
 def rotary(x, positions):
@@ -107,8 +140,8 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
 
     x [B, T, D] (normed); positions [B, T] absolute; cache [L, Bc, S, Hkv, K], written in place at
     layer_index; rows [B] the cache row of each batch entry, or None for all rows in order with one token
-    each (decode); kv_len (static) how many leading cache
-    positions can be attended (S for decode, the padded prompt length for prefill). With a paged cache
+    each (decode); kv_len (static) how many leading cache positions can be attended (for decode a bucket
+    longer than every live sequence, at most S; for prefill the padded prompt length). With a paged cache
     (grok1.paged_attention.PagedKV) rows is a PagedRows and kv_len a bucket of the rows' live lengths.
     Returns the projected output [B, T, D] and the updated cache.
     """
@@ -129,11 +162,12 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
         # row indices: when the cache's rows are split over devices, each device updates and reads its own
         # rows. (A scatter/gather by row index would make XLA all-reduce the whole layer's cache.)
         assert steps == 1 and batch == cache.k.shape[1], "rows=None is for decode: all rows, one token each"
-        write = (jnp.arange(cache.k.shape[2])[None, :] == positions)[:, :, None, None]  # [B, S, 1, 1]
-        layer_k = jnp.where(write, k, cache.k[layer_index])  # [B, S, Hkv, K]; positions past S: no write
-        layer_v = jnp.where(write, v, cache.v[layer_index])
-        cache = KVCache(cache.k.at[layer_index].set(layer_k), cache.v.at[layer_index].set(layer_v))
-        keys, values = layer_k[:, :kv_len], layer_v[:, :kv_len]
+        # Only the first kv_len positions are read and written (the caller makes kv_len longer than every live
+        # sequence): a step's cost follows the live lengths, not the cache's S.
+        write = (jnp.arange(kv_len)[None, :] == positions)[:, :, None, None]  # [B, kv_len, 1, 1]
+        keys = jnp.where(write, k, cache.k[layer_index, :, :kv_len])  # [B, kv_len, Hkv, K]; later positions: no write
+        values = jnp.where(write, v, cache.v[layer_index, :, :kv_len])
+        cache = KVCache(cache.k.at[layer_index, :, :kv_len].set(keys), cache.v.at[layer_index, :, :kv_len].set(values))
     else:
         # Scatter the new keys/values at their positions; positions past the cache end are dropped.
         row_index = jnp.broadcast_to(rows[:, None], positions.shape)
@@ -197,25 +231,23 @@ def plan_dispatch(expert_index, valid, num_experts: int, block: int) -> Dispatch
 def expert_ffn_grouped(x_sorted, dispatch: Dispatch, w_gelu, w_value, w_out, block: int):
     """Run each expert only on its own blocks of the sorted buffer: `(gelu(x W) * (x V)) W1`.
 
-    x_sorted [R, D] bfloat16; returns [R, D] float32. Each expert's weights are dequantised once, and
+    x_sorted [R, D] bfloat16; returns [R, D] float32. Quantised weights stay int8 (see weight_matmul), and
     experts without tokens are skipped, so the work is proportional to the tokens routed, not to E.
     """
     num_experts = dispatch.group_start.shape[0]
 
     def one_expert(e, out):
         def run(out):
-            wg = dense_weight(_index(w_gelu, e))  # [D, F] bfloat16
-            wv = dense_weight(_index(w_value, e))
-            wo = dense_weight(_index(w_out, e), jnp.float32)  # [F, D]
+            wg, wv, wo = _index(w_gelu, e), _index(w_value, e), _index(w_out, e)  # [D, F], [D, F], [F, D]
 
             def one_block(i, out):
                 start = dispatch.group_start[e] + i * block
                 rows = jax.lax.dynamic_slice_in_dim(x_sorted, start, block)  # [block, D]
                 # The reference's one-hot einsum promotes to float32 after the bfloat16 matmuls: match it.
-                gelu_in = matmul("tk,kn->tn", rows, wg).astype(jnp.float32)
-                value_in = matmul("tk,kn->tn", rows, wv).astype(jnp.float32)
+                gelu_in = weight_matmul(rows, wg).astype(rows.dtype).astype(jnp.float32)
+                value_in = weight_matmul(rows, wv).astype(rows.dtype).astype(jnp.float32)
                 hidden = jax.nn.gelu(gelu_in, approximate=True) * value_in  # [block, F] float32
-                return jax.lax.dynamic_update_slice_in_dim(out, jnp.dot(hidden, wo), start, axis=0)
+                return jax.lax.dynamic_update_slice_in_dim(out, weight_matmul(hidden, wo), start, axis=0)
 
             return jax.lax.fori_loop(0, dispatch.group_blocks[e], one_block, out)
 
@@ -303,8 +335,30 @@ def embed(params, tokens, config: ModelConfig):
 def unembed(params, h, config: ModelConfig):
     """Final norm, tied output embedding, times the release's output multiplier: [B, T, V] bfloat16."""
     h = rms_norm(h, params["final_norm"])
-    logits = matmul("btd,vd->btv", h, params["embedding"].astype(h.dtype))
+    logits = at_least_two_rows(lambda h: matmul("...d,vd->...v", h, params["embedding"].astype(h.dtype)), h)
     return scale_in_float32(logits, config.output_multiplier_scale)
+
+
+def run_layers(params, config: ModelConfig, tokens, positions, cache: KVCache, rows, *, kv_len: int, valid=None,
+               block: int = 16, routing_override=None, moe_fn=moe):
+    """Embedding and every decoder layer (no final norm, no unembedding): h [B, T, D], the cache, the experts.
+
+    Arguments as `forward`'s. The engine's decode step runs this for all slots and unembeds the active ones.
+    """
+    if valid is None:
+        valid = jnp.ones(tokens.shape, bool)
+    h = embed(params, tokens, config)
+
+    def body(carry, xs):
+        h, cache = carry
+        index, layer, override = xs
+        h, cache, expert_index = decoder_layer(
+            h, layer, config, positions, cache, index, rows, kv_len, valid, block, override, moe_fn)
+        return (h, cache), expert_index
+
+    indices = jnp.arange(config.num_layers)
+    (h, cache), expert_index = jax.lax.scan(body, (h, cache), (indices, params["layers"], routing_override))
+    return h, cache, expert_index
 
 
 def forward(params, config: ModelConfig, tokens, positions, cache: KVCache, rows, *, kv_len: int,
@@ -316,20 +370,8 @@ def forward(params, config: ModelConfig, tokens, positions, cache: KVCache, rows
     if given, logits only at that step of each row ([B, 1, V]), which is all that sampling needs.
     moe_fn: the mixture-of-experts implementation (`moe` here; sharding/ passes an expert-parallel one).
     """
-    if valid is None:
-        valid = jnp.ones(tokens.shape, bool)
-    h = embed(params, tokens, config)
-    layers = params["layers"]
-
-    def body(carry, xs):
-        h, cache = carry
-        index, layer, override = xs
-        h, cache, expert_index = decoder_layer(
-            h, layer, config, positions, cache, index, rows, kv_len, valid, block, override, moe_fn)
-        return (h, cache), expert_index
-
-    indices = jnp.arange(config.num_layers)
-    (h, cache), expert_index = jax.lax.scan(body, (h, cache), (indices, layers, routing_override))
+    h, cache, expert_index = run_layers(params, config, tokens, positions, cache, rows, kv_len=kv_len, valid=valid,
+                                        block=block, routing_override=routing_override, moe_fn=moe_fn)
     if logits_at is not None:
         h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
     return ForwardOutput(unembed(params, h, config), cache, expert_index)

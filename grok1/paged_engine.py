@@ -24,7 +24,18 @@ import numpy as np
 
 from grok1 import model
 from grok1.config import Grok1Config
-from grok1.engine import PREFILL_BATCH_GROWTH, DecodeState, Engine, _expert_counts, _slot_sampling, release_slot
+from grok1.engine import (
+    PREFILL_BATCH_GROWTH,
+    DecodeState,
+    Engine,
+    _bucket,
+    _expert_counts,
+    _slot_sampling,
+    decode_forward,
+    decode_sample,
+    power_of_two_buckets,
+    release_slot,
+)
 from grok1.engine_api import Sampling, StepOutput, StepPlan
 from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len
 from grok1.sampling import SlotSampling, sample
@@ -46,21 +57,6 @@ def copy_blocks(state: DecodeState, sources, destinations) -> DecodeState:
                     pool.v.at[:, destinations].set(pool.v[:, sources], mode="drop"))
     return DecodeState(cache, state.lengths, state.next_token, state.generated, state.active, state.sampling,
                        state.token_counts)
-
-
-def paged_decode_step(params, state: DecodeState, tables, *, config: Grok1Config, kv_len: int, moe_fn=model.moe):
-    """One token for every active slot; tables [B, M] the slots' blocks (covering the position fed now)."""
-    valid = state.active[:, None]
-    out = model.forward(params, config.model, state.next_token[:, None], state.lengths[:, None], state.cache,
-                        PagedRows(tables, valid), kv_len=kv_len, valid=valid, block=config.engine.moe_block_size,
-                        moe_fn=moe_fn)
-    tokens, logprobs = sample(out.logits[:, 0], state.sampling, state.generated, state.token_counts)
-    step = state.active.astype(jnp.int32)
-    counts = state.token_counts.at[jnp.arange(tokens.shape[0]), tokens].add(step)  # [B, V], in place
-    tokens = jnp.where(state.active, tokens, -1)
-    state = DecodeState(out.cache, state.lengths + step, jnp.where(state.active, tokens, state.next_token),
-                        state.generated + step, state.active, state.sampling, counts)
-    return state, tokens, logprobs, _expert_counts(out.expert_index, valid, config.model.num_experts)
 
 
 def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengths, write_from, final_slots,
@@ -90,10 +86,6 @@ def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengt
     return state, token, logprob, _expert_counts(out.expert_index, valid, config.model.num_experts)
 
 
-def _bucket(n: int, sizes) -> int:
-    return next(size for size in sizes if size >= n)
-
-
 class PagedEngine:
     """Owns the params and the paged device state of one model replica (layout: as grok1.engine.Engine)."""
 
@@ -113,8 +105,13 @@ class PagedEngine:
             "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated,
                               layout.replicated)}
         static = {"static_argnames": ("kv_len",), "donate_argnums": (1,)}
-        self._decode = jax.jit(functools.partial(paged_decode_step, config=config, moe_fn=moe_fn), **static,
-                               **with_outputs)
+        # Decode as the contiguous engine does (its two halves: the layers for all slots, then unembedding and
+        # sampling of a bucket of the active ones), with the block tables as the cache's rows.
+        halves = {} if layout is None else {
+            "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated)}
+        self._decode_forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn), **static,
+                                       **halves)
+        self._decode_sample = jax.jit(functools.partial(decode_sample, config=config), donate_argnums=(1,), **halves)
         self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn), **static,
                                 **with_outputs)
         self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **keep)
@@ -158,7 +155,11 @@ class PagedEngine:
     def _decode_step(self, plan: StepPlan) -> StepOutput:
         assert set(plan.decode) == set(np.flatnonzero(self._active)), "the plan's decode slots vs the engine's"
         kv_len = self.kv_len_for(int(self._lengths[self._active].max()) + 1)
-        self.state, tokens, logprobs, counts = self._decode(self.params, self.state, plan.tables, kv_len=kv_len)
+        active = np.flatnonzero(self._active)
+        rows = np.full(_bucket(len(active), power_of_two_buckets(1, self.max_slots)), self.max_slots, np.int32)
+        rows[: len(active)] = active  # the rest is padding: out of range
+        self.state, h, counts = self._decode_forward(self.params, self.state, plan.tables, kv_len=kv_len)
+        self.state, tokens, logprobs = self._decode_sample(self.params, self.state, h, rows)
         self._lengths[self._active] += 1
         return StepOutput(*(np.asarray(x) for x in (tokens, logprobs, counts)))
 
@@ -208,7 +209,7 @@ class PagedEngine:
         limit = self.table_width * self.block_size
         kv_len = self.kv_len_for(1)
         while True:
-            self.state = self._decode(self.params, self.state, tables, kv_len=kv_len)[0]
+            self.state = self._decode_forward(self.params, self.state, tables, kv_len=kv_len)[0]
             if kv_len >= limit:
                 break
             kv_len = self.kv_len_for(kv_len + 1)

@@ -4,7 +4,10 @@
    one's first event, so that refusals (InvalidRequest, QueueFull, Unavailable) arrive as an `ApiError`
    before anything is sent to the client: HTTP can still answer 400 / 429 / 503, gRPC its status code.
 2. Iterating yields `Delta`s: new text (stop strings cut, partial characters held back: ingress/text.py),
-   the new token ids and their logprobs, and on the last one of each choice its finish_reason.
+   the new token ids and their logprobs, and on the last one of each choice its finish_reason. The router
+   streams each request's events in lists (all of a step's, or all since the last read when this replica
+   falls behind); one list becomes one Delta, so a busy replica sends fewer, larger chunks rather than
+   falling further behind.
 3. A stop string ends a choice early: the router is told to cancel it, which frees its slot at the next step.
    So does a client that goes away (the handler's task is cancelled and `close()` runs).
 4. Router-side endings that are not a normal finish become errors: "deadline" -> DEADLINE_EXCEEDED / 504,
@@ -47,11 +50,12 @@ class _Choice:
         self.refs = generation.router.generate.options(num_returns="streaming").remote(
             request, timeout_s=params.timeout_s)
         self.text = TextStream(generation.tokenizer, params.prompt, params.stop)
-        self.first = None
+        self.first: list | None = None  # the first list of events, read by start()
         self.tokens = 0
         self.finished = False
 
-    async def next_event(self):
+    async def next_batch(self) -> list:
+        """The router's next list of TokenEvents for this choice."""
         try:
             ref = await self.refs.__anext__()
             return await ref
@@ -64,28 +68,41 @@ class _Choice:
 
     async def start(self) -> None:
         try:
-            self.first = await self.next_event()
+            self.first = await self.next_batch()
         except ApiError:
             self.finished = True  # refused: the router holds nothing of it to cancel
             raise
 
     async def deltas(self):
-        event, self.first = self.first, None
+        batch, self.first = self.first, None
         try:
             while True:
-                delta = self._delta(event)
+                delta, error = self._delta(batch)
                 if delta.finish_reason or delta.text or delta.token_ids:
                     yield delta
+                if error is not None:  # after the tokens that came before it
+                    raise error
                 if delta.finish_reason:
                     return
-                event = await self.next_event()
+                batch = await self.next_batch()
         finally:
             if not self.finished:
                 self.finished = True
                 self.generation.cancel(self.request_id)
 
-    def _delta(self, event) -> Delta:
+    def _delta(self, batch: list) -> tuple[Delta, ApiError | None]:
+        """One Delta for a list of events, up to the one that ends the choice (and the error it ends with)."""
         delta = Delta(self.index)
+        for event in batch:
+            try:
+                self._add(delta, event)
+            except ApiError as error:
+                return delta, error
+            if delta.finish_reason:
+                break
+        return delta, None
+
+    def _add(self, delta: Delta, event) -> None:
         if event.token is not None:
             self.tokens += 1
             tokenizer = self.generation.tokenizer
@@ -94,7 +111,7 @@ class _Choice:
             if self.generation.params.logprobs is not None:
                 delta.text_offsets.append(len(self.text.text))
                 delta.token_texts.append(tokenizer.id_to_piece(event.token).replace("\u2581", " "))
-            delta.text = self.text.add(event.token)
+            delta.text += self.text.add(event.token)
         if self.text.stopped:
             delta.finish_reason = FinishReason.STOP.value
             self.generation.cancel(self.request_id)  # the router may still be generating: free the slot
@@ -109,7 +126,6 @@ class _Choice:
         elif event.finish_reason is not None:  # ERROR: the shard group failed; CANCELLED: not by us
             self.finished = True
             raise ApiError("unavailable", event.error or f"the request ended: {event.finish_reason}; retry it")
-        return delta
 
 
 class Generation:

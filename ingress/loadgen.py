@@ -74,7 +74,7 @@ class _Tally:
 
 
 def _run_threads(path: str, spec: LoadSpec, one) -> LoadResult:
-    """`one(prompt)` yields once per generated token."""
+    """`one(prompt)` yields the number of tokens in each chunk it receives."""
     prompts = spec.prompts()
     tally = _Tally()
     next_index = iter(range(len(prompts)))
@@ -112,7 +112,9 @@ def run_http(base_url: str, spec: LoadSpec) -> LoadResult:
     def one(prompt):
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
-        body = {"prompt": prompt, "max_tokens": spec.output_len, "stream": True, "ignore_eos": True}
+        body = {"prompt": prompt, "max_tokens": spec.output_len, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        chunks = 0
         with session.post(f"{base_url.rstrip('/')}/v1/completions", json=body, stream=True, timeout=600) as r:
             r.raise_for_status()
             for line in r.iter_lines():
@@ -120,8 +122,11 @@ def run_http(base_url: str, spec: LoadSpec) -> LoadResult:
                     data = json.loads(line[6:])
                     if "error" in data:
                         raise RuntimeError(data["error"]["message"])
-                    if data["choices"]:  # one chunk per generated token (its text may be held back: empty)
+                    if data["choices"]:  # a chunk carries one token or more (its text may be held back: empty)
+                        chunks += 1
                         yield 1
+                    elif data.get("usage"):  # the last chunk: the tokens the chunks carried beyond one each
+                        yield data["usage"]["completion_tokens"] - chunks
 
     result = _run_threads("http", spec, one)
     return result
@@ -166,11 +171,11 @@ def run_router(router, spec: LoadSpec) -> LoadResult:
                     refs = router.generate.options(num_returns="streaming").remote(
                         Request(f"bench-{k}-{time.monotonic_ns()}", prompt, spec.output_len, ignore_eos=True))
                     async for ref in refs:
-                        event = await ref
-                        if event.token is not None:
-                            times.append(time.perf_counter())
-                        if event.finish_reason and event.finish_reason not in ("stop", "length"):
-                            ok = False
+                        for event in await ref:  # a list: the events since the last read
+                            if event.token is not None:
+                                times.append(time.perf_counter())
+                            if event.finish_reason and event.finish_reason not in ("stop", "length"):
+                                ok = False
                 except Exception:  # noqa: BLE001
                     ok = False
                 tally.add(start, times, ok)

@@ -4,9 +4,9 @@ The golden set (default ``<repo>/../shared/golden/grok1-tiny``, or ``$GROK1_GOLD
 a released-layout checkpoint, golden.json (per-case token ids, routing, greedy tokens) and golden_logits.npz.
 Everything here is derived from those files, so another golden set of the same format works unchanged.
 
-Test modules import the helper directly (pytest puts this directory on sys.path):
+Test modules import the helpers by package (tests/ is a package, so pytest imports this as tests.conftest):
 
-    from conftest import assert_close
+    from tests.conftest import assert_close
 """
 
 from __future__ import annotations

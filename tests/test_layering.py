@@ -104,3 +104,18 @@ def test_one_engine_protocol_for_the_engine_and_the_shard_group():
     assert all(callable(getattr(Engine, verb, None)) for verb in ENGINE_VERBS)  # what ShardWorker.execute runs
     assert all(callable(getattr(PagedEngine, verb, None)) for verb in PAGED_ENGINE_VERBS)
     assert all(callable(getattr(GroupEngine, verb, None)) for verb in PAGED_ENGINE_VERBS)
+
+
+def test_tests_import_by_package_and_never_edit_sys_path():
+    """Test modules and their helper scripts import each other as `tests.<folder>.<module>` (scripts run with
+    `python -m`), so no test depends on which directory pytest happened to put on sys.path."""
+    problems = []
+    siblings = {path.stem for path in (ROOT / "tests").rglob("*.py")} - {"__init__"}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr in ("insert", "append", "extend")
+                    and ast.unparse(node.value) == "sys.path"):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: edits sys.path")
+        problems += [f"{path.relative_to(ROOT)}:{line}: imports {module!r} by bare name"
+                     for line, module in imports_of(path) if module.split(".")[0] in siblings]
+    assert not problems, "\n".join(problems)

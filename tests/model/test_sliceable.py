@@ -26,7 +26,7 @@ from grok1.sliceable import is_sliceable, load_sharded, load_sliceable, open_sli
 from grok1.sliceable_convert import convert
 from grok1.sliceable_format import FORMAT, MANIFEST, leaf_names
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelConfig(vocab_size=512, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2,
                    sequence_len=128)
 GROUPED = {"ffn_out": 8, "o_proj": 8}  # K = ffn_size 344 and num_q_heads * key_size 64, both divisible by 8

@@ -8,13 +8,11 @@ JSON object: per case, the bytes of params and of state on each device (sums of 
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
 import jax  # noqa: E402
 

@@ -34,7 +34,7 @@ GROUPED = {"ffn_out": 8, "o_proj": 8}  # K = ffn_size 344 and num_q_heads * key_
 
 
 def golden_dir() -> Path:
-    default = Path(__file__).resolve().parents[1] / ".." / "shared" / "golden" / "grok1-tiny"
+    default = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "grok1-tiny"
     return Path(os.environ.get("GROK1_GOLDEN_DIR", default))
 
 
@@ -588,7 +588,7 @@ def test_crafted_pickle_is_refused_and_harms_nothing(name, damaged_copy):
         assert np.dtype(np.float32).byteorder == "=" and np.float32(1.5).tobytes() == b"\\x00\\x00\\xc0\\x3f"
         print("intact")
     """
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
            "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,

@@ -45,7 +45,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_deploy import ROOT, serve_config, the
+
+from tests.deploy.test_deploy import ROOT, serve_config, the
 
 pytestmark = pytest.mark.slow
 

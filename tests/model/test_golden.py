@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import GoldenCase, relative_l2
 
 from grok1 import model
 from grok1.config import ModelConfig
+from tests.conftest import GoldenCase, relative_l2
 
 FORCED_MAX_REL_L2 = 0.04
 FREE_MAX_REL_L2 = 0.03

@@ -77,8 +77,9 @@ def reference(golden, config):
 
 
 async def stream(router, request: Request, timeout_s=None) -> list:
+    """The request's events, in order (the router streams them in lists: all since the last read)."""
     refs = router.generate.options(num_returns="streaming").remote(request, timeout_s)
-    return [await ref async for ref in refs]
+    return [event async for ref in refs for event in await ref]
 
 
 def run_all(router, requests, timeout_s=None) -> list[list]:
@@ -132,10 +133,10 @@ def test_cancel_and_deadline(router):
     async def main():
         refs = router.generate.options(num_returns="streaming").remote(Request("cancel-me", [5, 6, 7], 100,
                                                                                ignore_eos=True))
-        first = await (await refs.__anext__())
+        first = (await (await refs.__anext__()))[0]
         assert first.token is not None
         await router.cancel.remote("cancel-me")
-        events = [await ref async for ref in refs]
+        events = [event async for ref in refs for event in await ref]
         assert events[-1].finish_reason == "cancelled"
         started = time.monotonic()
         timed = await stream(router, Request("deadline", [5, 6, 7], 110, ignore_eos=True), 1.0)

@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from test_scheduler import VOCAB, FakeEngine
 
 from cluster.replica_config import ReplicaConfig
 from cluster.router import Router, Unavailable
 from cluster.scheduler import InvalidRequest, QueueFull, Request
 from grok1.config import Grok1Config, ModelConfig
 from grok1.engine import Sampling, StepOutput
+from tests.serving.test_scheduler import VOCAB, FakeEngine
 from workers.group import GroupFailure, LocalShardGroup
 
 MAX_SLOTS = 4
@@ -78,8 +78,13 @@ def make_router(engines, **kwargs) -> Router:
     return router
 
 
+async def batches(router, request, timeout_s=None):
+    """The lists of events the router's stream yields, as they come."""
+    return [batch async for batch in router.generate(request, timeout_s=timeout_s)]
+
+
 async def collect(router, request, timeout_s=None):
-    return [event async for event in router.generate(request, timeout_s=timeout_s)]
+    return [event for batch in await batches(router, request, timeout_s) for event in batch]
 
 
 def run(coro):
@@ -153,10 +158,10 @@ def test_cancel_frees_the_slot_within_a_step():
     async def main():
         await router.wait_ready(10)
         stream = router.generate(Request("c", [5], 50, ignore_eos=True))
-        first = await stream.__anext__()
+        first = (await stream.__anext__())[0]
         assert first.token == 5
         await router.cancel("c")
-        rest = [event async for event in stream]
+        rest = [event async for batch in stream for event in batch]
         assert rest[-1].finish_reason == "cancelled" and rest[-1].token is None
         assert len(rest) <= 3  # at most the step in flight and the one started before the cancel arrived
         assert (await router.stats())["running"] == 0 and engine.releases == [0]
@@ -261,3 +266,89 @@ def test_sampling_settings_reach_the_engine():
         await router.shutdown()
 
     run(main())
+
+
+def test_each_step_reaches_each_caller_in_at_most_one_message():
+    """A step's tokens go out to the callers in one hand-off per step (not one per token), and each stream
+    yields at most one list per step: in order, the finish reason on the last event only."""
+    engine = SlowFakeEngine(step_s=0.01)
+    router = make_router([engine])
+
+    async def main():
+        await router.wait_ready(10)
+        requests = [Request(f"s{k}", [20 + k], 8, ignore_eos=True) for k in range(MAX_SLOTS)]
+        results = await asyncio.gather(*(batches(router, r) for r in requests))
+        steps = engine.decodes + len(engine.prefills)  # at most one prefill call per request
+        for request, lists in zip(requests, results):
+            events = [event for batch in lists for event in batch]
+            assert [e.token for e in events] == expected(request.prompt, 8)
+            assert all(lists) and len(lists) <= steps
+            assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+        stats = await router.stats()
+        assert stats["stream_items_total"] == sum(len(lists) for lists in results)
+        # 32 tokens for 4 callers: one hand-off per step that produced tokens, not one per token.
+        assert stats["stream_flushes_total"] <= steps < stats["tokens_generated_total"]
+        await router.shutdown()
+
+    run(main())
+
+
+def test_a_caller_that_reads_late_gets_everything_since_its_last_read_in_one_message():
+    router = make_router([SlowFakeEngine(step_s=0.005)])
+
+    async def main():
+        await router.wait_ready(10)
+        stream = router.generate(Request("late", [30], 8, ignore_eos=True))
+        first = await stream.__anext__()  # the prefill's token (and any step's that came before this read)
+        assert first[0].token == 30 and first[-1].finish_reason is None
+        while (await router.stats())["requests_total"] != {"length": 1}:  # the router finishes meanwhile
+            await asyncio.sleep(0.01)
+        rest = await stream.__anext__()  # all the rest, in one message
+        assert rest and [e.token for e in first + rest] == expected([30], 8)
+        assert rest[-1].finish_reason == "length" and all(e.finish_reason is None for e in first + rest[:-1])
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        await router.shutdown()
+
+    run(main())
+
+
+def test_a_deadline_after_tokens_arrives_in_order_in_the_same_stream():
+    router = make_router([SlowFakeEngine(step_s=0.02)])
+
+    async def main():
+        await router.wait_ready(10)
+        stream = router.generate(Request("d2", [40], 60, ignore_eos=True), timeout_s=0.3)
+        first = await stream.__anext__()
+        await asyncio.sleep(0.6)  # past the deadline without reading
+        rest = [batch async for batch in stream]
+        assert len(rest) == 1  # everything since the first read, in one message
+        rest = rest[0]
+        tokens = [e.token for e in first + rest[:-1]]
+        assert tokens == expected([40], len(tokens)) and len(tokens) > 1
+        assert rest[-1].finish_reason == "deadline" and rest[-1].token is None
+        await router.shutdown()
+
+    run(main())
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_the_driver_flushes_once_per_phase_with_at_most_one_event_per_request(pipelined):
+    """What the router's one-message-per-step rests on: between two flushes each request has at most one event,
+    and the prefill's first tokens are flushed before the decode step runs."""
+    from tests.serving.test_scheduler import make
+
+    log = []
+    driver, _, _ = make(max_slots=3, on_event=log.append)
+    driver.on_flush, driver.pipelined = lambda: log.append("flush"), pipelined
+    driver.engine.decode_start, driver.engine.decode_finish = driver.engine.decode, lambda handle: handle
+    driver.generate([Request(f"f{k}", [10 * k + 1], 4, ignore_eos=True) for k in range(3)])
+    phases, current = [], []
+    for item in log:
+        if item == "flush":
+            phases.append(current)
+            current = []
+        else:
+            current.append(item.request_id)
+    assert current == [] and phases[0] == ["f0", "f1", "f2"]  # the prefills, flushed before any decode
+    assert all(len(ids) == len(set(ids)) for ids in phases) and sum(map(len, phases)) == 12

@@ -215,9 +215,9 @@ def test_dropless_capacity_holds_every_assignment_to_one_owner():
 def test_sharded_forward_equals_unsharded_on_every_mesh_shape(golden_dir):
     """1x1, 2x1, 1x2, 2x2, 4x1, 8x1 on 8 virtual CPU devices, in a fresh process."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = Path(__file__).with_name("sharded_forward_check.py")
-    done = subprocess.run([sys.executable, str(script), str(golden_dir)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "tests.sharding.sharded_forward_check", str(golden_dir)],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     shapes = {(m["ep"], m["tp"]) for m in results["meshes"]}

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_model import SMALL, layer0, random_bf16, small_params
 
 from grok1 import model
 from grok1.paged_attention import PagedKV, bucket_kv_len, gather_kv, paged_attention
+from tests.model.test_model import SMALL, layer0, random_bf16, small_params
 
 BLOCK = 8
 NUM_BLOCKS = 24

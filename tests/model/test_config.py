@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEFAULT_GOLDEN_DIR, is_public_golden_set
 
 from grok1.config import (
     ConfigError,
@@ -20,8 +19,9 @@ from grok1.config import (
     load_config,
     reference_ffn_size,
 )
+from tests.conftest import DEFAULT_GOLDEN_DIR, is_public_golden_set
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
 
 # The tensor shapes of xAI's released checkpoint (xai-org/grok-1), written out independently of grok1.params.

@@ -27,7 +27,7 @@ from cluster.driver import Driver
 from cluster.scheduler import InvalidRequest, Request, Scheduler
 from grok1 import model
 from grok1.config import ModelConfig
-from grok1.engine import Engine, Sampling
+from grok1.engine import Engine, Sampling, decode_step, power_of_two_buckets
 
 pytestmark = pytest.mark.slow
 
@@ -591,3 +591,45 @@ def test_penalised_requests_leave_their_neighbours_unchanged(engine, golden, alo
     assert recording.prefilled == [r.request_id for r in requests]
     for request, done in zip(requests, completions):
         check_like_alone(done, alone, request, "next to penalised requests: ")
+
+
+# ------------------------------------------------------------------ work proportional to what is live
+
+
+def test_buckets_are_powers_of_two_up_to_the_limit():
+    assert power_of_two_buckets(1, 16) == (1, 2, 4, 8, 16)
+    assert power_of_two_buckets(1, 12) == (1, 2, 4, 8, 12)
+    assert power_of_two_buckets(16, 128) == (16, 32, 64, 128)
+    assert power_of_two_buckets(16, 16) == (16,) and power_of_two_buckets(1, 1) == (1,)
+
+
+def test_host_copy_of_active_slots_and_lengths_follows_the_device(engine):
+    """The engine picks a decode step's row and kv_len buckets from its host copy: it must equal the state."""
+    engine.prefill_many([3, 9], [[5] * 20, [6] * 40], [Sampling(), Sampling()])
+    for _ in range(3):
+        out = engine.decode()
+        assert (out.tokens >= 0).sum() == 2 and out.tokens[3] >= 0 and out.tokens[9] >= 0
+    engine.release(3)
+    engine.decode()
+    np.testing.assert_array_equal(engine._active, np.asarray(engine.state.active))
+    np.testing.assert_array_equal(engine._lengths, np.asarray(engine.state.lengths))
+    assert engine._lengths[9] == 44 and not engine._active[3]
+
+
+def test_a_step_over_a_short_kv_bucket_and_few_rows_equals_the_full_width_step(engine, golden):
+    """decode_step over kv_len 32 and the active rows only gives the tokens and logprobs of the step over every
+    row and all max_len positions (masked positions weigh exactly 0 either way)."""
+    slots = [1, 6, 11]
+    engine.prefill_many(slots, [list(golden.cases["prompt_ids"][k]) for k in range(3)], [Sampling()] * 3)
+    state = jax.tree.map(jnp.copy, engine.state)
+    step = jax.jit(functools.partial(decode_step, config=engine.config), static_argnames=("kv_len",))
+    short = step(engine.params, state, jnp.asarray([1, 6, 11, engine.max_slots], jnp.int32), kv_len=32)
+    full = step(engine.params, state, jnp.arange(engine.max_slots, dtype=jnp.int32), kv_len=engine.max_len)
+    for slot in range(engine.max_slots):
+        assert (int(short[1][slot]) >= 0) == (slot in slots)
+    np.testing.assert_array_equal(short[1], full[1])
+    np.testing.assert_allclose(np.asarray(short[2])[slots], np.asarray(full[2])[slots], rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(short[0].lengths, full[0].lengths)
+    np.testing.assert_array_equal(short[0].token_counts, full[0].token_counts)
+    for slot in slots:
+        engine.release(slot)

@@ -20,7 +20,7 @@ from planning.memory_size import parse_memory_size
 from planning.mesh_choice import PlanError, choose_mesh
 from planning.plan import plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GROK1 = load_config(ROOT / "configs" / "grok-1.yaml")
 GIB = 2**30
 
@@ -50,8 +50,8 @@ def released_bytes(config) -> int:
 def test_planned_bytes_equal_what_placement_allocates_on_every_mesh():
     """Tiny (through a real checkpoint, int8 and dequantised) and CPU configs on 1x1, 2x1, 1x2, 2x2."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "planner_memory_check.py")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "tests.sharding.planner_memory_check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     cases = json.loads(done.stdout.strip().splitlines()[-1])["cases"]
     meshes = [(1, 1), (2, 1), (1, 2), (2, 2)]

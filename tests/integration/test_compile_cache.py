@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # One process: build the tiny engine through the path the workers use, warm it up, generate greedily, and
 # report JAX's own cache events (jax.monitoring) with the tokens.

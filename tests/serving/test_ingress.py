@@ -20,7 +20,7 @@ from ingress import fields, metrics, protocol, responses
 from ingress.errors import ApiError, from_exception
 from ingress.text import TextStream, completion_text, find_stop, held_back
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = protocol.ModelInfo("grok-1-tiny", max_len=64, vocab_size=1000, eos_token=2)
 
 

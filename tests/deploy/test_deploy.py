@@ -55,7 +55,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY_UP_DIR = ROOT / "ray_up"
 K8S_DIR = ROOT / "k8s"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"

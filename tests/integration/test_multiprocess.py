@@ -1,6 +1,6 @@
 """The model across processes: N plain subprocesses (no Ray) form one JAX group over gloo and one mesh.
 
-Each run is tests/multiprocess_check.py started N times by workers.local_processes.run_local_group. Checked:
+Each run is tests/integration/multiprocess_check.py, started N times by run_local_group. Checked:
 - a group of N processes computes bit for bit what one process computes on a mesh of the same shape made of N
   virtual devices (forced-routing logits, free-routing experts, greedy tokens, expert counts): the processes
   and gloo add nothing;
@@ -29,7 +29,7 @@ GROUPS = [(2, 2, 1, 1), (4, 4, 1, 1), (4, 2, 2, 1)]
 
 
 def run_group(mode: str, processes: int, ep: int, tp: int, local_devices: int, args: list[str]) -> list[dict]:
-    results = run_local_group("tests.multiprocess_check", [mode, *args, "--ep", str(ep), "--tp", str(tp)],
+    results = run_local_group("tests.integration.multiprocess_check", [mode, *args, "--ep", str(ep), "--tp", str(tp)],
                               processes, local_devices=local_devices, timeout_s=540)
     failed = [r for r in results if r.returncode != 0]
     assert not failed, "\n".join(f"process {r.process_id} exited {r.returncode}:\n{r.stderr[-4000:]}" for r in failed)

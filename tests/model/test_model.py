@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_close, relative_l2
 
 from grok1 import model
 from grok1.config import ModelConfig
 from grok1.params import QuantizedWeight, dequantize
 from grok1.random_weights import random_params
+from tests.conftest import assert_close, relative_l2
 
 SMALL = ModelConfig(vocab_size=256, sequence_len=128, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2,
                     num_layers=2, widening_factor=8.0, num_experts=8, num_selected_experts=2,
@@ -272,13 +272,13 @@ def test_expert_ffn_grouped_matches_dense_one_hot():
     x_sorted = jnp.zeros((plan.rows + 1, SMALL.emb_size), x.dtype).at[plan.slot].set(x[token_of])[:-1]
     y_sorted = np.asarray(model.expert_ffn_grouped(x_sorted, plan, layer["ffn_gelu_in"], layer["ffn_value_in"],
                                                    layer["ffn_out"], block))
-    # The reference's way: all experts on all tokens (same dtypes), then a one-hot selection.
-    wg = model.dense_weight(layer["ffn_gelu_in"])  # [E, D, F] bfloat16
-    wv = model.dense_weight(layer["ffn_value_in"])
-    wo = model.dense_weight(layer["ffn_out"], jnp.float32)
-    gelu_in = jnp.einsum("nd,edf->enf", x, wg).astype(jnp.float32)
-    value_in = jnp.einsum("nd,edf->enf", x, wv).astype(jnp.float32)
-    all_out = jnp.einsum("enf,efd->end", jax.nn.gelu(gelu_in, approximate=True) * value_in, wo)  # [E, N, D]
+    # The reference's way: all experts on all tokens (same dtypes, same int8 products), then a one-hot selection.
+    def every_expert(x, w):  # [E, N, out] float32
+        return jax.vmap(lambda w: model.weight_matmul(x, w))(w)
+    gelu_in = every_expert(x, layer["ffn_gelu_in"]).astype(jnp.bfloat16).astype(jnp.float32)
+    value_in = every_expert(x, layer["ffn_value_in"]).astype(jnp.bfloat16).astype(jnp.float32)
+    hidden = jax.nn.gelu(gelu_in, approximate=True) * value_in  # [E, N, F]
+    all_out = jax.vmap(model.weight_matmul)(hidden, layer["ffn_out"])  # [E, N, D]
     one_hot = jax.nn.one_hot(experts, e, dtype=jnp.float32)  # [N, k, E]
     expected = np.asarray(jnp.einsum("nke,end->nkd", one_hot, all_out)).reshape(n * k, -1)
     slot = np.asarray(plan.slot)
@@ -347,20 +347,39 @@ def test_rms_norm_matches_numpy(dtype):
     assert_close(np.asarray(out), expected.astype(dtype), name=f"rms_norm {np.dtype(dtype).name}")
 
 
-def test_dense_weight_grouped_scales_equals_dequantize():
+def test_dequantize_grouped_scales_numpy_and_jax_equal_the_loop():
+    """params.dequantize, the one dequantisation (checkpoint loading, tests), for numpy and jax arrays."""
     rng = np.random.default_rng(11)
     weight = rng.integers(-127, 128, size=(3, 32, 24), dtype=np.int8)
     scales = (rng.uniform(0.5, 2.0, size=(3, 4, 24)) / 100).astype(ml_dtypes.bfloat16)  # G = 4
     quantised_np = QuantizedWeight(weight, scales)
     quantised_jnp = QuantizedWeight(jnp.asarray(weight), jnp.asarray(scales))
     for dtype in (np.float32, ml_dtypes.bfloat16):
-        ours = np.asarray(model.dense_weight(quantised_jnp, dtype))
+        ours = np.asarray(dequantize(quantised_jnp, dtype))
         assert ours.dtype == dtype
         np.testing.assert_array_equal(ours, dequantize(quantised_np, dtype=dtype))
     # Against the explicit per-group loop (int8 * bf16 is exact in float32; the reference rounds to bf16).
     loop = np.stack([np_dense(QuantizedWeight(weight[e], scales[e])) for e in range(3)])
-    np.testing.assert_array_equal(np.asarray(model.dense_weight(quantised_jnp, np.float32)),
+    np.testing.assert_array_equal(np.asarray(dequantize(quantised_jnp, np.float32)),
                                   loop.astype(ml_dtypes.bfloat16).astype(np.float32))
-    # A plain array only changes dtype.
-    plain = jnp.asarray(rng.standard_normal((4, 4), dtype=np.float32))
-    assert model.dense_weight(plain).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_weight_matmul_applies_the_scales_to_the_int8_product(groups):
+    """(x @ int8) * s per scale group, summed: equal to float64 x @ (int8 * s) up to float32 accumulation, and
+    within bfloat16 rounding of the reference's dequantise-first product."""
+    rng = np.random.default_rng(12)
+    weight = rng.integers(-127, 128, size=(32, 24), dtype=np.int8)
+    scales = (rng.uniform(0.5, 2.0, size=(groups, 24)) / 100).astype(ml_dtypes.bfloat16)
+    w = QuantizedWeight(jnp.asarray(weight), jnp.asarray(scales))
+    x = random_bf16(rng, 5, 32)
+    ours = np.asarray(jax.jit(model.weight_matmul)(jnp.asarray(x), w))
+    assert ours.dtype == np.float32
+    exact = x.astype(np.float64) @ np_dense(QuantizedWeight(weight, scales)).astype(np.float64)
+    assert_close(ours, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max(), name="scale after the int8 product")
+    dequantised_first = x.astype(np.float32) @ np.asarray(dequantize(w, jnp.bfloat16), np.float32)
+    assert_close(ours, dequantised_first, rtol=2e-2, atol=1e-2 * np.abs(exact).max(), name="vs dequantise first")
+    plain = rng.standard_normal((32, 24)).astype(np.float32)  # a plain weight is cast to x's dtype
+    np.testing.assert_allclose(np.asarray(model.weight_matmul(jnp.asarray(x), jnp.asarray(plain))),
+                               x.astype(np.float32) @ plain.astype(ml_dtypes.bfloat16).astype(np.float32),
+                               rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from grok1.engine import Sampling, _slot_sampling
-from grok1.sampling import MAX_LOGIT_BIAS, LogitPenalties, SlotSampling, sample, seed_key_data
+from grok1.sampling import MAX_LOGIT_BIAS, LogitPenalties, SlotSampling, first_argmax, sample, seed_key_data
 
 _sample = jax.jit(sample)
 
@@ -66,6 +66,32 @@ def random_logits() -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- greedy
+
+
+def test_first_argmax_equals_jnp_argmax_on_ties_nan_and_infinities():
+    rows = np.random.default_rng(1).integers(-3, 3, size=(12, 40)).astype(np.float32)  # many ties
+    rows[1, [7, 20]] = np.nan  # NaN counts as the maximum: its first index
+    rows[2, :] = -np.inf
+    rows[3, [5, 9]] = np.inf
+    rows[4, :] = 0.0
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rows, dtype)
+        np.testing.assert_array_equal(jax.jit(first_argmax)(x), jnp.argmax(x, axis=-1))
+
+
+def test_seeded_draws_equal_jax_random_categorical(random_logits):
+    """The draw is jax.random.categorical's, bit for bit: a seed gives the same tokens as before first_argmax."""
+    rows = random_logits.shape[0]
+    temperature = np.linspace(0.3, 2.0, rows).astype(np.float32)
+    seeds = np.arange(rows) * 7919
+    sampling = SlotSampling(jnp.asarray(temperature), jnp.ones(rows), jnp.zeros(rows, jnp.int32),
+                            jnp.stack([jnp.asarray(seed_key_data(int(seed))) for seed in seeds]))
+    for step in (0, 1, 5):
+        steps = jnp.full(rows, step, jnp.int32)
+        tokens, _ = _sample(random_logits, sampling, steps)
+        keys = jax.vmap(lambda key, n: jax.random.fold_in(jax.random.wrap_key_data(key), n))(sampling.key, steps)
+        expected = jax.vmap(jax.random.categorical)(keys, jnp.asarray(random_logits) / temperature[:, None])
+        np.testing.assert_array_equal(tokens, expected)
 
 
 def test_temperature_zero_is_argmax_with_log_softmax_logprobs(random_logits):
