@@ -39,6 +39,7 @@ test-fast: setup
 AIPERF_VENV ?= .venv-aiperf
 bench: setup $(AIPERF_VENV)/.installed
 	$(BIN)/python -m benchmarks.bench_engine
+	$(BIN)/python -m benchmarks.bench_paged
 	$(BIN)/python -m benchmarks.bench_multiprocess
 	$(BIN)/python -m benchmarks.bench_cluster
 	$(BIN)/python -m benchmarks.bench_serve

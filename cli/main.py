@@ -46,7 +46,8 @@ def cmd_generate(args) -> int:
     from cluster.driver import Driver
     from cluster.scheduler import Request, Scheduler
     from grok1.compile_cache import enable_compile_cache
-    from grok1.engine import Engine, Sampling
+    from grok1.engine import Sampling
+    from grok1.paged_engine import make_engine
     from grok1.tokenizer import Tokenizer
 
     if args.http or args.grpc:
@@ -58,9 +59,8 @@ def cmd_generate(args) -> int:
     tokenizer = Tokenizer.load(args.tokenizer or config.tokenizer, directory)
     started = time.perf_counter()
     enable_compile_cache()
-    engine = Engine(config, load_params(config, directory))
-    scheduler = Scheduler(config.engine.max_slots, config.engine.max_len, config.model.vocab_size,
-                          config.model.eos_token)
+    engine = make_engine(config, load_params(config, directory))
+    scheduler = Scheduler.for_config(config)
     streamed: list[int] = []
 
     def show(event):
@@ -134,7 +134,8 @@ def cmd_plan(args) -> int:
 
     result = plan(load_config(args.config), args.hosts, args.devices_per_host,
                   parse_memory_size(args.device_memory, "--device-memory"), slots=args.slots,
-                  max_len=args.max_len, ep=args.ep, tp=args.tp, memory_fraction=args.memory_fraction)
+                  max_len=args.max_len, ep=args.ep, tp=args.tp, memory_fraction=args.memory_fraction,
+                  mean_len=args.mean_len)
     print(json.dumps(result.to_dict(), indent=1) if args.json else result.format())
     if not result.feasible:
         print(f"grok1: infeasible: {result.problem}", file=sys.stderr)
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--tp", type=int, help="tensor-parallel size (default: chosen)")
     pln.add_argument("--memory-fraction", type=float,
                      help="share of device memory JAX may use: XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75)")
+    pln.add_argument("--mean-len", type=int, default=1024,
+                     help="mean tokens per sequence (prompt + output) for the paged cache's concurrency (1024)")
     pln.add_argument("--json", action="store_true")
     pln.set_defaults(func=cmd_plan)
     return parser

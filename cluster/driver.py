@@ -13,6 +13,11 @@ the router sends a phase's events on in one message rather than one per token (c
 The engine is anything with `prefill(slot, prompt, sampling)`, `decode()` and `release(slot)` (see
 grok1.engine.Engine): the same loop runs on the in-process engine, the sharded one, or a fake in tests.
 
+Paged (the scheduler has a block pool): steps 2 and 3 are one `scheduler.plan()`, carried out by one
+`engine.paged_step(plan)` (block copies, the decode tokens, then the prefill chunks, whose last chunks give
+first tokens); slots the plan preempted are released first. Not pipelined: the next plan needs this step's
+tokens (a decode token's block is keyed by its value).
+
 Pipelined (`pipelined=True`, for engines that also have `decode_start()` / `decode_finish(handle)`): step 3
 starts decode step k+1 before it reads step k's tokens, so the device (or the shard workers, over Ray) compute
 the next step while the host hands out the last one. The sampled tokens never leave the devices in between;
@@ -80,6 +85,9 @@ class Driver:
     def step(self) -> None:
         for slot, event in self.scheduler.expire():
             self._end(slot, event)
+        if self.scheduler.kv is not None:
+            self._paged_step()
+            return
         admitted = self.scheduler.admit()
         contexts = [self.scheduler.context(slot) for slot, _ in admitted]  # prompt (+ tokens, when resumed)
         masks = [self.grammars.admit(slot, r) for slot, r in admitted]
@@ -147,6 +155,23 @@ class Driver:
         return [self.completions.pop(r.request_id) for r in requests]
 
     # ----------------------------------------------------------------------------------------------
+    def _paged_step(self) -> None:
+        plan = self.scheduler.plan()
+        for slot in plan.preempted:
+            self.engine.release(slot)
+        if plan.empty:
+            return
+        decoded, prefilled = self.engine.paged_step(plan)
+        if decoded is not None:
+            self._count(decoded.expert_counts)
+            for slot in plan.decode:
+                self._deliver(slot, decoded.tokens[slot], decoded.logprobs[slot])
+        if prefilled is not None:
+            self._count(prefilled.expert_counts)
+            finals = [chunk.slot for chunk in plan.chunks if chunk.final]
+            for k, slot in enumerate(finals):
+                self._deliver(slot, prefilled.tokens[k], prefilled.logprobs[k])
+
     def _hand_out(self, out, owners: dict[int, str]) -> None:
         self._count(out.expert_counts)
         for slot, request_id in owners.items():

@@ -78,10 +78,13 @@ class BlockPool:
         return list(self.sequences[seq_id].blocks)
 
     # ------------------------------------------------------------------------------------------ verbs
-    def allocate(self, seq_id: str, prompt: list[int], salt: bytes = b"") -> Allocation:
+    def allocate(self, seq_id: str, prompt: list[int], salt: bytes = b"",
+                 new_tokens: int | None = None) -> Allocation:
         """Blocks for a new sequence's prompt, reusing cached full blocks of its longest cached prefix.
 
-        At least the prompt's last token is left uncached: its logits are what a prefill is for."""
+        At least the prompt's last token is left uncached: its logits are what a prefill is for. `new_tokens`:
+        cover only that many tokens past the cached prefix for now (`extend` adds the rest), so that a prompt
+        prefilled in chunks keys each block when the chunk that computes it is scheduled, never before."""
         if seq_id in self.sequences:
             raise ValueError(f"sequence {seq_id!r} already has blocks")
         if not prompt:
@@ -101,14 +104,15 @@ class BlockPool:
                 hits.append(block)
                 digests.append(previous)
             self.prefix_hits += len(hits)
-        needed = self.blocks_for(len(prompt)) - len(hits)
+        cover = len(prompt) if new_tokens is None else min(len(hits) * size + new_tokens, len(prompt))
+        needed = self.blocks_for(cover) - len(hits)
         if needed > self.free_blocks - sum(self.refcount[b] == 0 for b in hits):
             raise OutOfBlocks(f"{needed} free blocks needed, {self.free_blocks} free of {self.num_blocks}")
         for block in hits:
             self._take(block)
         sequence = _Sequence(blocks=list(hits), num_tokens=len(hits) * size, digests=digests, seed=seed)
         self.sequences[seq_id] = sequence
-        self._grow(sequence, prompt[len(hits) * size:])
+        self._grow(sequence, prompt[len(hits) * size:cover])
         return Allocation(tuple(sequence.blocks), len(hits) * size)
 
     def extend(self, seq_id: str, tokens: list[int]) -> list[tuple[int, int]]:
@@ -151,6 +155,12 @@ class BlockPool:
                 self.free[block] = None
                 if self.digest[block] is None:
                     self.free.move_to_end(block, last=False)  # nothing to reuse in it: hand it out first
+
+    def clear(self) -> None:
+        """Forget every sequence and cached block (the device pool they described is gone); keep the counters."""
+        queries, hits = self.prefix_queries, self.prefix_hits
+        self.__init__(self.num_blocks, self.block_size, prefix_caching=self.prefix_caching)
+        self.prefix_queries, self.prefix_hits = queries, hits
 
     # ------------------------------------------------------------------------------------------ internals
     def _grow(self, sequence: _Sequence, tokens: list[int]) -> None:

@@ -88,8 +88,7 @@ class Router:
         self.max_queue = settings.max_queue
         self.pipelined = settings.pipelined
         config: Grok1Config = spec.config
-        self.scheduler = Scheduler(config.engine.max_slots, config.engine.max_len, config.model.vocab_size,
-                                   config.model.eos_token, max_queue=settings.max_queue)
+        self.scheduler = Scheduler.for_config(config, max_queue=settings.max_queue)
         self.state = "loading"
         self.error: str | None = None
         self.restarts = 0
@@ -211,6 +210,7 @@ class Router:
             "expert_token_counts": self._expert_counts.tolist(),
             "workers": workers, "node_ids": [worker["node_id"] for worker in workers],
             "router_node_id": _this_node_id(), "router_pid": os.getpid(),
+            **self.scheduler.kv_stats(),  # paged KV cache: blocks used / total, prefix hits, preemptions
         }
 
     async def drain(self, grace_s: float | None = None) -> dict:

@@ -1,17 +1,44 @@
-"""Continuous-batching decisions, with no JAX and no Ray: a bounded FIFO queue and a slot table.
+"""Continuous-batching decisions, with no JAX and no Ray: a bounded FIFO queue, a slot table and, for a paged
+engine, the KV blocks and a token budget per step.
 
-The scheduler says what to do next (which queued requests to prefill into which free slots) and, given the
-tokens an engine produced, what each request receives and which ones are finished. Whoever owns an engine
-(cluster/driver.py in one process, the router actor across the cluster) carries those decisions out.
+The scheduler says what to do next and, given the tokens an engine produced, what each request receives and
+which ones are finished. Whoever owns an engine (cluster/driver.py in one process, the router actor across the
+cluster) carries those decisions out. One lifecycle (submit, record, expire, cancel, abort), two engines:
+
+- contiguous (no `kv`): `admit()` puts queued requests into free slots, whole prompts (each slot owns
+  max_len cache rows);
+- paged (`kv`, a cluster.kv_blocks.BlockPool): `plan()` spends each step's token budget: one decode token per
+  sequence whose prefill is done, then prefill chunks of partly prefilled sequences (oldest first), then of
+  queued requests (FIFO) while the budget, a free slot and free blocks last.
+
+Paged memory: blocks are taken as the tokens that fill them are scheduled (a chunk's blocks when the chunk is,
+a decode token's when it is fed), so a prefix-cache key never names a block whose KV is not computed by the
+end of the step. When a sequence needs a block and none is free, the newest running sequence is preempted: its
+blocks go back, it is queued again at the front and later prefilled again from its prompt and the tokens it had
+generated (which it keeps, so its sampling draws continue from token number len(generated)). Every request
+fits the pool alone (submit refuses others), so the oldest sequence always progresses: no deadlock.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import time
 from dataclasses import dataclass, field
 
-from grok1.engine_api import FinishReason, InvalidRequest, QueueFull, Request, TokenEvent, validate_request
+import numpy as np
+
+from cluster.kv_blocks import BlockPool, OutOfBlocks
+from grok1.engine_api import (
+    FinishReason,
+    InvalidRequest,
+    PrefillChunk,
+    QueueFull,
+    Request,
+    StepPlan,
+    TokenEvent,
+    validate_request,
+)
 
 # The request types are the engine API's; re-exported for the scheduler's users.
 __all__ = ["InvalidRequest", "QueueFull", "Request", "Scheduler", "TokenEvent"]
@@ -21,25 +48,58 @@ __all__ = ["InvalidRequest", "QueueFull", "Request", "Scheduler", "TokenEvent"]
 class _Running:
     request: Request
     generated: int = 0
-    tokens: list[int] = field(default_factory=list)  # generated so far: what a resume replays
+    tokens: list[int] = field(default_factory=list)  # generated so far: what a resume or a recompute replays
+    context: list[int] = field(default_factory=list)  # paged: what its prefill covers (prompt + replayed tokens)
+    prefilled: int = 0  # paged: context tokens scheduled for prefill so far
+    order: int = 0  # admission order: the newest running sequence is preempted first
 
 
 class Scheduler:
-    def __init__(self, max_slots: int, max_len: int, vocab_size: int, eos_token: int, max_queue: int | None = None):
+    def __init__(self, max_slots: int, max_len: int, vocab_size: int, eos_token: int, max_queue: int | None = None,
+                 *, kv: BlockPool | None = None, token_budget: int | None = None):
         """`max_queue`: requests that may wait beyond the free slots (None: no bound, for offline runs whose
-        caller holds every request anyway; a router passes its ReplicaConfig.max_queue)."""
+        caller holds every request anyway; a router passes its ReplicaConfig.max_queue).
+
+        `kv`: the paged engine's block pool (None: a contiguous engine). `token_budget`: tokens one paged step
+        may run, decode and prefill together (None: whole prompts, no chunking); more than max_slots, so that
+        every step has room for some prefill."""
+        if token_budget is not None and (kv is None or token_budget <= max_slots):
+            raise ValueError(f"token_budget ({token_budget}) needs a paged engine and must exceed max_slots "
+                             f"({max_slots})")
         self.max_slots = max_slots
         self.max_len = max_len
         self.vocab_size = vocab_size
         self.eos_token = eos_token
         self.max_queue = max_queue
+        self.kv = kv
+        self.token_budget = token_budget
         self.queue: collections.deque[Request] = collections.deque()
         self.slots: list[_Running | None] = [None] * max_slots
-        self.resume: dict[str, list[int]] = {}  # re-admitted requests (queued again): the tokens they generated
+        self.resume: dict[str, list[int]] = {}  # resumed or preempted requests (queued again): their tokens
+        self.admissions = 0
+        self.preemptions = 0
+        self.prefill_tokens = 0  # prompt (and replayed) tokens run through a prefill
+        self.cached_tokens = 0  # prompt tokens whose prefill a prefix hit or a fork saved
+
+    @classmethod
+    def for_config(cls, config, max_queue: int | None = None) -> "Scheduler":
+        """The scheduler of an engine made from this grok1.config.Grok1Config: paged when engine.kv_blocks is."""
+        engine, model = config.engine, config.model
+        kv = BlockPool(engine.kv_blocks, engine.kv_block_size) if engine.paged else None
+        return cls(engine.max_slots, engine.max_len, model.vocab_size, model.eos_token, max_queue=max_queue, kv=kv,
+                   token_budget=engine.token_budget or None)
 
     # ------------------------------------------------------------------------------------------ intake
     def validate(self, request: Request) -> None:
         validate_request(request, self.max_len, self.vocab_size)
+        if self.kv is not None:  # a sequence must fit the pool alone: then preemption always makes progress
+            kv, prompt = self.kv, len(request.prompt)
+            whole = kv.blocks_for(prompt + request.max_tokens)
+            if whole > kv.num_blocks:
+                name = "prompt" if kv.blocks_for(prompt) > kv.num_blocks else "max_tokens"
+                raise InvalidRequest(f"prompt ({prompt} tokens) + max_tokens ({request.max_tokens}) needs {whole} "
+                                     f"KV blocks of {kv.block_size} tokens; the whole pool has {kv.num_blocks}",
+                                     name)
 
     def submit(self, request: Request) -> None:
         self.validate(request)
@@ -51,6 +111,8 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ decisions
     def admit(self) -> list[tuple[int, Request]]:
         """Queued requests to prefill now, each with the free slot it gets (FIFO, lowest slot first)."""
+        if self.kv is not None:
+            raise RuntimeError("a paged scheduler admits through plan()")
         admitted = []
         for slot, running in enumerate(self.slots):
             if running is None and self.queue:
@@ -125,10 +187,119 @@ class Scheduler:
             if running is not None:
                 ended.append((slot, TokenEvent(running.request.request_id, None, None, FinishReason.ERROR, message)))
                 self.slots[slot] = None
+        if self.kv is not None:
+            self.kv.clear()  # a rebuilt group starts with an empty pool; preempted requests replay their tokens
         return ended
 
     def free(self, slot: int) -> None:
+        running = self.slots[slot]
+        if self.kv is not None and running is not None and running.request.request_id in self.kv.sequences:
+            self.kv.release(running.request.request_id)
         self.slots[slot] = None
+
+    # ------------------------------------------------------------------------------------------ paged steps
+    def plan(self) -> StepPlan:
+        """The next paged step: decode tokens first, then prefill chunks, within the token budget."""
+        budget = math.inf if self.token_budget is None else self.token_budget
+        plan = StepPlan(tables=None)
+        just_preempted: set[str] = set()
+        for slot in self._by_age():
+            running = self.slots[slot]
+            if running is not None and running.prefilled == len(running.context):
+                if self._room(slot, [running.tokens[-1]], plan, just_preempted):
+                    plan.decode.append(slot)
+                    budget -= 1
+        for slot in self._by_age():
+            running = self.slots[slot]
+            if running is None or running.prefilled == len(running.context) or budget <= 0:
+                continue
+            start = running.prefilled
+            count = min(budget, len(running.context) - start)
+            if self._room(slot, running.context[start:start + count], plan, just_preempted):
+                plan.chunks.append(self._chunk(slot, count))
+                budget -= count
+        self._admit_chunks(plan, budget, just_preempted)
+        plan.tables = self._tables()
+        return plan
+
+    def _admit_chunks(self, plan: StepPlan, budget: float, just_preempted: set[str]) -> None:
+        forkable: dict[tuple[int, ...], str] = {}  # contexts admitted whole this step -> their sequence
+        while self.queue and budget > 0 and self.queue[0].request_id not in just_preempted:
+            slot = next((s for s, running in enumerate(self.slots) if running is None), None)
+            if slot is None:
+                return
+            request = self.queue[0]
+            replay = self.resume.get(request.request_id, [])
+            context = request.prompt + replay
+            parent = forkable.get(tuple(context))
+            try:
+                if parent is not None:  # n > 1 choices: share every block, the partial last one too
+                    self.kv.fork(parent, request.request_id)
+                    cached = len(context) - 1
+                else:
+                    cached = self.kv.allocate(request.request_id, context,
+                                              new_tokens=min(budget, len(context))).cached_tokens
+            except OutOfBlocks:
+                return
+            self.queue.popleft()
+            self.resume.pop(request.request_id, None)
+            self.admissions += 1
+            self.slots[slot] = _Running(request, len(replay), list(replay), context, cached, self.admissions)
+            self.cached_tokens += cached
+            count = min(budget, len(context) - cached)
+            # A fork recomputes the last token for its own logits; its parent writes that token's KV.
+            plan.chunks.append(self._chunk(slot, count, write_from=len(context) if parent else None))
+            budget -= count
+            if count == len(context) - cached and parent is None:
+                forkable[tuple(context)] = request.request_id
+
+    def _chunk(self, slot: int, count: int, write_from: int | None = None) -> PrefillChunk:
+        running = self.slots[slot]
+        start = running.prefilled
+        running.prefilled += count
+        final = running.prefilled == len(running.context)
+        self.prefill_tokens += count
+        return PrefillChunk(slot, tuple(running.context[start:start + count]), start, final,
+                            running.request.sampling, tuple(running.tokens) if final else (),
+                            start if write_from is None else write_from)
+
+    def _room(self, slot: int, tokens: list[int], plan: StepPlan, just_preempted: set[str]) -> bool:
+        """Blocks for `tokens` after the slot's sequence, preempting the newest sequences not yet in this step
+        until they fit; False when that was the slot's own sequence."""
+        while True:
+            try:
+                plan.copies += self.kv.extend(self.slots[slot].request.request_id, tokens)
+                return True
+            except OutOfBlocks:
+                planned = set(plan.decode) | {chunk.slot for chunk in plan.chunks}
+                victim = [s for s in self._by_age() if s not in planned][-1]
+                self._preempt(victim, plan, just_preempted)
+                if victim == slot:
+                    return False
+
+    def _preempt(self, slot: int, plan: StepPlan, just_preempted: set[str]) -> None:
+        running = self.slots[slot]
+        request_id = running.request.request_id
+        self.kv.release(request_id)
+        self.slots[slot] = None
+        self.resume[request_id] = running.tokens
+        self.queue.appendleft(running.request)
+        just_preempted.add(request_id)
+        plan.preempted.append(slot)
+        self.preemptions += 1
+
+    def _by_age(self) -> list[int]:
+        running = [slot for slot, r in enumerate(self.slots) if r is not None]
+        return sorted(running, key=lambda slot: self.slots[slot].order)
+
+    def _tables(self) -> np.ndarray:
+        width = self.kv.blocks_for(self.max_len)
+        tables = np.full((self.max_slots, width), -1, np.int32)
+        for slot, running in enumerate(self.slots):
+            if running is not None:
+                blocks = self.kv.block_table(running.request.request_id)
+                tables[slot, : len(blocks)] = blocks
+        return tables
 
     # ------------------------------------------------------------------------------------------ state
     def running_slots(self) -> list[int]:
@@ -141,3 +312,16 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self.queue and not self.running_slots()
+
+    def kv_stats(self) -> dict:
+        """What /metrics exports about the paged cache (zeros for a contiguous engine)."""
+        kv = self.kv
+        running = self.running_slots()
+        return {
+            "kv_blocks_total": kv.num_blocks if kv else 0, "kv_blocks_used": kv.used_blocks if kv else 0,
+            "kv_block_size": kv.block_size if kv else 0,
+            "prefix_cache_queries": kv.prefix_queries if kv else 0, "prefix_cache_hits": kv.prefix_hits if kv else 0,
+            "prefill_tokens_total": self.prefill_tokens, "prefill_tokens_cached_total": self.cached_tokens,
+            "preemptions_total": self.preemptions, "running_sequences": len(running),
+            "waiting_sequences": len(self.queue),
+        }

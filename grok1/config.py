@@ -114,12 +114,27 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
     # Tokens per block of the grouped expert matmul: every expert's tokens are padded to a multiple of it.
     moe_block_size: int = 16
+    # The paged KV cache (grok1/paged_engine.py): kv_blocks blocks of kv_block_size token positions per layer,
+    # shared by all sequences; 0 keeps the contiguous cache of max_slots x max_len positions.
+    kv_blocks: int = 0
+    kv_block_size: int = 16
+    # Tokens one paged step runs, decode and prefill chunks together (0: whole prompts, no chunking).
+    token_budget: int = 0
 
     def validate(self, model: ModelConfig, prefix: str = "engine") -> "EngineConfig":
         for name in ["max_slots", "max_len", "moe_block_size"]:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{prefix}.{name} must be a positive integer, got {value!r}")
+        for name in ["kv_blocks", "token_budget"]:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ConfigError(f"{prefix}.{name} must be a non-negative integer, got {value!r}")
+        if not _is_int(self.kv_block_size) or self.kv_block_size <= 0:
+            raise ConfigError(f"{prefix}.kv_block_size must be a positive integer, got {self.kv_block_size!r}")
+        if self.token_budget and (not self.kv_blocks or self.token_budget <= self.max_slots):
+            raise ConfigError(f"{prefix}.token_budget ({self.token_budget}) needs a paged cache (kv_blocks) and "
+                              f"must exceed max_slots ({self.max_slots}), so that every step has room to prefill")
         if self.max_len > model.sequence_len:
             raise ConfigError(f"{prefix}.max_len ({self.max_len}) exceeds model.sequence_len "
                               f"({model.sequence_len})")
@@ -127,6 +142,10 @@ class EngineConfig:
         if not buckets or any(not _is_int(b) or b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ConfigError(f"{prefix}.prefill_buckets must be increasing positive integers, got {buckets!r}")
         return self
+
+    @property
+    def paged(self) -> bool:
+        return self.kv_blocks > 0
 
     def buckets_up_to_max_len(self) -> tuple[int, ...]:
         """Prefill lengths in use: the configured buckets below max_len, and max_len itself."""

@@ -36,6 +36,7 @@ from grok1 import model, token_scores
 from grok1.config import Grok1Config
 from grok1.engine_api import PromptLogprobs, Sampling, StepOutput
 from grok1.limits import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, PENALTY_RANGE
+from grok1.paged_attention import PagedRows
 from grok1.sampling import LogitPenalties, SlotSampling, sample_scored, seed_key_data
 
 
@@ -169,14 +170,17 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
     return state, (token, sampled.logprobs, counts, sampled.top_ids, sampled.top_logprobs, scores)
 
 
-def decode_forward(params, state: DecodeState, skip=None, *, config: Grok1Config, kv_len: int, moe_fn=model.moe):
+def decode_forward(params, state: DecodeState, skip=None, tables=None, *, config: Grok1Config, kv_len: int,
+                   moe_fn=model.moe):
     """The decoder layers of one decode step for every slot: the new cache, the final hidden states h [B, D]
     and the expert counts. kv_len (static): a bucket longer than every active slot's sequence (see Engine).
-    skip [B] (optional): slots that sit this step out (their experts skip them; nothing of theirs changes)."""
+    skip [B] (optional): slots that sit this step out (their experts skip them; nothing of theirs changes).
+    tables [B, M]: the slots' block tables when the cache is a paged pool (grok1/paged_engine.py)."""
     going = state.active if skip is None else state.active & ~skip
     valid = going[:, None]
+    rows = None if tables is None else PagedRows(tables, valid)
     h, cache, expert_index = model.run_layers(params, config.model, state.next_token[:, None],
-                                              state.lengths[:, None], state.cache, None, kv_len=kv_len,
+                                              state.lengths[:, None], state.cache, rows, kv_len=kv_len,
                                               valid=valid, block=config.engine.moe_block_size, moe_fn=moe_fn)
     state = DecodeState(cache=cache, lengths=state.lengths, next_token=state.next_token, generated=state.generated,
                         active=state.active, sampling=state.sampling, token_counts=state.token_counts)

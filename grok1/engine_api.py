@@ -28,6 +28,8 @@ from grok1.limits import (
 
 # The verbs a shard group runs on every worker's engine (workers.actor.ShardWorker.execute).
 ENGINE_VERBS = frozenset({"prefill", "prefill_many", "decode", "release", "check_health"})
+# ... and on a paged engine's (grok1.paged_engine.PagedEngine): one step per scheduler plan.
+PAGED_ENGINE_VERBS = frozenset({"paged_step", "release", "check_health"})
 
 
 class StepOutput(NamedTuple):
@@ -37,6 +39,41 @@ class StepOutput(NamedTuple):
     top_ids: np.ndarray | None = None  # [B, MAX_TOP_LOGPROBS] int32, most likely first (None: nobody asked)
     top_logprobs: np.ndarray | None = None  # [B, MAX_TOP_LOGPROBS] float32
     prompt_logprobs: list | None = None  # prefill: per row, PromptLogprobs or None (None: nobody asked)
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Part of a sequence's context to prefill into its slot this step (paged engine).
+
+    tokens run at positions start, start+1, ...; KV is written only from `write_from` on (a forked choice
+    reads its parent's blocks, written by the parent in the same call). `final`: the chunk ends the context,
+    so the next token is sampled, as the request's token number len(generated), with `generated` (the tokens
+    it produced before it was preempted; empty for a new request) counted for its penalties."""
+
+    slot: int
+    tokens: tuple[int, ...]
+    start: int
+    final: bool
+    sampling: "Sampling"
+    generated: tuple[int, ...] = ()
+    write_from: int = 0
+
+
+@dataclass
+class StepPlan:
+    """One paged step, as the scheduler decided it (cluster/scheduler.py `plan`), for the engine to carry out:
+    first the block copies (copy-on-write), then one decode token for each slot in `decode`, then the
+    prefill chunks. tables: [max_slots, max_blocks] int32 block ids, -1 where a slot has no block."""
+
+    tables: np.ndarray
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    decode: list[int] = field(default_factory=list)
+    chunks: list[PrefillChunk] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)  # slots freed for recompute (released before the step)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.copies or self.decode or self.chunks)
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from grok1.config import ModelConfig
+from grok1.paged_attention import PagedKV, attend, paged_attention
 from grok1.params import QuantizedWeight, dequantize
 
 FPROP_DTYPE = jnp.bfloat16  # the reference's fprop_dtype
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10000
-ATTN_LOGIT_CAP = 30.0  # attention logits pass through 30 * tanh(x / 30)
-MASKED_LOGIT = -1e30
 
 
 # Logical axes of k and v [L, B, S, Hkv, K], as the params' in grok1.params (sharding/rules.py lays them out).
@@ -142,7 +141,8 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
     x [B, T, D] (normed); positions [B, T] absolute; cache [L, Bc, S, Hkv, K], written in place at
     layer_index; rows [B] the cache row of each batch entry, or None for all rows in order with one token
     each (decode); kv_len (static) how many leading cache positions can be attended (for decode a bucket
-    longer than every live sequence, at most S; for prefill the padded prompt length).
+    longer than every live sequence, at most S; for prefill the padded prompt length). With a paged cache
+    (grok1.paged_attention.PagedKV) rows is a PagedRows and kv_len a bucket of the rows' live lengths.
     Returns the projected output [B, T, D] and the updated cache.
     """
     batch, steps, _ = x.shape
@@ -153,6 +153,10 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
     q = rotary(q, positions)
     k = rotary(k, positions)
 
+    if isinstance(cache, PagedKV):  # rows: a PagedRows (block tables, which tokens write)
+        out, cache = paged_attention(q, k, v, cache, layer_index, rows.table, positions, rows.write, kv_len,
+                                     config.attn_output_multiplier)
+        return linear(out, layer["o_proj"]), cache
     if rows is None:
         # Every cache row in order, one new token each (decode). A masked write of the layer's cache, with no
         # row indices: when the cache's rows are split over devices, each device updates and reads its own
@@ -172,14 +176,7 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
         keys = cache.k[layer_index, rows, :kv_len]  # [B, S, Hkv, K]
         values = cache.v[layer_index, rows, :kv_len]
 
-    q = q.reshape(batch, steps, kv_heads, heads // kv_heads, key_size)  # query head h uses kv head h // (H/Hkv)
-    logits = matmul("bthgk,bshk->bhgts", q, keys).astype(jnp.float32)  # [B, Hkv, H/Hkv, T, S]
-    logits = logits * config.attn_output_multiplier
-    logits = ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
-    visible = jnp.arange(kv_len)[None, None, :] <= positions[:, :, None]  # [B, T, S] causal
-    logits = jnp.where(visible[:, None, None], logits, MASKED_LOGIT)
-    weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-    out = matmul("bhgts,bshk->bthgk", weights, values).reshape(batch, steps, heads * key_size)
+    out = attend(q, keys, values, positions, config.attn_output_multiplier)
     return linear(out, layer["o_proj"]), cache
 
 

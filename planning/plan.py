@@ -64,7 +64,17 @@ class Plan:
     headroom_step: str
     headroom: dict[str, int]  # per device, by term, at `slots`
     max_slots: int  # largest multiple of ep that fits (0: none)
+    # A paged KV cache (engine.kv_blocks): every token costs the same KV wherever it is, so capacity is in
+    # tokens. The pool is replicated over ep for now (sharding/rules.py), split over tp.
+    kv_bytes_per_token: int = 0  # whole replica, every layer, keys and values
+    kv_capacity_tokens: int = 0  # what the memory left after weights, headroom and `slots`' other state holds
+    mean_len: int = 0  # the mean sequence length the concurrency is counted at
     problem: str | None = None  # why this layout is infeasible
+
+    @property
+    def paged_concurrency(self) -> int:
+        """Sequences a paged pool of kv_capacity_tokens holds at mean_len tokens each."""
+        return self.kv_capacity_tokens // self.mean_len if self.mean_len else 0
 
     @property
     def usable_bytes(self) -> int:
@@ -90,7 +100,7 @@ class Plan:
         return {**dataclasses.asdict(self), "mesh": {"ep": self.mesh.ep, "tp": self.mesh.tp},
                 "usable_bytes": self.usable_bytes, "weights_per_device": self.weights_per_device,
                 "headroom_bytes": self.headroom_bytes, "used_per_device": self.used_per_device,
-                "feasible": self.feasible}
+                "paged_concurrency": self.paged_concurrency, "feasible": self.feasible}
 
     def format(self) -> str:
         devices = self.hosts * self.devices_per_host
@@ -116,6 +126,9 @@ class Plan:
              f"{100 * self.used_per_device / self.usable_bytes:.1f}% of usable"),
             ("largest slot count", str(self.max_slots),
              f"a multiple of ep={self.mesh.ep} at max_len {self.max_len}"),
+            ("paged KV capacity", f"{self.kv_capacity_tokens:,} tokens",
+             f"{format_bytes(self.kv_bytes_per_token)} per token; the pool on every ep rank, split over tp"),
+            ("paged concurrency", str(self.paged_concurrency), f"sequences at a mean length of {self.mean_len}"),
         ]
         width = max(len(label) for label, _, _ in lines) + 2
         value_width = max(len(value) for _, value, _ in lines) + 2
@@ -126,14 +139,17 @@ class Plan:
 
 def plan(config: Grok1Config, hosts: int, devices_per_host: int, device_memory: int, *,
          slots: int | None = None, max_len: int | None = None, ep: int | None = None, tp: int | None = None,
-         memory_fraction: float | None = None,
+         memory_fraction: float | None = None, mean_len: int = 1024,
          scale_groups: Mapping[str, int] = RELEASE_SCALE_GROUPS) -> Plan:
     """Lay one replica of `config` over hosts x devices_per_host devices of `device_memory` bytes.
 
     Raises PlanError when no layout exists; returns a Plan whose `problem` says why when the layout exists
     but does not fit (weights alone too large, no slot fits, the requested slots do not fit).
     memory_fraction: the share of each device XLA may use (None: JAX's default, see the module doc).
+    mean_len: the mean sequence length (prompt + output) at which the paged cache's concurrency is counted.
     """
+    if mean_len < 1:
+        raise PlanError(f"mean length must be at least 1 token, got {mean_len}")
     memory_fraction = JAX_DEFAULT_MEMORY_FRACTION if memory_fraction is None else memory_fraction
     if not 0 < memory_fraction <= 1:
         raise PlanError(f"memory fraction must be in (0, 1], got {memory_fraction}")
@@ -164,6 +180,11 @@ def plan(config: Grok1Config, hosts: int, devices_per_host: int, device_memory: 
         return weights + state_per_device(count) + sum(headroom_terms(config, mesh, count)[1].values())
 
     max_slots = _largest_fitting(needed, usable, mesh.ep)
+    kv_per_token = kv_per_slot // config.engine.max_len
+    # Left for a paged pool once `slots` slots' other state (sampling, token counts) and headroom are placed.
+    contiguous_kv_device = kv_per_slot * slots // (mesh.ep * mesh.tp)
+    left = usable - needed(slots) + contiguous_kv_device
+    kv_capacity = max(left, 0) // max(kv_per_token // mesh.tp, 1)
     step, headroom = headroom_terms(config, mesh, slots)
     problem = None
     if weights > usable:
@@ -182,7 +203,8 @@ def plan(config: Grok1Config, hosts: int, devices_per_host: int, device_memory: 
                 max_len=config.engine.max_len, slots=slots, model_bytes=total_bytes(params),
                 weight_bytes=weight_bytes, kv_bytes_per_slot=kv_per_slot, state_bytes_per_slot=other_per_slot,
                 state_bytes_per_device=state_per_device(slots), headroom_step=step, headroom=headroom,
-                max_slots=max_slots, problem=problem)
+                max_slots=max_slots, kv_bytes_per_token=kv_per_token, kv_capacity_tokens=kv_capacity,
+                mean_len=mean_len, problem=problem)
 
 
 def _largest_fitting(needed, usable: int, step: int, limit: int = 1 << 20) -> int:

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grok1.model import KV_CACHE_AXES
+from grok1.paged_attention import PAGED_KV_AXES, PagedKV
 from grok1.params import QuantizedWeight, param_axes, scale_axes
 from sharding.mesh_shape import EP, TP
 
@@ -39,6 +40,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("scale_groups", None),  # a single scale group along K
     ("cache_slots", EP),  # attention runs data parallel over ep
     ("cache_positions", None),
+    # The paged pool [L, N, bs, Hkv, K]: every ep rank holds the whole pool for now (block ids index one pool;
+    # splitting it by ep needs per-rank block ids); KV heads still split over tp.
+    ("cache_blocks", None),
+    ("block_positions", None),
     ("moe_tokens", EP),  # inside the expert-parallel MoE, each ep rank gates and sends its share of tokens
     ("moe_choices", None),  # the k experts chosen per token
 )
@@ -138,8 +143,11 @@ def kv_cache_spec(rules=LOGICAL_AXIS_RULES) -> P:
 
 
 def state_specs(state, rules=LOGICAL_AXIS_RULES):
-    """Specs of a grok1.engine.DecodeState: the KV cache by `kv_cache_spec`, the rest (lengths, sampling
-    settings, the [B, V] token counts of the penalties) replicated."""
-    cache = kv_cache_spec(rules)
+    """Specs of a grok1.engine.DecodeState: the KV cache by `kv_cache_spec` (a paged pool by PAGED_KV_AXES),
+    the rest (lengths, sampling settings, the [B, V] token counts of the penalties) replicated."""
+    if isinstance(state.cache, PagedKV):
+        cache = logical_spec(PAGED_KV_AXES, "the paged KV pool", rules)
+    else:
+        cache = kv_cache_spec(rules)
     specs = jax.tree.map(lambda _: P(), state)
     return dataclasses.replace(specs, cache=type(state.cache)(cache, cache))

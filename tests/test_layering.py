@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_MODULES = {"grok1.engine_api", "grok1.engine"}
+ENGINE_MODULES = {"grok1.engine_api", "grok1.engine", "grok1.paged_engine"}
 LAYERS = ["model", "engine", "sharding", "planning", "workers", "cluster", "ingress", "cli"]
 PACKAGES = {"grok1": "model", "grok1_api": "model", "sharding": "sharding", "planning": "planning",
             "workers": "workers", "cluster": "cluster", "ingress": "ingress", "cli": "cli"}
@@ -96,11 +96,14 @@ def test_router_and_ingress_load_without_jax():
 
 def test_one_engine_protocol_for_the_engine_and_the_shard_group():
     from grok1.engine import Engine
-    from grok1.engine_api import ENGINE_VERBS, EngineVerbs
+    from grok1.engine_api import ENGINE_VERBS, PAGED_ENGINE_VERBS, EngineVerbs
+    from grok1.paged_engine import PagedEngine
     from workers.group import GroupEngine
 
     assert issubclass(Engine, EngineVerbs) and issubclass(GroupEngine, EngineVerbs)
     assert all(callable(getattr(Engine, verb, None)) for verb in ENGINE_VERBS)  # what ShardWorker.execute runs
+    assert all(callable(getattr(PagedEngine, verb, None)) for verb in PAGED_ENGINE_VERBS)
+    assert all(callable(getattr(GroupEngine, verb, None)) for verb in PAGED_ENGINE_VERBS)
 
 
 def test_tests_import_by_package_and_never_edit_sys_path():

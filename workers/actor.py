@@ -14,7 +14,7 @@ import time
 
 import ray
 
-from grok1.engine_api import ENGINE_VERBS
+from grok1.engine_api import ENGINE_VERBS, PAGED_ENGINE_VERBS
 from sharding.distributed import ProcessGroup, node_ip, pick_free_port
 from sharding.mesh_shape import MeshShape
 
@@ -51,8 +51,8 @@ class ShardWorker:
         point for every multi-worker operation (workers.group), so a new verb needs no forwarding code."""
         if verb in ("ping", "timings"):  # the worker's own: liveness, and the time spent inside verbs
             return getattr(self, verb)(*args)
-        if verb not in ENGINE_VERBS:
-            raise ValueError(f"{verb!r} is not an engine verb ({sorted(ENGINE_VERBS)})")
+        if verb not in ENGINE_VERBS | PAGED_ENGINE_VERBS:
+            raise ValueError(f"{verb!r} is not an engine verb ({sorted(ENGINE_VERBS | PAGED_ENGINE_VERBS)})")
         started = time.perf_counter()
         out = getattr(self.shard.engine, verb)(*args)  # host arrays: the step and its collectives have finished
         self._count(verb.removesuffix("_many"), started)

@@ -190,14 +190,14 @@ class LocalShardGroup:
     @classmethod
     def from_spec(cls, spec: GroupSpec) -> "LocalShardGroup":
         from grok1.compile_cache import enable_compile_cache
-        from grok1.engine import Engine
+        from grok1.paged_engine import make_engine
         from sharding.layout import MeshLayout
         from workers.shard import load_placed_params
 
         spec.validate()
         enable_compile_cache()
         layout = MeshLayout(spec.config, spec.mesh, capacity_factor=spec.capacity_factor)
-        engine = Engine(spec.config, load_placed_params(spec.config, Path(spec.checkpoint), layout), layout)
+        engine = make_engine(spec.config, load_placed_params(spec.config, Path(spec.checkpoint), layout), layout)
         engine.warmup()
         return cls(engine)
 
@@ -242,6 +242,9 @@ class GroupEngine:
 
     def decode_finish(self, handle):
         return self.group.collect(handle)[0]
+
+    def paged_step(self, plan):
+        return self.group.call("paged_step", plan)[0]
 
     def release(self, slot):
         # Not waited for: the workers run calls in order, so the next step sees the slot released, and a

@@ -68,7 +68,7 @@ class Shard:
         import jax
 
         from grok1.compile_cache import enable_compile_cache
-        from grok1.engine import Engine
+        from grok1.paged_engine import make_engine
         from sharding.layout import MeshLayout
 
         enable_compile_cache()  # a restarted worker or a rebuilt group loads its steps instead of compiling
@@ -78,7 +78,7 @@ class Shard:
         self.group = group
         layout = MeshLayout(config, mesh_shape, capacity_factor=capacity_factor)
         params = load_placed_params(config, Path(checkpoint), layout, progress=progress)
-        self.engine = Engine(config, params, layout)
+        self.engine = make_engine(config, params, layout)
         self._info = ShardInfo(
             process_id=group.process_id, pid=os.getpid(), hostname=socket.gethostname(),
             devices=[str(d) for d in jax.local_devices()], global_devices=jax.device_count(),

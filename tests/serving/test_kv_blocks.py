@@ -152,3 +152,32 @@ def test_random_operations_keep_the_books_and_the_contents_right(ops, block_size
         sim.release(seq_id)
     sim.check()
     assert sim.pool.free_blocks == num_blocks  # no leak
+
+
+def test_allocate_new_tokens_covers_a_first_chunk_and_extend_the_rest():
+    """A chunked prefill covers its prompt chunk by chunk: a block is keyed (can be hit) only once covered."""
+    pool = BlockPool(16, 4)
+    pool.allocate("a", list(range(10)))
+    prompt = list(range(8)) + [50, 51, 52, 53, 54]
+    allocation = pool.allocate("b", prompt, new_tokens=3)
+    assert allocation.cached_tokens == 8 and pool.sequences["b"].num_tokens == 11 and len(allocation.blocks) == 3
+    before = pool.prefix_hits
+    pool.allocate("c", prompt + [60])  # b's third block is not full yet: only the two shared ones hit
+    assert pool.prefix_hits - before == 2
+    pool.extend("b", [53, 54])
+    assert pool.sequences["b"].num_tokens == 13
+    before = pool.prefix_hits
+    pool.allocate("d", prompt + [61])
+    assert pool.prefix_hits - before == 3  # now it is
+    pool.check_invariants()
+
+
+def test_clear_forgets_blocks_and_keeps_counters():
+    pool = BlockPool(4, 2)
+    pool.allocate("a", [1, 2, 3])
+    pool.allocate("b", [1, 2, 3])
+    counters = (pool.prefix_queries, pool.prefix_hits)
+    pool.clear()
+    assert pool.free_blocks == 4 and not pool.sequences and not pool.cached
+    assert (pool.prefix_queries, pool.prefix_hits) == counters
+    pool.check_invariants()

@@ -185,3 +185,15 @@ def test_memory_sizes_parse(text, size):
 def test_memory_size_errors_name_the_bad_value(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_memory_size(text, "--device-memory")
+
+
+def test_paged_capacity_is_the_memory_left_in_tokens_and_the_concurrency_at_a_mean_length():
+    two_hosts = plan(GROK1, 2, 8, 80 * GIB, mean_len=1500)
+    m = GROK1.model
+    assert two_hosts.kv_bytes_per_token == m.num_layers * 2 * m.num_kv_heads * m.key_size * 2  # k, v bf16
+    per_device = two_hosts.kv_bytes_per_token // two_hosts.mesh.tp
+    contiguous = two_hosts.kv_bytes_per_slot * two_hosts.slots // (two_hosts.mesh.ep * two_hosts.mesh.tp)
+    left = two_hosts.usable_bytes - two_hosts.used_per_device + contiguous
+    assert two_hosts.kv_capacity_tokens == left // per_device > 0
+    assert two_hosts.paged_concurrency == two_hosts.kv_capacity_tokens // 1500
+    assert "paged KV capacity" in two_hosts.format() and two_hosts.to_dict()["paged_concurrency"] > 0

@@ -1,0 +1,117 @@
+"""Attention over a paged KV cache: a pool of fixed-size blocks per layer, and a block table per sequence.
+
+    pool      k, v [L, N, bs, Hkv, K]   N blocks of bs token positions, per layer
+    table     [B, M] int32              row b's blocks in order; position p lives at (table[b, p // bs], p % bs)
+
+Which blocks a sequence owns is cluster/kv_blocks.py's business (reference counts, prefix sharing); this module
+only writes new tokens' keys and values through the tables and reads them back. A read gathers each row's first
+`kv_len // bs` blocks, kv_len being a static bucket of the live length, so a step's cost follows the tokens in
+context, not the longest context the engine allows.
+
+`paged_attention` is the one kernel: a GPU kernel (vLLM's or Pallas' paged attention) can replace it without
+anything else changing. On XLA:CPU the gather is an ordinary take, fused by XLA.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from grok1.config import ModelConfig
+
+FPROP_DTYPE = jnp.bfloat16
+ATTN_LOGIT_CAP = 30.0  # as grok1.model: attention logits pass through 30 * tanh(x / 30)
+MASKED_LOGIT = -1e30
+
+# Logical axes of the pool's k and v [L, N, bs, Hkv, K], as KV_CACHE_AXES for the contiguous cache.
+PAGED_KV_AXES = ("layers", "cache_blocks", "block_positions", "kv_heads", "head_dim")
+
+
+class PagedRows(NamedTuple):
+    """What grok1.model.attention takes as `rows` with a PagedKV cache: table [B, M] the rows' blocks, write
+    [B, T] which tokens store their keys and values (not padding, nor a fork's tokens its parent writes)."""
+
+    table: jax.Array
+    write: jax.Array
+
+
+class PagedKV(NamedTuple):
+    """Keys (after RoPE) and values of every layer, in blocks: k, v [L, N, bs, Hkv, K] bfloat16."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @staticmethod
+    def zeros(config: ModelConfig, num_blocks: int, block_size: int) -> "PagedKV":
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.key_size)
+        return PagedKV(jnp.zeros(shape, FPROP_DTYPE), jnp.zeros(shape, FPROP_DTYPE))
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+
+def bucket_kv_len(live: int, block_size: int, limit: int) -> int:
+    """The static kv_len for `live` positions: the next power of two of whole blocks, at most `limit`
+    (a multiple of block_size). Few buckets, few compiles; at most twice the live positions are read."""
+    blocks = max(1, -(-live // block_size))
+    return min(block_size * (1 << (blocks - 1).bit_length()), limit)
+
+
+def write_kv(pool: PagedKV, layer_index, table, positions, valid, k, v) -> PagedKV:
+    """Write k, v [B, T, Hkv, K] of tokens at positions [B, T] into layer `layer_index` of the pool.
+
+    Invalid tokens (valid [B, T] False: padding), positions outside the table and negative table entries (no
+    block) write nothing: they are sent past the pool's end and dropped by the scatter.
+    """
+    num_blocks, block_size = pool.k.shape[1], pool.k.shape[2]
+    index = positions // block_size
+    inside = (positions >= 0) & (index < table.shape[1])
+    blocks = jnp.take_along_axis(table, jnp.clip(index, 0, table.shape[1] - 1), axis=1)  # [B, T]
+    blocks = jnp.where(valid & inside & (blocks >= 0), blocks, num_blocks)
+    offsets = positions % block_size
+    return PagedKV(pool.k.at[layer_index, blocks, offsets].set(k, mode="drop"),
+                   pool.v.at[layer_index, blocks, offsets].set(v, mode="drop"))
+
+
+def gather_kv(pool: PagedKV, layer_index, table, kv_len: int):
+    """Keys and values [B, kv_len, Hkv, K] of each row's first kv_len positions (kv_len static, a multiple of
+    the block size). Table entries past a row's blocks may hold anything: those positions are masked."""
+    num_blocks, block_size = pool.k.shape[1], pool.k.shape[2]
+    assert kv_len % block_size == 0, f"kv_len {kv_len} is not a multiple of the block size {block_size}"
+    blocks = jnp.clip(table[:, : kv_len // block_size], 0, num_blocks - 1)  # [B, kv_len / bs]
+    batch = table.shape[0]
+
+    def read(layer_pool):
+        rows = layer_pool[layer_index][blocks]  # [B, n, bs, Hkv, K]
+        return rows.reshape(batch, kv_len, *rows.shape[3:])
+
+    return read(pool.k), read(pool.v)
+
+
+def attend(q, keys, values, positions, multiplier: float):
+    """Causal grouped-query attention of q [B, T, H, K] (after RoPE) over keys, values [B, S, Hkv, K], where
+    position s of a row is visible from positions[b, t] >= s. Returns [B, T, H*K] in q's dtype. The math of
+    grok1.model.attention, for either cache (float32 logits and softmax, the 30 tanh cap)."""
+    batch, steps, heads, key_size = q.shape
+    kv_heads, kv_len = keys.shape[2], keys.shape[1]
+    q = q.reshape(batch, steps, kv_heads, heads // kv_heads, key_size)  # query head h uses kv head h // (H/Hkv)
+    logits = jnp.einsum("bthgk,bshk->bhgts", q, keys, preferred_element_type=jnp.float32)
+    logits = logits.astype(q.dtype).astype(jnp.float32) * multiplier
+    logits = ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
+    visible = jnp.arange(kv_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    logits = jnp.where(visible[:, None, None], logits, MASKED_LOGIT)
+    weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bhgts,bshk->bthgk", weights, values, preferred_element_type=jnp.float32).astype(q.dtype)
+    return out.reshape(batch, steps, heads * key_size)
+
+
+def paged_attention(q, k, v, pool: PagedKV, layer_index, table, positions, valid, kv_len: int,
+                    multiplier: float):
+    """The paged kernel: write this step's k, v [B, T, Hkv, K] through the block table, then attend q
+    [B, T, H, K] over each row's first kv_len positions. Returns [B, T, H*K] and the updated pool."""
+    pool = write_kv(pool, layer_index, table, positions, valid, k, v)
+    keys, values = gather_kv(pool, layer_index, table, kv_len)
+    return attend(q, keys, values, positions, multiplier), pool

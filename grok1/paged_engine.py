@@ -1,0 +1,227 @@
+"""The paged engine: decode slots over a shared pool of KV blocks (grok1.paged_attention), one verb per step.
+
+    paged_step(plan) -> (decode output, prefill output)   # a cluster/scheduler.py StepPlan, carried out
+    release(slot)                                         # the slot stops decoding at once
+
+The device state is grok1.engine.DecodeState with a PagedKV pool for its cache: memory is sized in tokens
+(engine.kv_blocks x engine.kv_block_size), not slots x max_len, so max_slots can be far larger than the
+contiguous engine's at the same memory. Which blocks a sequence owns, which chunk of which prompt runs when, and
+who is preempted are the scheduler's decisions; this engine takes the block tables with every step.
+
+A step: the plan's block copies (copy-on-write of a shared partial block), one decode token for every active
+slot (attention over a bucket of the longest live length, so a step's cost follows the live tokens), then the
+prefill chunks in one call per chunk-length bucket (a chunk that ends its context samples its sequence's next
+token, numbered after the tokens it had generated before a preemption, whose counts feed the penalties).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok1 import model
+from grok1.config import Grok1Config
+from grok1.engine import (
+    PREFILL_BATCH_GROWTH,
+    DecodeState,
+    Engine,
+    _bucket,
+    _expert_counts,
+    _slot_sampling,
+    decode_forward,
+    decode_sample,
+    power_of_two_buckets,
+    release_slot,
+)
+from grok1.engine_api import Sampling, StepOutput, StepPlan
+from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len
+from grok1.sampling import SlotSampling, sample
+
+
+def init_paged_state(config: Grok1Config) -> DecodeState:
+    slots, engine = config.engine.max_slots, config.engine
+    return DecodeState(
+        cache=PagedKV.zeros(config.model, engine.kv_blocks, engine.kv_block_size),
+        lengths=jnp.zeros(slots, jnp.int32), next_token=jnp.zeros(slots, jnp.int32),
+        generated=jnp.zeros(slots, jnp.int32), active=jnp.zeros(slots, bool),
+        sampling=SlotSampling.defaults(slots), token_counts=jnp.zeros((slots, config.model.vocab_size), jnp.int32))
+
+
+def copy_blocks(state: DecodeState, sources, destinations) -> DecodeState:
+    """Copy whole blocks (every layer) sources[i] -> destinations[i]; destinations past the pool: padding."""
+    pool = state.cache
+    cache = PagedKV(pool.k.at[:, destinations].set(pool.k[:, sources], mode="drop"),
+                    pool.v.at[:, destinations].set(pool.v[:, sources], mode="drop"))
+    return DecodeState(cache, state.lengths, state.next_token, state.generated, state.active, state.sampling,
+                       state.token_counts)
+
+
+def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengths, write_from, final_slots,
+                       generated, counts, sampling: SlotSampling, *, config: Grok1Config, kv_len: int,
+                       moe_fn=model.moe):
+    """Prefill chunks tokens [n, T] (lengths [n] of them real) at positions starts + 0..T-1 through tables
+    [n, M]; tokens at positions >= write_from [n] write their KV. Rows whose final_slots [n] is a slot end
+    their context there: their next token is sampled as number generated [n] with counts [n, V] (the tokens
+    generated before) for the penalties, and the slot starts decoding. Others (final_slots >= max_slots: a
+    middle chunk, or padding) only write KV."""
+    rows, steps = tokens.shape
+    positions = starts[:, None] + jnp.arange(steps)[None]
+    valid = jnp.arange(steps)[None] < lengths[:, None]
+    write = valid & (positions >= write_from[:, None])
+    out = model.forward(params, config.model, tokens, positions, state.cache, PagedRows(tables, write),
+                        kv_len=kv_len, valid=valid, block=config.engine.moe_block_size,
+                        logits_at=jnp.maximum(lengths - 1, 0), moe_fn=moe_fn)
+    token, logprob = sample(out.logits[:, 0], sampling, generated, counts)
+
+    def put(all_slots, new):
+        return all_slots.at[final_slots].set(new, mode="drop")
+
+    counts = counts.at[jnp.arange(rows), token].add(1)
+    state = DecodeState(out.cache, put(state.lengths, starts + lengths), put(state.next_token, token),
+                        put(state.generated, generated + 1), put(state.active, jnp.ones(rows, bool)),
+                        jax.tree.map(put, state.sampling, sampling), put(state.token_counts, counts))
+    return state, token, logprob, _expert_counts(out.expert_index, valid, config.model.num_experts)
+
+
+class PagedEngine:
+    """Owns the params and the paged device state of one model replica (layout: as grok1.engine.Engine)."""
+
+    def __init__(self, config: Grok1Config, params, layout=None):
+        if not config.engine.paged:
+            raise ValueError("engine.kv_blocks is 0: this config asks for the contiguous engine")
+        self.config = config
+        self.layout = layout
+        moe_fn = model.moe if layout is None else layout.moe_fn
+        state = init_paged_state(config)
+        if layout is not None:
+            params = layout.put_params(params)
+            state = jax.device_put(state, layout.state_shardings(state))
+        self.params, self.state = params, state
+        keep = {} if layout is None else {"out_shardings": layout.state_shardings(state)}
+        with_outputs = {} if layout is None else {
+            "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated,
+                              layout.replicated)}
+        static = {"static_argnames": ("kv_len",), "donate_argnums": (1,)}
+        # Decode as the contiguous engine does (its two halves: the layers for all slots, then unembedding and
+        # sampling of a bucket of the active ones), with the block tables as the cache's rows.
+        halves = {} if layout is None else {
+            "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated)}
+        self._decode_forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn), **static,
+                                       **halves)
+        self._decode_sample = jax.jit(functools.partial(decode_sample, config=config), donate_argnums=(1,), **halves)
+        self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn), **static,
+                                **with_outputs)
+        self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **keep)
+        self._release = jax.jit(release_slot, donate_argnums=(0,), **keep)
+        self._lengths = np.zeros(self.max_slots, np.int64)  # host copy: live positions per active slot
+        self._active = np.zeros(self.max_slots, bool)
+
+    @property
+    def max_slots(self) -> int:
+        return self.config.engine.max_slots
+
+    @property
+    def max_len(self) -> int:
+        return self.config.engine.max_len
+
+    @property
+    def block_size(self) -> int:
+        return self.config.engine.kv_block_size
+
+    @property
+    def table_width(self) -> int:
+        return -(-self.max_len // self.block_size)
+
+    def kv_len_for(self, live: int) -> int:
+        return bucket_kv_len(live, self.block_size, self.table_width * self.block_size)
+
+    def paged_step(self, plan: StepPlan) -> tuple[StepOutput | None, StepOutput | None]:
+        if plan.copies:
+            self._copy_blocks(plan.copies)
+        decoded = self._decode_step(plan) if plan.decode else None
+        prefilled = self._prefill_chunks(plan) if plan.chunks else None
+        return decoded, prefilled
+
+    def _copy_blocks(self, copies) -> None:
+        size = 1 << (len(copies) - 1).bit_length()  # a power of two of copies: few compiles
+        sources = np.zeros(size, np.int32)
+        destinations = np.full(size, self.config.engine.kv_blocks, np.int32)  # padding: dropped
+        sources[: len(copies)], destinations[: len(copies)] = zip(*copies)
+        self.state = self._copy(self.state, sources, destinations)
+
+    def _decode_step(self, plan: StepPlan) -> StepOutput:
+        assert set(plan.decode) == set(np.flatnonzero(self._active)), "the plan's decode slots vs the engine's"
+        kv_len = self.kv_len_for(int(self._lengths[self._active].max()) + 1)
+        active = np.flatnonzero(self._active)
+        rows = np.full(_bucket(len(active), power_of_two_buckets(1, self.max_slots)), self.max_slots, np.int32)
+        rows[: len(active)] = active  # the rest is padding: out of range
+        self.state, h, counts = self._decode_forward(self.params, self.state, None, plan.tables, kv_len=kv_len)
+        self.state, (tokens, logprobs, top_ids, top_logprobs) = self._decode_sample(self.params, self.state, h, rows)
+        self._lengths[self._active] += 1
+        return StepOutput(*(np.asarray(x) for x in (tokens, logprobs, counts, top_ids, top_logprobs)))
+
+    def _prefill_chunks(self, plan: StepPlan) -> StepOutput:
+        """Every chunk in one call, padded to the longest one's bucket (a fork's chunk reads what its parent's
+        chunk writes in the same call: each layer writes every row's KV before any row reads)."""
+        vocab = self.config.model.vocab_size
+        buckets = self.config.engine.buckets_up_to_max_len()
+        longest = max(len(chunk.tokens) for chunk in plan.chunks)
+        width = _bucket(longest, buckets)
+        rows = 1
+        while rows < len(plan.chunks):
+            rows *= PREFILL_BATCH_GROWTH
+        tokens = np.zeros((rows, width), np.int32)
+        starts, lengths = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        write_from = np.zeros(rows, np.int32)
+        final_slots = np.full(rows, self.max_slots, np.int32)
+        generated = np.zeros(rows, np.int32)
+        counts = np.zeros((rows, vocab), np.int32)
+        tables = np.full((rows, self.table_width), -1, np.int32)
+        samplings = [Sampling()] * rows
+        for row, chunk in enumerate(plan.chunks):
+            tokens[row, : len(chunk.tokens)] = chunk.tokens
+            starts[row], lengths[row], write_from[row] = chunk.start, len(chunk.tokens), chunk.write_from
+            tables[row] = plan.tables[chunk.slot]
+            if chunk.final:
+                final_slots[row], generated[row], samplings[row] = chunk.slot, len(chunk.generated), chunk.sampling
+                np.add.at(counts[row], np.asarray(chunk.generated, np.int64), 1)
+        kv_len = self.kv_len_for(int((starts + lengths).max()))
+        self.state, token, logprob, expert_counts = self._prefill(
+            self.params, self.state, tables, tokens, starts, lengths, write_from, final_slots, generated, counts,
+            _slot_sampling(samplings, vocab), kv_len=kv_len)
+        finals = [row for row, chunk in enumerate(plan.chunks) if chunk.final]
+        for row in finals:
+            slot = plan.chunks[row].slot
+            self._active[slot], self._lengths[slot] = True, starts[row] + lengths[row]
+        return StepOutput(np.asarray(token)[finals], np.asarray(logprob)[finals], np.asarray(expert_counts))
+
+    def release(self, slot: int) -> None:
+        self.state = self._release(self.state, jnp.int32(slot))
+        self._active[slot], self._lengths[slot] = False, 0
+
+    def warmup(self) -> None:
+        """Compile the decode step for every kv_len bucket now (with no slot active nothing is written); prefill
+        shapes compile on first use."""
+        tables = np.full((self.max_slots, self.table_width), -1, np.int32)
+        limit = self.table_width * self.block_size
+        kv_len = self.kv_len_for(1)
+        while True:
+            self.state = self._decode_forward(self.params, self.state, None, tables, kv_len=kv_len)[0]
+            if kv_len >= limit:
+                break
+            kv_len = self.kv_len_for(kv_len + 1)
+
+    def check_health(self) -> bool:
+        return bool(jnp.all(jnp.isfinite(self.state.lengths)))
+
+    def shutdown(self) -> None:
+        self.state = None
+        self.params = None
+
+
+def make_engine(config: Grok1Config, params, layout=None):
+    """The engine the config asks for: paged when engine.kv_blocks is set, else the contiguous one."""
+    return PagedEngine(config, params, layout) if config.engine.paged else Engine(config, params, layout)

@@ -1,0 +1,318 @@
+"""The paged scheduler (token budget, chunked prefill, block admission, preemption, prefix caching, forks) and
+the driver carrying it out, against a fake paged engine whose tokens depend on what it reads back.
+
+FakePagedEngine keeps a simulated device pool: a prefill chunk or a decode token writes its tokens into the
+blocks the plan's tables name (after the plan's copies), and each sampled token is a function of the whole
+context *as read back through the table*, the request's seed and the token's number n:
+
+    token = (7 * sum(context) + 13 * seed + 3 * n) % 100
+
+So a wrong table, a missed copy-on-write, a shared block overwritten, a recompute that loses a token or a
+resumed sequence that restarts its numbering all give other tokens than `reference` (the uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.driver import Driver
+from cluster.kv_blocks import BlockPool
+from cluster.scheduler import InvalidRequest, Request, Scheduler
+from grok1.engine_api import Sampling, StepOutput
+
+VOCAB = 100
+EOS = 7
+MAX_LEN = 128
+
+
+def next_token(context, seed: int, n: int) -> int:
+    return (7 * sum(context) + 13 * seed + 3 * n) % VOCAB
+
+
+def reference(request: Request) -> list[int]:
+    """The tokens of an uninterrupted run."""
+    context, tokens = list(request.prompt), []
+    for n in range(request.max_tokens):
+        token = next_token(context, request.sampling.seed, n)
+        tokens.append(token)
+        context.append(token)
+        if (token == EOS and not request.ignore_eos) or token in request.stop_token_ids:
+            break
+    return tokens
+
+
+class FakePagedEngine:
+    def __init__(self, num_blocks: int, block_size: int, max_slots: int):
+        self.bs = block_size
+        self.device = [[None] * block_size for _ in range(num_blocks)]
+        self.length = [0] * max_slots
+        self.last = [0] * max_slots
+        self.seed = [0] * max_slots
+        self.generated = [0] * max_slots
+        self.active = [False] * max_slots
+        self.plans = []
+
+    def _write(self, table, position, token):
+        self.device[table[position // self.bs]][position % self.bs] = token
+
+    def _read(self, table, upto):
+        context = [self.device[table[p // self.bs]][p % self.bs] for p in range(upto)]
+        assert None not in context, "read a position nobody wrote"
+        return context
+
+    def paged_step(self, plan):
+        self.plans.append(plan)
+        for source, destination in plan.copies:
+            self.device[destination] = list(self.device[source])
+        assert set(plan.decode) == {s for s, a in enumerate(self.active) if a}, "decode slots vs active slots"
+        decoded = None
+        if plan.decode:
+            tokens = np.full(len(self.active), -1, np.int32)
+            for slot in plan.decode:
+                table = plan.tables[slot]
+                self._write(table, self.length[slot], self.last[slot])
+                self.length[slot] += 1
+                token = next_token(self._read(table, self.length[slot]), self.seed[slot], self.generated[slot])
+                tokens[slot], self.last[slot] = token, token
+                self.generated[slot] += 1
+            decoded = StepOutput(tokens, np.full(len(tokens), -0.25, np.float32), np.zeros((1, 8), int))
+        for chunk in plan.chunks:  # every chunk writes before any reads, as the layers of one call do
+            assert not self.active[chunk.slot]
+            for offset, token in enumerate(chunk.tokens):
+                if chunk.start + offset >= chunk.write_from:
+                    self._write(plan.tables[chunk.slot], chunk.start + offset, token)
+        finals = []
+        for chunk in plan.chunks:
+            if chunk.final:
+                end = chunk.start + len(chunk.tokens)
+                n = len(chunk.generated)
+                token = next_token(self._read(plan.tables[chunk.slot], end), chunk.sampling.seed, n)
+                slot = chunk.slot
+                self.length[slot], self.last[slot], self.seed[slot] = end, token, chunk.sampling.seed
+                self.generated[slot], self.active[slot] = n + 1, True
+                finals.append(token)
+        prefilled = None
+        if finals:
+            prefilled = StepOutput(np.asarray(finals, np.int32), np.full(len(finals), -0.5, np.float32),
+                                   np.zeros((1, 8), int))
+        return decoded, prefilled
+
+    def release(self, slot):
+        self.active[slot] = False
+
+
+def make(num_blocks=64, block_size=4, max_slots=4, token_budget=None, prefix_caching=True, **kwargs):
+    pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
+    scheduler = Scheduler(max_slots, MAX_LEN, VOCAB, EOS, kv=pool, token_budget=token_budget, **kwargs)
+    engine = FakePagedEngine(num_blocks, block_size, max_slots)
+    return Driver(engine, scheduler), scheduler, engine
+
+
+def req(name, prompt, max_tokens=8, seed=0, **kwargs):
+    return Request(name, list(prompt), max_tokens=max_tokens, sampling=Sampling(seed=seed), ignore_eos=True,
+                   **kwargs)
+
+
+def run_checked(driver, scheduler, max_steps=10_000):
+    """run_until_idle, checking the pool's books after every step."""
+    for _ in range(max_steps):
+        if driver.idle:
+            return driver.completions
+        driver.step()
+        scheduler.kv.check_invariants()
+    raise AssertionError("deadlock: requests still running")
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+
+def test_tokens_equal_an_uninterrupted_run_with_chunks_and_stops():
+    driver, scheduler, engine = make(token_budget=12)
+    requests = [req(f"r{i}", range(i, i + 3 * i + 1), max_tokens=5 + i, seed=i) for i in range(7)]
+    requests.append(Request("eos", [1, 2], max_tokens=30, sampling=Sampling(seed=3)))  # may stop early
+    for request in requests:
+        driver.submit(request)
+    completions = run_checked(driver, scheduler)
+    for request in requests:
+        assert completions[request.request_id].tokens == reference(request), request.request_id
+    assert scheduler.kv.used_blocks == 0  # every finished sequence gave its blocks back
+
+
+def test_every_step_stays_within_the_budget_and_decodes_first():
+    driver, scheduler, engine = make(token_budget=10, max_slots=4)
+    driver.submit(req("stream", [5, 6], max_tokens=40))
+    driver.step()  # the stream is prefilled
+    driver.submit(req("long", range(100), max_tokens=2))
+    steps_with_long = 0
+    while "long" not in {c.request_id for c in driver.completions.values() if c.finish_reason}:
+        before = len(driver.completions["stream"].tokens)
+        driver.step()
+        assert len(driver.completions["stream"].tokens) == before + 1  # never stalled by the long prefill
+        steps_with_long += 1
+    for plan in engine.plans:
+        assert len(plan.decode) + sum(len(c.tokens) for c in plan.chunks) <= 10
+    chunks = [c for p in engine.plans for c in p.chunks if c.slot == 1]
+    assert [len(c.tokens) for c in chunks] == [9] * 11 + [1]  # 100 tokens in chunks of budget - 1 decode
+    assert [c.start for c in chunks] == list(range(0, 100, 9))
+    run_checked(driver, scheduler)
+    assert driver.completions["long"].tokens == reference(req("long", range(100), max_tokens=2))
+
+
+# ------------------------------------------------------------------------------------------- preemption
+
+
+def test_preempted_sequences_resume_with_exactly_their_tokens():
+    """12 blocks of 4 tokens; four sequences growing to 30 tokens each cannot all fit: the newest ones are
+    preempted and recomputed, and every request still gets the uninterrupted tokens."""
+    driver, scheduler, engine = make(num_blocks=12, block_size=4, token_budget=8)
+    requests = [req(f"r{i}", [i + 1] * 6, max_tokens=24, seed=10 + i) for i in range(4)]
+    for request in requests:
+        driver.submit(request)
+    completions = run_checked(driver, scheduler)
+    assert scheduler.preemptions > 0
+    for request in requests:
+        assert completions[request.request_id].tokens == reference(request)
+        assert completions[request.request_id].finish_reason == "length"
+    replays = [c for p in engine.plans for c in p.chunks if c.final and c.generated]
+    assert replays and all(len(c.tokens) for c in replays)  # resumed: prefilled prompt + generated again
+
+
+def test_preempted_request_can_be_cancelled_or_expire_while_queued():
+    driver, scheduler, engine = make(num_blocks=6, block_size=4, token_budget=8)
+    driver.submit(req("old", [1] * 4, max_tokens=16))
+    driver.submit(req("new", [2] * 4, max_tokens=16))
+    while not scheduler.preemptions:
+        driver.step()
+    assert [r.request_id for r in scheduler.queue] == ["new"] and "new" in scheduler.resume
+    driver.cancel("new")
+    assert not scheduler.resume and driver.completions["new"].finish_reason == "cancelled"
+    run_checked(driver, scheduler)
+    assert driver.completions["old"].tokens == reference(req("old", [1] * 4, max_tokens=16))
+
+
+def test_a_rebuilt_engine_replays_preempted_requests_on_an_empty_pool():
+    driver, scheduler, engine = make(num_blocks=6, block_size=4, token_budget=8)
+    driver.submit(req("old", [1] * 4, max_tokens=16))
+    driver.submit(req("new", [2] * 4, max_tokens=16, seed=4))
+    while not scheduler.preemptions:
+        driver.step()
+    driver.abort_running("injected")
+    assert driver.completions["old"].finish_reason == "error"
+    assert scheduler.kv.used_blocks == 0 and not scheduler.kv.cached
+    driver.engine = FakePagedEngine(6, 4, 4)  # the group is rebuilt: its device pool is empty
+    run_checked(driver, scheduler)
+    assert driver.completions["new"].tokens == reference(req("new", [2] * 4, max_tokens=16, seed=4))
+
+
+# ------------------------------------------------------------------------------------------ out of memory
+
+
+def test_a_request_larger_than_the_pool_is_refused_and_nothing_else_fails():
+    driver, scheduler, engine = make(num_blocks=8, block_size=4)
+    with pytest.raises(InvalidRequest, match="needs 11 KV blocks of 4 tokens; the whole pool has 8") as info:
+        driver.submit(req("huge", range(40), max_tokens=1))
+    assert info.value.field == "prompt"
+    with pytest.raises(InvalidRequest, match="the whole pool has 8") as info:
+        driver.submit(req("long-output", range(20), max_tokens=20))
+    assert info.value.field == "max_tokens"
+    driver.submit(req("fits", range(20), max_tokens=12))  # exactly the whole pool
+    assert run_checked(driver, scheduler)["fits"].tokens == reference(req("fits", range(20), max_tokens=12))
+
+
+# ------------------------------------------------------------------------------------------ prefix caching
+
+
+def test_a_prefix_hit_prefills_only_the_uncached_suffix_and_gives_cold_tokens():
+    driver, scheduler, engine = make(num_blocks=64, block_size=8)
+    shared = list(range(1, 33))  # four full blocks
+    first = req("first", shared + [40, 41, 42], max_tokens=4)
+    driver.submit(first)
+    run_checked(driver, scheduler)
+    engine.plans.clear()
+    second = req("second", shared + [50, 51], max_tokens=6, seed=2)
+    driver.submit(second)
+    run_checked(driver, scheduler)
+    [chunk] = [c for p in engine.plans for c in p.chunks]
+    assert (chunk.start, chunk.tokens) == (32, (50, 51))  # only the suffix ran
+    assert scheduler.cached_tokens == 32
+    assert driver.completions["second"].tokens == reference(second)
+    cold, _, _ = make(num_blocks=64, block_size=8, prefix_caching=False)
+    assert cold.generate([second])[0].tokens == reference(second)
+
+
+def test_a_chat_turn_reuses_the_previous_turn_including_its_generated_tokens():
+    driver, scheduler, engine = make(num_blocks=64, block_size=4)
+    turn1 = req("t1", range(1, 11), max_tokens=10)
+    out = driver.generate([turn1])[0].tokens
+    turn2 = req("t2", list(range(1, 11)) + out + [60, 61], max_tokens=3)
+    assert driver.generate([turn2])[0].tokens == reference(turn2)
+    assert scheduler.cached_tokens >= 16  # the prompt and the generated tokens' full blocks
+
+
+def test_n_choices_fork_the_prompt_and_copy_the_shared_last_block_on_write():
+    driver, scheduler, engine = make(num_blocks=64, block_size=4)
+    prompt = list(range(1, 11))  # 2 full blocks and a partial one
+    choices = [req(f"c{i}", prompt, max_tokens=6, seed=i) for i in range(3)]
+    completions = driver.generate(choices)
+    for choice, completion in zip(choices, completions):
+        assert completion.tokens == reference(choice)
+    first = engine.plans[0]
+    assert [len(c.tokens) for c in first.chunks] == [10, 1, 1]  # the forks recompute only their last token
+    assert [c.write_from for c in first.chunks][1:] == [10, 10]
+    assert scheduler.cached_tokens == 18
+    assert len(engine.plans[1].copies) == 2  # the first two writers copy the shared partial block
+
+
+# ---------------------------------------------------------------------------------------- random workloads
+
+
+workload = st.lists(st.tuples(st.integers(1, 40), st.integers(1, 24), st.integers(0, 3), st.booleans()),
+                    min_size=1, max_size=10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(workload, st.integers(4, 24), st.sampled_from([2, 4, 8]), st.sampled_from([None, 6, 13]),
+       st.integers(0, 5))
+def test_random_workloads_finish_with_uninterrupted_tokens(specs, num_blocks, block_size, budget, cancel_at):
+    """Random prompts (often sharing prefixes), outputs, pool sizes and budgets: every request that fits the
+    pool ends with exactly its uninterrupted tokens, one is cancelled on the way, and no block leaks."""
+    driver, scheduler, engine = make(num_blocks=num_blocks, block_size=block_size, max_slots=3,
+                                     token_budget=budget)
+    accepted = []
+    for i, (length, max_tokens, family, stop) in enumerate(specs):
+        prompt = [family + 1] * (length // 2) + list(range(length - length // 2))
+        request = Request(f"r{i}", prompt, max_tokens=max_tokens, sampling=Sampling(seed=family),
+                          ignore_eos=not stop)
+        try:
+            driver.submit(request)
+            accepted.append(request)
+        except InvalidRequest as err:
+            assert scheduler.kv.blocks_for(length + max_tokens) > num_blocks, err
+    for _ in range(cancel_at):
+        if not driver.idle:
+            driver.step()
+    if accepted:
+        driver.cancel(accepted[-1].request_id)
+    completions = run_checked(driver, scheduler)
+    for request in accepted:
+        completion = completions[request.request_id]
+        expected = reference(request)
+        if completion.finish_reason == "cancelled":
+            assert completion.tokens == expected[: len(completion.tokens)]
+        else:
+            assert completion.tokens == expected
+    assert scheduler.kv.used_blocks == 0
+    stats = scheduler.kv_stats()
+    assert stats["kv_blocks_used"] == 0 and stats["running_sequences"] == stats["waiting_sequences"] == 0
+
+
+def test_kv_stats_of_a_contiguous_scheduler_are_zeros_and_admit_is_refused_when_paged():
+    assert Scheduler(2, MAX_LEN, VOCAB, EOS).kv_stats()["kv_blocks_total"] == 0
+    _, scheduler, _ = make()
+    with pytest.raises(RuntimeError, match="plan"):
+        scheduler.admit()
+    with pytest.raises(ValueError, match="token_budget"):
+        Scheduler(4, MAX_LEN, VOCAB, EOS, kv=BlockPool(8, 4), token_budget=4)

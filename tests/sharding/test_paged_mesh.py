@@ -1,0 +1,22 @@
+"""The paged engine on every mesh shape the sharding tests cover gives the contiguous engine's greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_dir):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "tests.sharding.paged_mesh_check", str(golden_dir)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {(m["ep"], m["tp"]) for m in results["meshes"]} >= {(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (8, 1)}
+    for mesh in results["meshes"]:
+        assert mesh["tokens"] == results["contiguous"], f"ep={mesh['ep']} tp={mesh['tp']}"
