@@ -87,6 +87,7 @@ class Driver:
             self._end(slot, event)
         if self.scheduler.kv is not None:
             self._paged_step()
+            self.on_flush()
             return
         admitted = self.scheduler.admit()
         contexts = [self.scheduler.context(slot) for slot, _ in admitted]  # prompt (+ tokens, when resumed)
@@ -165,12 +166,12 @@ class Driver:
         if decoded is not None:
             self._count(decoded.expert_counts)
             for slot in plan.decode:
-                self._deliver(slot, decoded.tokens[slot], decoded.logprobs[slot])
+                self._deliver(slot, decoded, slot)
         if prefilled is not None:
             self._count(prefilled.expert_counts)
             finals = [chunk.slot for chunk in plan.chunks if chunk.final]
             for k, slot in enumerate(finals):
-                self._deliver(slot, prefilled.tokens[k], prefilled.logprobs[k])
+                self._deliver(slot, prefilled, k)
 
     def _hand_out(self, out, owners: dict[int, str]) -> None:
         self._count(out.expert_counts)

@@ -92,6 +92,11 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ intake
     def validate(self, request: Request) -> None:
         validate_request(request, self.max_len, self.vocab_size)
+        if self.kv is not None and request.grammar is not None:
+            raise InvalidRequest("structured output is not available with the paged KV cache yet", "response_format")
+        if self.kv is not None and getattr(request.sampling, "prompt_logprobs", False):
+            raise InvalidRequest("prompt logprobs (echo with logprobs) are not available with the paged KV cache yet",
+                                 "echo")
         if self.kv is not None:  # a sequence must fit the pool alone: then preemption always makes progress
             kv, prompt = self.kv, len(request.prompt)
             whole = kv.blocks_for(prompt + request.max_tokens)

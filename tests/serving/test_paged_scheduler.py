@@ -316,3 +316,21 @@ def test_kv_stats_of_a_contiguous_scheduler_are_zeros_and_admit_is_refused_when_
         scheduler.admit()
     with pytest.raises(ValueError, match="token_budget"):
         Scheduler(4, MAX_LEN, VOCAB, EOS, kv=BlockPool(8, 4), token_budget=4)
+
+
+def test_what_the_paged_engine_cannot_do_yet_is_refused_by_field():
+    """Structured output and prompt logprobs run only in the contiguous engine: refused, not silently ignored."""
+    scheduler = Scheduler(4, 64, 128, 0, kv=BlockPool(16, 4))
+
+    class Grammar:
+        vocab_size = 128
+
+        def matcher(self):
+            raise AssertionError("never used")
+
+    with pytest.raises(InvalidRequest) as refused:
+        scheduler.submit(Request("g", [1, 2], 4, grammar=Grammar()))
+    assert refused.value.field == "response_format"
+    with pytest.raises(InvalidRequest) as refused:
+        scheduler.submit(Request("e", [1, 2], 4, sampling=Sampling(prompt_logprobs=True)))
+    assert refused.value.field == "echo"
