@@ -48,8 +48,9 @@ def _run(cache: str) -> dict:
 @pytest.mark.slow
 def test_a_second_process_loads_the_compiled_steps(tmp_path):
     cold = _run(str(tmp_path / "cache"))
-    assert cold["misses"] > 0 and cold["hits"] == 0
+    assert cold["misses"] > 0  # (a program compiled twice in one process may already hit)
     assert any((tmp_path / "cache").iterdir())
     warm = _run(str(tmp_path / "cache"))
-    assert warm["hits"] >= cold["misses"] // 2 and warm["tokens"] == cold["tokens"]
+    assert warm["hits"] > cold["hits"] and warm["misses"] < cold["misses"], (cold, warm)
+    assert warm["tokens"] == cold["tokens"]
 
