@@ -111,7 +111,10 @@ class PagedEngine:
             "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated)}
         self._decode_forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn), **static,
                                        **halves)
-        self._decode_sample = jax.jit(functools.partial(decode_sample, config=config), donate_argnums=(1,), **halves)
+        sample_outputs = {} if layout is None else {  # (state, the step's outputs, all replicated)
+            "out_shardings": (layout.state_shardings(state), layout.replicated)}
+        self._decode_sample = jax.jit(functools.partial(decode_sample, config=config), donate_argnums=(1,),
+                                      **sample_outputs)
         self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn), **static,
                                 **with_outputs)
         self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **keep)
