@@ -3,7 +3,7 @@
     paged_step(plan) -> (decode output, prefill output)   # a cluster/scheduler.py StepPlan, carried out
     release(slot)                                         # the slot stops decoding at once
 
-The device state is grok1.engine.DecodeState with a PagedKV pool for its cache: memory is sized in tokens
+The device state is grok1.steps.DecodeState with a PagedKV pool for its cache: memory is sized in tokens
 (engine.kv_blocks x engine.kv_block_size), not slots x max_len, so max_slots can be far larger than the
 contiguous engine's at the same memory. Which blocks a sequence owns, which chunk of which prompt runs when, and
 who is preempted are the scheduler's decisions; this engine takes the block tables with every step.
@@ -23,22 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok1 import model
+from grok1.buckets import PREFILL_BATCH_GROWTH, power_of_two_buckets, smallest_bucket
 from grok1.config import Grok1Config
-from grok1.engine import (
-    PREFILL_BATCH_GROWTH,
-    DecodeState,
-    Engine,
-    _bucket,
-    _expert_counts,
-    _slot_sampling,
-    decode_forward,
-    decode_sample,
-    power_of_two_buckets,
-    release_slot,
-)
+from grok1.engine import Engine
 from grok1.engine_api import Sampling, StepOutput, StepPlan
 from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len
 from grok1.sampling import SlotSampling, sample
+from grok1.slot_settings import slot_sampling
+from grok1.steps import DecodeState, count_expert_tokens, jit_decode_halves, on_layout, release_slot, step_outputs
 
 
 def init_paged_state(config: Grok1Config) -> DecodeState:
@@ -83,7 +75,7 @@ def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengt
     state = DecodeState(out.cache, put(state.lengths, starts + lengths), put(state.next_token, token),
                         put(state.generated, generated + 1), put(state.active, jnp.ones(rows, bool)),
                         jax.tree.map(put, state.sampling, sampling), put(state.token_counts, counts))
-    return state, token, logprob, _expert_counts(out.expert_index, valid, config.model.num_experts)
+    return state, token, logprob, count_expert_tokens(out.expert_index, valid, config.model.num_experts)
 
 
 class PagedEngine:
@@ -94,29 +86,14 @@ class PagedEngine:
             raise ValueError("engine.kv_blocks is 0: this config asks for the contiguous engine")
         self.config = config
         self.layout = layout
-        moe_fn = model.moe if layout is None else layout.moe_fn
-        state = init_paged_state(config)
-        if layout is not None:
-            params = layout.put_params(params)
-            state = jax.device_put(state, layout.state_shardings(state))
-        self.params, self.state = params, state
-        keep = {} if layout is None else {"out_shardings": layout.state_shardings(state)}
-        with_outputs = {} if layout is None else {
-            "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated,
-                              layout.replicated)}
-        static = {"static_argnames": ("kv_len",), "donate_argnums": (1,)}
+        moe_fn, self.params, self.state = on_layout(layout, params, init_paged_state(config))
         # Decode as the contiguous engine does (its two halves: the layers for all slots, then unembedding and
         # sampling of a bucket of the active ones), with the block tables as the cache's rows.
-        halves = {} if layout is None else {
-            "out_shardings": (layout.state_shardings(state), layout.replicated, layout.replicated)}
-        self._decode_forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn), **static,
-                                       **halves)
-        sample_outputs = {} if layout is None else {  # (state, the step's outputs, all replicated)
-            "out_shardings": (layout.state_shardings(state), layout.replicated)}
-        self._decode_sample = jax.jit(functools.partial(decode_sample, config=config), donate_argnums=(1,),
-                                      **sample_outputs)
-        self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn), **static,
-                                **with_outputs)
+        self._decode_forward, self._decode_sample = jit_decode_halves(config, layout, self.state, moe_fn)
+        self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn),
+                                static_argnames=("kv_len",), donate_argnums=(1,),
+                                **step_outputs(layout, self.state, 3))
+        keep = step_outputs(layout, self.state, 0)
         self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **keep)
         self._release = jax.jit(release_slot, donate_argnums=(0,), **keep)
         self._lengths = np.zeros(self.max_slots, np.int64)  # host copy: live positions per active slot
@@ -159,7 +136,7 @@ class PagedEngine:
         assert set(plan.decode) == set(np.flatnonzero(self._active)), "the plan's decode slots vs the engine's"
         kv_len = self.kv_len_for(int(self._lengths[self._active].max()) + 1)
         active = np.flatnonzero(self._active)
-        rows = np.full(_bucket(len(active), power_of_two_buckets(1, self.max_slots)), self.max_slots, np.int32)
+        rows = np.full(smallest_bucket(len(active), power_of_two_buckets(1, self.max_slots)), self.max_slots, np.int32)
         rows[: len(active)] = active  # the rest is padding: out of range
         self.state, h, counts = self._decode_forward(self.params, self.state, None, plan.tables, kv_len=kv_len)
         self.state, (tokens, logprobs, top_ids, top_logprobs) = self._decode_sample(self.params, self.state, h, rows)
@@ -172,7 +149,7 @@ class PagedEngine:
         vocab = self.config.model.vocab_size
         buckets = self.config.engine.buckets_up_to_max_len()
         longest = max(len(chunk.tokens) for chunk in plan.chunks)
-        width = _bucket(longest, buckets)
+        width = smallest_bucket(longest, buckets)
         rows = 1
         while rows < len(plan.chunks):
             rows *= PREFILL_BATCH_GROWTH
@@ -194,7 +171,7 @@ class PagedEngine:
         kv_len = self.kv_len_for(int((starts + lengths).max()))
         self.state, token, logprob, expert_counts = self._prefill(
             self.params, self.state, tables, tokens, starts, lengths, write_from, final_slots, generated, counts,
-            _slot_sampling(samplings, vocab), kv_len=kv_len)
+            slot_sampling(samplings, vocab), kv_len=kv_len)
         finals = [row for row, chunk in enumerate(plan.chunks) if chunk.final]
         for row in finals:
             slot = plan.chunks[row].slot

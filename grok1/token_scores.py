@@ -13,9 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from grok1.grammar import MASK_WORD_BITS
 from grok1.limits import MAX_TOP_LOGPROBS
-
-MASK_WORD_BITS = 32
 
 
 def top_logprobs(scores, total, wanted, k: int = MAX_TOP_LOGPROBS):

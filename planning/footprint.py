@@ -2,7 +2,7 @@
 
 1. params: the pytree of `grok1.params` (shapes from `layer_shapes`/`top_shapes`, dtypes as
    `grok1.checkpoint.load_checkpoint` returns them) as `ShapeDtypeStruct`s, split by `sharding.rules.param_specs`;
-2. decode state: `jax.eval_shape` of `grok1.engine.init_state`, split by `sharding.rules.state_specs` as
+2. decode state: `jax.eval_shape` of `grok1.steps.init_state`, split by `sharding.rules.state_specs` as
    `MeshLayout.state_shardings` is (the KV cache by its logical axes, the rest replicated).
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from grok1.config import Grok1Config, ModelConfig
-from grok1.engine import init_state
 from grok1.params import LAYER_PARAMS, QuantizedWeight, is_quantised, layer_shapes, top_shapes
+from grok1.steps import init_state
 from planning.mesh_choice import PlanError
 from sharding.mesh_shape import EP, TP, MeshShape
 from sharding.rules import path_name

@@ -143,7 +143,7 @@ def kv_cache_spec(rules=LOGICAL_AXIS_RULES) -> P:
 
 
 def state_specs(state, rules=LOGICAL_AXIS_RULES):
-    """Specs of a grok1.engine.DecodeState: the KV cache by `kv_cache_spec` (a paged pool by PAGED_KV_AXES),
+    """Specs of a grok1.steps.DecodeState: the KV cache by `kv_cache_spec` (a paged pool by PAGED_KV_AXES),
     the rest (lengths, sampling settings, the [B, V] token counts of the penalties) replicated."""
     if isinstance(state.cache, PagedKV):
         cache = logical_spec(PAGED_KV_AXES, "the paged KV pool", rules)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_MODULES = {"grok1.engine_api", "grok1.engine", "grok1.paged_engine"}
+ENGINE_MODULES = {"grok1.engine_api", "grok1.slot_settings", "grok1.steps", "grok1.engine", "grok1.paged_engine"}
 LAYERS = ["model", "engine", "sharding", "planning", "workers", "cluster", "ingress", "cli"]
 PACKAGES = {"grok1": "model", "grok1_api": "model", "sharding": "sharding", "planning": "planning",
             "workers": "workers", "cluster": "cluster", "ingress": "ingress", "cli": "cli"}

@@ -27,8 +27,10 @@ import pytest
 from cluster.driver import Driver
 from cluster.scheduler import InvalidRequest, Request, Scheduler
 from grok1 import model
+from grok1.buckets import power_of_two_buckets
 from grok1.config import ModelConfig
-from grok1.engine import Engine, Sampling, decode_step, power_of_two_buckets
+from grok1.engine import Engine, Sampling
+from grok1.steps import decode_step
 
 pytestmark = pytest.mark.slow
 

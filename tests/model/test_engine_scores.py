@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from grok1 import model
-from grok1.engine import Engine, Sampling, mask_words
+from grok1.engine import Engine, Sampling
+from grok1.grammar import mask_words
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok1.engine import Sampling, _slot_sampling
+from grok1.engine import Sampling
 from grok1.sampling import MAX_LOGIT_BIAS, LogitPenalties, SlotSampling, first_argmax, sample, seed_key_data
+from grok1.slot_settings import slot_sampling
 
 _sample = jax.jit(sample)
 
@@ -472,7 +473,7 @@ VOCAB = 131072
 
 
 def convert(samplings):
-    return _slot_sampling(samplings, VOCAB)
+    return slot_sampling(samplings, VOCAB)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**62 + 3, 2**63 - 1, -1, -5,

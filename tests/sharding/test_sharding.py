@@ -17,11 +17,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from grok1.config import ConfigError, Grok1Config, ModelConfig
-from grok1.engine import init_state
 from grok1.model import KV_CACHE_AXES, KVCache
 from grok1.paged_attention import PAGED_KV_AXES
 from grok1.params import LAYER_AXES, TOP_AXES, QuantizedWeight, dequantize, param_axes, scale_axes
 from grok1.random_weights import random_params
+from grok1.steps import init_state
 from sharding.expert_parallel import (
     CHOICE_AXES,
     MOE_PARAMS,

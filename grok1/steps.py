@@ -1,0 +1,200 @@
+"""The engines' jitted steps as pure functions of (params, state, inputs), and how they are jitted on a mesh.
+
+`DecodeState` is the device state of one replica (the cache, each slot's length, the token it feeds next, its
+sampling settings and its generated-token counts for the penalties), so consecutive decode steps need nothing
+from the host. Every step returns the new state (donated by its caller, so the cache is updated in place) and
+what the host reads. A decode step is two halves: `decode_forward` runs the layers for all slots over a bucket
+of the longest live length (`kv_len`), `decode_sample` unembeds and samples only a bucket of the active rows.
+grok1.engine.Engine (contiguous cache) and grok1.paged_engine.PagedEngine (a pool of blocks) drive them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from grok1 import model, token_scores
+from grok1.config import Grok1Config
+from grok1.limits import MAX_TOP_LOGPROBS
+from grok1.paged_attention import PagedRows
+from grok1.sampling import SlotSampling, sample_scored
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class DecodeState:
+    cache: model.KVCache  # [L, B, S, Hkv, K]
+    lengths: jax.Array  # [B] int32: tokens in the cache = position of the token fed next
+    next_token: jax.Array  # [B] int32: the last sampled token, fed at the next decode step
+    generated: jax.Array  # [B] int32: tokens sampled so far (indexes the request's random stream)
+    active: jax.Array  # [B] bool
+    sampling: SlotSampling
+    # [B, V] int32: how often the slot's request generated each token (prompt excluded), for the penalties.
+    # int32 rather than int16: the per-step update is a scatter-add, native for 32-bit words everywhere, and
+    # the array is 0.5 MiB per slot at Grok-1's vocabulary, next to its 2 GiB of KV cache.
+    token_counts: jax.Array
+
+
+def init_state(config: Grok1Config) -> DecodeState:
+    slots = config.engine.max_slots
+    return DecodeState(
+        cache=model.KVCache.zeros(config.model, slots, config.engine.max_len),
+        lengths=jnp.zeros(slots, jnp.int32), next_token=jnp.zeros(slots, jnp.int32),
+        generated=jnp.zeros(slots, jnp.int32), active=jnp.zeros(slots, bool),
+        sampling=SlotSampling.defaults(slots), token_counts=jnp.zeros((slots, config.model.vocab_size), jnp.int32))
+
+
+def count_expert_tokens(expert_index, valid, num_experts):
+    """[L, E] tokens per expert, counting only valid tokens. expert_index [L, B, T, k]."""
+    one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [L, B, T, k, E]
+    return jnp.sum(one_hot * valid[None, :, :, None, None], axis=(1, 2, 3))
+
+
+def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: SlotSampling, generated, mask_words,
+                 has_mask, *, config: Grok1Config, moe_fn=model.moe, score_prompt: bool = False):
+    """Run n prompts (each padded to one bucket: tokens [n, T]) into `slots` [n] and sample their next tokens
+    (under the grammar masks mask_words uint32 [n, W] of the rows with has_mask [n]).
+
+    generated [n] int32: how many of a row's last tokens its request generated before (a resumed request:
+    prompt + its tokens so far; 0 for a new one). The token sampled here is then that request's token number
+    `generated` (its random stream's index), and those tokens count for the penalties, as if never interrupted.
+    Rows whose slot is out of range (>= max_slots) are padding: every write of theirs is dropped. With
+    score_prompt (static) the logits of every position are kept and the prompt logprobs returned as well.
+    Returns (state, (token, logprob, expert counts, top ids, top logprobs, prompt scores or None)).
+    """
+    rows, steps = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(steps)[None], (rows, steps))
+    valid = positions < lengths[:, None]  # [n, T]
+    out = model.forward(params, config.model, tokens, positions, state.cache, slots, kv_len=steps,
+                        valid=valid, block=config.engine.moe_block_size,
+                        logits_at=None if score_prompt else lengths - 1, moe_fn=moe_fn)
+    if score_prompt:
+        scores = token_scores.prompt_logprobs(out.logits, tokens, MAX_TOP_LOGPROBS)
+        last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, V]
+    else:
+        scores, last = None, out.logits[:, 0]
+
+    def put(all_slots, new):
+        return all_slots.at[slots].set(new, mode="drop")
+
+    # The slot's counts restart from this request's own generated tokens (whatever the slot's last request left).
+    replayed = valid & (positions >= (lengths - generated)[:, None])  # [n, T]
+    counts = put(state.token_counts, 0).at[slots[:, None], tokens].add(replayed.astype(jnp.int32), mode="drop")
+    sampled = sample_scored(last, sampling, generated, counts[jnp.clip(slots, 0, counts.shape[0] - 1)],
+                            (mask_words, has_mask))
+    token = sampled.tokens
+    counts = counts.at[slots, token].add(1, mode="drop")  # [B, V]
+    state = DecodeState(
+        cache=out.cache, lengths=put(state.lengths, lengths), next_token=put(state.next_token, token),
+        generated=put(state.generated, generated + 1), active=put(state.active, jnp.ones(rows, bool)),
+        sampling=jax.tree.map(put, state.sampling, sampling), token_counts=counts)
+    counts = count_expert_tokens(out.expert_index, valid, config.model.num_experts)
+    return state, (token, sampled.logprobs, counts, sampled.top_ids, sampled.top_logprobs, scores)
+
+
+def decode_forward(params, state: DecodeState, skip=None, tables=None, *, config: Grok1Config, kv_len: int,
+                   moe_fn=model.moe):
+    """The decoder layers of one decode step for every slot: the new cache, the final hidden states h [B, D]
+    and the expert counts. kv_len (static): a bucket longer than every active slot's sequence (see Engine).
+    skip [B] (optional): slots that sit this step out (their experts skip them; nothing of theirs changes).
+    tables [B, M]: the slots' block tables when the cache is a paged pool (grok1/paged_engine.py)."""
+    going = state.active if skip is None else state.active & ~skip
+    valid = going[:, None]
+    rows = None if tables is None else PagedRows(tables, valid)
+    h, cache, expert_index = model.run_layers(params, config.model, state.next_token[:, None],
+                                              state.lengths[:, None], state.cache, rows, kv_len=kv_len,
+                                              valid=valid, block=config.engine.moe_block_size, moe_fn=moe_fn)
+    state = DecodeState(cache=cache, lengths=state.lengths, next_token=state.next_token, generated=state.generated,
+                        active=state.active, sampling=state.sampling, token_counts=state.token_counts)
+    return state, h[:, 0], count_expert_tokens(expert_index, valid, config.model.num_experts)
+
+
+def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask=None, skip=None, *,
+                  config: Grok1Config):
+    """Unembedding and sampling for the slots `rows` [n] only (a bucket of the active ones, padded with
+    indices >= max_slots), then the state's bookkeeping for every active slot. h [B, D] from decode_forward.
+    The masked variant takes the grammar masks (mask_words uint32 [B, W], has_mask [B]) and skip [B]: slots
+    that sit this step out (no token, no change; `rows` leaves them out).
+
+    Returns (state, (tokens [B], logprobs [B], top ids [B, K], top logprobs [B, K])); inactive slots: -1, 0."""
+    slots = state.active.shape[0]
+    going = state.active if skip is None else state.active & ~skip  # [B]
+    padding = rows >= slots  # [n]
+    logits = model.unembed(params, jnp.take(h, rows, axis=0, mode="clip")[:, None], config.model)[:, 0]
+    defaults = SlotSampling.defaults(rows.shape[0])
+
+    def row_settings(all_slots, default):  # padding rows sample greedily with no penalties
+        mask = padding.reshape(-1, *([1] * (default.ndim - 1)))
+        return jnp.where(mask, default, jnp.take(all_slots, rows, axis=0, mode="clip"))
+
+    sampling = jax.tree.map(row_settings, state.sampling, defaults)
+    counts = jnp.take(state.token_counts, rows, axis=0, mode="clip")  # [n, V]
+    generated = jnp.take(state.generated, rows, mode="clip")
+    mask = None
+    if mask_words is not None:
+        row_has = jnp.take(has_mask & going, rows, mode="clip") & ~padding
+        mask = (jnp.take(mask_words, rows, axis=0, mode="clip"), row_has)
+    out = sample_scored(logits, sampling, generated, counts, mask)
+    row_tokens = out.tokens
+    tokens = jnp.full(slots, -1, jnp.int32).at[rows].set(row_tokens, mode="drop")
+    logprobs = jnp.zeros(slots, jnp.float32).at[rows].set(out.logprobs, mode="drop")
+    top_ids = jnp.zeros((slots, MAX_TOP_LOGPROBS), jnp.int32).at[rows].set(out.top_ids, mode="drop")
+    top_values = jnp.zeros((slots, MAX_TOP_LOGPROBS), jnp.float32).at[rows].set(out.top_logprobs, mode="drop")
+    tokens = jnp.where(going, tokens, -1)
+    step = going.astype(jnp.int32)
+    # One entry per active row, in place: the state is donated.
+    counted = jnp.where(padding, 0, jnp.take(going, rows, mode="clip").astype(jnp.int32))  # [n]
+    counts = state.token_counts.at[rows, row_tokens].add(counted, mode="drop")  # [B, V]
+    state = DecodeState(cache=state.cache, lengths=state.lengths + step,
+                        next_token=jnp.where(going, tokens, state.next_token),
+                        generated=state.generated + step, active=state.active, sampling=state.sampling,
+                        token_counts=counts)
+    return state, (tokens, jnp.where(going, logprobs, 0.0), top_ids, top_values)
+
+
+def decode_step(params, state: DecodeState, rows, *, config: Grok1Config, kv_len: int, moe_fn=model.moe):
+    """One token for every active slot: decode_forward, then decode_sample of `rows` (which must list every
+    active slot). The Engine jits the two halves apart, so that each compiles per its own bucket."""
+    state, h, expert_counts = decode_forward(params, state, config=config, kv_len=kv_len, moe_fn=moe_fn)
+    state, (tokens, logprobs, _, _) = decode_sample(params, state, h, rows, config=config)
+    return state, tokens, logprobs, expert_counts
+
+
+def release_slot(state: DecodeState, slot) -> DecodeState:
+    # Reset the slot's sampling and counts too: a leftover top-k/top-p would make every later step sort the
+    # vocabulary, leftover penalties would make it read every count.
+    defaults = SlotSampling.defaults(1)
+    sampling = jax.tree.map(lambda all_slots, one: all_slots.at[slot].set(one[0]), state.sampling, defaults)
+    return DecodeState(cache=state.cache, lengths=state.lengths.at[slot].set(0),
+                       next_token=state.next_token, generated=state.generated,
+                       active=state.active.at[slot].set(False), sampling=sampling,
+                       token_counts=state.token_counts.at[slot].set(0))
+
+
+def on_layout(layout, params, state):
+    """(the MoE function, params, state) for the layout's mesh; without one, this process's default device."""
+    if layout is None:
+        return model.moe, params, state
+    return layout.moe_fn, layout.put_params(params), jax.device_put(state, layout.state_shardings(state))
+
+
+def step_outputs(layout, state, replicated: int) -> dict:
+    """jit's out_shardings for a step that returns the state, then `replicated` outputs (each a pytree, every
+    leaf replicated: hosts read them); nothing to say without a mesh."""
+    if layout is None:
+        return {}
+    shardings = layout.state_shardings(state)
+    return {"out_shardings": (shardings, *[layout.replicated] * replicated) if replicated else shardings}
+
+
+def jit_decode_halves(config: Grok1Config, layout, state, moe_fn):
+    """The two jitted halves of a decode step (decode_forward per kv_len bucket, decode_sample per row bucket),
+    donating the state; the paged engine takes them too, with its block tables as the cache's rows."""
+    forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn), static_argnames=("kv_len",),
+                      donate_argnums=(1,), **step_outputs(layout, state, 2))
+    sample_step = jax.jit(functools.partial(decode_sample, config=config), donate_argnums=(1,),
+                          **step_outputs(layout, state, 1))
+    return forward, sample_step
