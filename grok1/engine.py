@@ -41,7 +41,22 @@ def _prompt_scores(scores, row: int, length: int, k: int) -> PromptLogprobs:
     return PromptLogprobs([None] + chosen[1:length].tolist(),
                           [()] + [tuple(zip(ids[t, :k].tolist(), values[t, :k].tolist())) for t in range(1, length)])
 
-class Engine:
+
+class EngineSizes:
+    """The sizes both engines (this one and grok1.paged_engine's) take from their config."""
+
+    config: Grok1Config
+
+    @property
+    def max_slots(self) -> int:
+        return self.config.engine.max_slots
+
+    @property
+    def max_len(self) -> int:
+        return self.config.engine.max_len
+
+
+class Engine(EngineSizes):
     """Owns the params and the device state of one model replica.
 
     `layout` (sharding.layout.MeshLayout) spreads them over a device mesh, possibly spanning processes;
@@ -64,14 +79,6 @@ class Engine:
         # of this class (prefill, decode, release), so it is exact, and equal in every process of a mesh.
         self._active = np.zeros(self.max_slots, bool)
         self._lengths = np.zeros(self.max_slots, np.int64)
-
-    @property
-    def max_slots(self) -> int:
-        return self.config.engine.max_slots
-
-    @property
-    def max_len(self) -> int:
-        return self.config.engine.max_len
 
     def decode_row_buckets(self) -> tuple[int, ...]:
         """Row counts the unembedding and sampling of a decode step compile for: powers of two, then max_slots."""

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from grok1.config import ModelConfig
-from grok1.paged_attention import PagedKV, attend, paged_attention
+from grok1.paged_attention import PagedKV, attend, kv_zeros, paged_attention
 from grok1.params import QuantizedWeight, dequantize
 
 FPROP_DTYPE = jnp.bfloat16  # the reference's fprop_dtype
@@ -37,8 +37,7 @@ class KVCache(NamedTuple):
 
     @staticmethod
     def zeros(config: ModelConfig, batch: int, length: int) -> "KVCache":
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.key_size)
-        return KVCache(jnp.zeros(shape, FPROP_DTYPE), jnp.zeros(shape, FPROP_DTYPE))
+        return KVCache(*kv_zeros(config, batch, length))
 
 
 class ForwardOutput(NamedTuple):

@@ -37,6 +37,13 @@ class PagedRows(NamedTuple):
     write: jax.Array
 
 
+def kv_zeros(config: ModelConfig, rows: int, positions: int) -> tuple[jax.Array, jax.Array]:
+    """Zero keys and values [L, rows, positions, Hkv, K]: the contiguous cache's rows are slots and positions the
+    sequence's (grok1.model.KVCache); the paged pool's are blocks and a block's positions."""
+    shape = (config.num_layers, rows, positions, config.num_kv_heads, config.key_size)
+    return jnp.zeros(shape, FPROP_DTYPE), jnp.zeros(shape, FPROP_DTYPE)
+
+
 class PagedKV(NamedTuple):
     """Keys (after RoPE) and values of every layer, in blocks: k, v [L, N, bs, Hkv, K] bfloat16."""
 
@@ -45,8 +52,7 @@ class PagedKV(NamedTuple):
 
     @staticmethod
     def zeros(config: ModelConfig, num_blocks: int, block_size: int) -> "PagedKV":
-        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.key_size)
-        return PagedKV(jnp.zeros(shape, FPROP_DTYPE), jnp.zeros(shape, FPROP_DTYPE))
+        return PagedKV(*kv_zeros(config, num_blocks, block_size))
 
     @property
     def block_size(self) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 from grok1 import model
 from grok1.buckets import PREFILL_BATCH_GROWTH, power_of_two_buckets, smallest_bucket
 from grok1.config import Grok1Config
-from grok1.engine import Engine
+from grok1.engine import Engine, EngineSizes
 from grok1.engine_api import Sampling, StepOutput, StepPlan
 from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len
 from grok1.sampling import SlotSampling, sample
@@ -78,7 +78,7 @@ def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengt
     return state, token, logprob, count_expert_tokens(out.expert_index, valid, config.model.num_experts)
 
 
-class PagedEngine:
+class PagedEngine(EngineSizes):
     """Owns the params and the paged device state of one model replica (layout: as grok1.engine.Engine)."""
 
     def __init__(self, config: Grok1Config, params, layout=None):
@@ -98,14 +98,6 @@ class PagedEngine:
         self._release = jax.jit(release_slot, donate_argnums=(0,), **keep)
         self._lengths = np.zeros(self.max_slots, np.int64)  # host copy: live positions per active slot
         self._active = np.zeros(self.max_slots, bool)
-
-    @property
-    def max_slots(self) -> int:
-        return self.config.engine.max_slots
-
-    @property
-    def max_len(self) -> int:
-        return self.config.engine.max_len
 
     @property
     def block_size(self) -> int:

@@ -11,7 +11,7 @@ from ingress import protocol, tokenize
 from ingress.errors import ApiError
 from ingress.generation import Delta
 from ingress.render import ChatRender, CompletionRender
-from tests.serving.test_ingress import CharTokenizer
+from tests.serving.fakes import CharTokenizer
 
 MODEL = protocol.ModelInfo("grok-1-tiny", max_len=64, vocab_size=1000, eos_token=2)
 

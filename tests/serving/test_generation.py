@@ -16,7 +16,7 @@ from grok1.engine_api import TokenEvent
 from ingress.errors import ApiError
 from ingress.generation import Generation
 from ingress.protocol import GenerationParams
-from tests.serving.test_ingress import TOK
+from tests.serving.fakes import TOK
 
 
 def events(text: str, finish: str | None = None, error: str | None = None) -> list[TokenEvent]:

@@ -13,7 +13,7 @@ import pytest
 
 from ingress import protocol, structured
 from ingress.errors import ApiError
-from tests.serving.test_ingress import CharTokenizer
+from tests.serving.fakes import CharTokenizer
 
 pytest.importorskip("outlines_core")
 

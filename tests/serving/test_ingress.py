@@ -19,25 +19,12 @@ import pytest
 from ingress import fields, loadgen, metrics, protocol, responses
 from ingress.errors import ApiError, from_exception
 from ingress.text import TextStream, completion_text, find_stop, held_back
+from tests.serving.fakes import TOK
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = protocol.ModelInfo("grok-1-tiny", max_len=64, vocab_size=1000, eos_token=2)
 
 
-class CharTokenizer:
-    """Token id = Unicode code point (ids < 1000 here); decode joins characters."""
-
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def id_to_piece(self, i):
-        return chr(i)
-
-
-TOK = CharTokenizer()
 
 
 def real_tokenizer():

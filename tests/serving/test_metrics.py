@@ -15,21 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from grok1.engine_api import FinishReason, TokenEvent
 from ingress import metrics, protocol
 from ingress.generation import Generation
+from tests.serving.fakes import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = protocol.ModelInfo("grok-1-tiny", max_len=64, vocab_size=1000, eos_token=2)
 TICK = 0.5
-
-
-class CharTokenizer:
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def id_to_piece(self, i):
-        return chr(i)
 
 
 class Clock:

@@ -9,7 +9,7 @@ from cluster.replica_config import ReplicaConfig
 from cluster.router import Router
 from cluster.scheduler import Request
 from grok1.engine_api import Sampling
-from tests.serving.test_paged_scheduler import FakePagedEngine, reference
+from tests.serving.fakes import FakePagedEngine, reference
 from tests.serving.test_router import CONFIG, MAX_SLOTS, collect, run
 from workers.group import LocalShardGroup
 

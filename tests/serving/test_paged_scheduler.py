@@ -1,19 +1,10 @@
 """The paged scheduler (token budget, chunked prefill, block admission, preemption, prefix caching, forks) and
-the driver carrying it out, against a fake paged engine whose tokens depend on what it reads back.
-
-FakePagedEngine keeps a simulated device pool: a prefill chunk or a decode token writes its tokens into the
-blocks the plan's tables name (after the plan's copies), and each sampled token is a function of the whole
-context *as read back through the table*, the request's seed and the token's number n:
-
-    token = (7 * sum(context) + 13 * seed + 3 * n) % 100
-
-So a wrong table, a missed copy-on-write, a shared block overwritten, a recompute that loses a token or a
-resumed sequence that restarts its numbering all give other tokens than `reference` (the uninterrupted run).
+the driver carrying it out, against tests/serving/fakes.py's FakePagedEngine, whose tokens depend on the
+context it reads back through the tables (`reference`: the tokens of an uninterrupted run).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,87 +12,10 @@ from hypothesis import strategies as st
 from cluster.driver import Driver
 from cluster.kv_blocks import BlockPool
 from cluster.scheduler import InvalidRequest, Request, Scheduler
-from grok1.engine_api import Sampling, StepOutput
+from grok1.engine_api import Sampling
+from tests.serving.fakes import EOS, VOCAB, FakePagedEngine, reference
 
-VOCAB = 100
-EOS = 7
 MAX_LEN = 128
-
-
-def next_token(context, seed: int, n: int) -> int:
-    return (7 * sum(context) + 13 * seed + 3 * n) % VOCAB
-
-
-def reference(request: Request) -> list[int]:
-    """The tokens of an uninterrupted run."""
-    context, tokens = list(request.prompt), []
-    for n in range(request.max_tokens):
-        token = next_token(context, request.sampling.seed, n)
-        tokens.append(token)
-        context.append(token)
-        if (token == EOS and not request.ignore_eos) or token in request.stop_token_ids:
-            break
-    return tokens
-
-
-class FakePagedEngine:
-    def __init__(self, num_blocks: int, block_size: int, max_slots: int):
-        self.bs = block_size
-        self.device = [[None] * block_size for _ in range(num_blocks)]
-        self.length = [0] * max_slots
-        self.last = [0] * max_slots
-        self.seed = [0] * max_slots
-        self.generated = [0] * max_slots
-        self.active = [False] * max_slots
-        self.plans = []
-
-    def _write(self, table, position, token):
-        self.device[table[position // self.bs]][position % self.bs] = token
-
-    def _read(self, table, upto):
-        context = [self.device[table[p // self.bs]][p % self.bs] for p in range(upto)]
-        assert None not in context, "read a position nobody wrote"
-        return context
-
-    def paged_step(self, plan):
-        self.plans.append(plan)
-        for source, destination in plan.copies:
-            self.device[destination] = list(self.device[source])
-        assert set(plan.decode) == {s for s, a in enumerate(self.active) if a}, "decode slots vs active slots"
-        decoded = None
-        if plan.decode:
-            tokens = np.full(len(self.active), -1, np.int32)
-            for slot in plan.decode:
-                table = plan.tables[slot]
-                self._write(table, self.length[slot], self.last[slot])
-                self.length[slot] += 1
-                token = next_token(self._read(table, self.length[slot]), self.seed[slot], self.generated[slot])
-                tokens[slot], self.last[slot] = token, token
-                self.generated[slot] += 1
-            decoded = StepOutput(tokens, np.full(len(tokens), -0.25, np.float32), np.zeros((1, 8), int))
-        for chunk in plan.chunks:  # every chunk writes before any reads, as the layers of one call do
-            assert not self.active[chunk.slot]
-            for offset, token in enumerate(chunk.tokens):
-                if chunk.start + offset >= chunk.write_from:
-                    self._write(plan.tables[chunk.slot], chunk.start + offset, token)
-        finals = []
-        for chunk in plan.chunks:
-            if chunk.final:
-                end = chunk.start + len(chunk.tokens)
-                n = len(chunk.generated)
-                token = next_token(self._read(plan.tables[chunk.slot], end), chunk.sampling.seed, n)
-                slot = chunk.slot
-                self.length[slot], self.last[slot], self.seed[slot] = end, token, chunk.sampling.seed
-                self.generated[slot], self.active[slot] = n + 1, True
-                finals.append(token)
-        prefilled = None
-        if finals:
-            prefilled = StepOutput(np.asarray(finals, np.int32), np.full(len(finals), -0.5, np.float32),
-                                   np.zeros((1, 8), int))
-        return decoded, prefilled
-
-    def release(self, slot):
-        self.active[slot] = False
 
 
 def make(num_blocks=64, block_size=4, max_slots=4, token_budget=None, prefix_caching=True, **kwargs):

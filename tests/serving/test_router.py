@@ -18,7 +18,7 @@ from cluster.router import Router, Unavailable
 from cluster.scheduler import InvalidRequest, QueueFull, Request
 from grok1.config import Grok1Config, ModelConfig
 from grok1.engine import Sampling, StepOutput
-from tests.serving.test_scheduler import VOCAB, FakeEngine
+from tests.serving.fakes import VOCAB, FakeEngine
 from workers.group import GroupFailure, LocalShardGroup
 
 MAX_SLOTS = 4

@@ -1,9 +1,6 @@
 """The scheduler and the driver loop against a fake engine whose tokens can be worked out by hand.
 
-FakeEngine (vocabulary of 100, EOS 7 in the scheduler below):
-    first token (prefill) = sum(prompt) % 100
-    next token  (decode)  = (last token + 1) % 100, for every active slot; -1 for inactive slots
-So prompt [3, 2] gives 5, 6, 7 (EOS), 8, ...; prompt [99] gives 99, 0, 1, ...
+The fake engine is tests/serving/fakes.py's FakeEngine: first token sum(prompt) % 100, then last + 1.
 
 No JAX model is involved: these tests check only the scheduling decisions (admission order, slots, queue
 bound, validation, stop conditions, cancellation, deadlines) and the driver carrying them out.
@@ -14,52 +11,14 @@ from __future__ import annotations
 import pickle
 import time
 
-import numpy as np
 import pytest
 
 from cluster.driver import Driver, FinishedSequence
 from cluster.scheduler import InvalidRequest, QueueFull, Request, Scheduler, TokenEvent
-from grok1.engine import Sampling, StepOutput
+from grok1.engine import Sampling
+from tests.serving.fakes import EOS, VOCAB, FakeEngine
 
-VOCAB = 100
-EOS = 7
 MAX_LEN = 32
-
-
-class FakeEngine:
-    """The grok1.engine.Engine interface (prefill / decode / release) with arithmetic for a model."""
-
-    def __init__(self, max_slots: int):
-        self.max_slots = max_slots
-        self.last = np.zeros(max_slots, np.int64)
-        self.active = np.zeros(max_slots, bool)
-        self.prefills: list[tuple[int, list[int], Sampling]] = []
-        self.releases: list[int] = []
-        self.decodes = 0
-
-    def prefill(self, slot: int, prompt: list[int], sampling: Sampling) -> StepOutput:
-        assert not self.active[slot], f"prefill into slot {slot}, which is still active"
-        self.prefills.append((slot, list(prompt), sampling))
-        token = sum(prompt) % VOCAB
-        self.last[slot] = token
-        self.active[slot] = True
-        return StepOutput(tokens=np.array([token], np.int32), logprobs=np.array([-0.5], np.float32),
-                          expert_counts=np.zeros((1, 8), int))
-
-    def decode(self) -> StepOutput:
-        self.decodes += 1
-        tokens = np.where(self.active, (self.last + 1) % VOCAB, -1).astype(np.int32)
-        self.last = np.where(self.active, tokens, self.last)
-        logprobs = np.where(self.active, -0.25, 0.0).astype(np.float32)
-        return StepOutput(tokens=tokens, logprobs=logprobs, expert_counts=np.zeros((1, 8), int))
-
-    def release(self, slot: int) -> None:
-        self.releases.append(slot)
-        self.active[slot] = False
-
-    def slots_of(self, prompt: list[int]) -> list[int]:
-        """Slots that prompt was prefilled into, in order."""
-        return [slot for slot, p, _ in self.prefills if p == prompt]
 
 
 def make(max_slots: int = 4, max_queue: int | None = None, on_event=None) -> tuple[Driver, Scheduler, FakeEngine]:
