@@ -32,6 +32,7 @@ and a prompt's logprobs (when its sampling asks) ride on its TokenEvent.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,19 +53,24 @@ class FinishedSequence:
 
 class Driver:
     def __init__(self, engine, scheduler: Scheduler, on_event: Callable[[TokenEvent], None] | None = None, *,
-                 pipelined: bool = False, keep_completions: bool = True, on_flush: Callable[[], None] | None = None):
+                 pipelined: bool = False, keep_completions: bool = True, on_flush: Callable[[], None] | None = None,
+                 on_step: Callable[[str, float], None] | None = None, clock=time.perf_counter):
         """`on_event` gets every event as it happens; `on_flush` is called after each phase that produced events
         (deadlines, prefills, a decode step's hand-out, a cancel, an abort), so that a consumer can send them on
-        in one message per phase instead of one per token."""
+        in one message per phase instead of one per token. `on_step(phase, seconds)` gets each engine step's
+        wall time (cluster/step_timings.py says what a pipelined step's is), read from `clock`."""
         self.engine = engine
         self.scheduler = scheduler
         self.on_event = on_event
         self.on_flush = on_flush or (lambda: None)
+        self.on_step = on_step or (lambda phase, seconds: None)
+        self.clock = clock
+        self._last_read = 0.0  # when the last pipelined decode step's tokens were read
         self.pipelined = pipelined
         self.keep_completions = keep_completions  # the router streams events instead
         self.completions: dict[str, FinishedSequence] = {}
         self.expert_counts: np.ndarray | None = None  # cumulative [L, E] tokens per expert
-        self._in_flight = None  # (handle, {slot: request_id}) of a started, unread decode step
+        self._in_flight = None  # (handle, {slot: request_id}, started) of a started, unread decode step
         self.grammars = GrammarSlots()
 
     @property
@@ -96,14 +102,18 @@ class Driver:
         if any(n for _, n in contexts):
             extra["generated"] = [n for _, n in contexts]  # engines without resume never see it
         if admitted and hasattr(self.engine, "prefill_many"):  # one call for the whole burst
+            started = self.clock()
             out = self.engine.prefill_many([slot for slot, _ in admitted], [c for c, _ in contexts],
                                            [r.sampling for _, r in admitted], **extra)
+            self.on_step("prefill", self.clock() - started)
             self._count(out.expert_counts)
             for k, (slot, _) in enumerate(admitted):
                 self._deliver(slot, out, k)
         else:
             for (slot, request), (context, n) in zip(admitted, contexts):
+                started = self.clock()
                 out = self.engine.prefill(slot, context, request.sampling, **({"generated": n} if n else {}))
+                self.on_step("prefill", self.clock() - started)
                 self._count(out.expert_counts)
                 self._deliver(slot, out, 0)
         self.on_flush()  # the deadlines and first tokens go out now, not after the decode step below
@@ -114,14 +124,21 @@ class Driver:
         step_args = (masks, skip) if masks or skip else ()
         if not self.pipelined:
             if running:
-                self._hand_out(self.engine.decode(*step_args), owners)
+                began = self.clock()
+                out = self.engine.decode(*step_args)
+                self.on_step("decode", self.clock() - began)
+                self._hand_out(out, owners)
                 self.on_flush()
             return
-        started = (self.engine.decode_start(*step_args), owners) if running else None
+        started = (self.engine.decode_start(*step_args), owners, self.clock()) if running else None
         if self._in_flight is not None:
-            handle, previous_owners = self._in_flight
+            handle, previous_owners, began = self._in_flight
             self._in_flight = None
-            self._hand_out(self.engine.decode_finish(handle), previous_owners)
+            out = self.engine.decode_finish(handle)
+            read = self.clock()
+            self.on_step("decode", read - max(began, self._last_read))  # what this step added
+            self._last_read = read
+            self._hand_out(out, previous_owners)
             self.on_flush()
         self._in_flight = started
 
@@ -162,7 +179,10 @@ class Driver:
             self.engine.release(slot)
         if plan.empty:
             return
+        began = self.clock()
         decoded, prefilled = self.engine.paged_step(plan)
+        self.on_step("mixed" if plan.decode and plan.chunks else "decode" if plan.decode else "prefill",
+                     self.clock() - began)
         if decoded is not None:
             self._count(decoded.expert_counts)
             for slot in plan.decode:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import os
 import queue
 import threading
@@ -56,6 +57,7 @@ import ray
 from cluster.driver import Driver
 from cluster.replica_config import ReplicaConfig
 from cluster.scheduler import Scheduler
+from cluster.step_timings import RouterTimings
 from cluster.streams import Outbox, Stream
 from grok1.config import Grok1Config
 from grok1.engine_api import FinishReason, InvalidRequest, Request, TokenEvent, Unavailable
@@ -89,6 +91,9 @@ class Router:
         self.pipelined = settings.pipelined
         config: Grok1Config = spec.config
         self.scheduler = Scheduler.for_config(config, max_queue=settings.max_queue)
+        self._step_timings = RouterTimings()  # queue and step time histograms, for /metrics
+        self.scheduler.on_admit = self._step_timings.admitted
+        self._loading: dict[int, tuple[int, int]] = {}  # shard process -> (tensors loaded, tensors) while building
         self.state = "loading"
         self.error: str | None = None
         self.restarts = 0
@@ -193,6 +198,10 @@ class Router:
         ok = last.finish_reason == FinishReason.LENGTH and last.token is not None
         return {"ok": ok, "state": self.state, "detail": "probe generated 1 token" if ok else f"probe {last}"}
 
+    async def load_progress(self, process: int, done: int, total: int) -> None:
+        """A shard worker's loading progress (sent by the worker while its group is built)."""
+        self._loading[process] = (done, total)
+
     async def stats(self) -> dict:
         now = time.monotonic()
         recent = [t for t in list(self._token_times) if now - t <= 10.0]
@@ -211,6 +220,8 @@ class Router:
             "workers": workers, "node_ids": [worker["node_id"] for worker in workers],
             "router_node_id": _this_node_id(), "router_pid": os.getpid(),
             **self.scheduler.kv_stats(),  # paged KV cache: blocks used / total, prefix hits, preemptions
+            "histograms": self._step_timings.snapshot(),
+            "loading": {"processes": self.spec.num_processes, "tensors": dict(self._loading)},
         }
 
     async def drain(self, grace_s: float | None = None) -> dict:
@@ -279,11 +290,13 @@ class Router:
         """Make the group in a helper thread; meanwhile this thread keeps taking requests (queue bound) and
         ending those past their deadline or the resume bound, so no caller waits on a rebuild unbounded."""
         self.state = "loading" if self.restarts == 0 else "recovering"
+        self._loading = {}
         made: concurrent.futures.Future = concurrent.futures.Future()
+        spec = dataclasses.replace(self.spec, progress_to=_this_actor())  # the workers report loading to us
 
         def make() -> None:
             try:
-                made.set_result(self.group_factory(self.spec))
+                made.set_result(self.group_factory(spec))
             except BaseException as err:  # noqa: BLE001 - handed to the step thread
                 made.set_exception(err)
 
@@ -294,7 +307,7 @@ class Router:
             time.sleep(0.05)
         self.group = made.result()
         self.driver = Driver(GroupEngine(self.group), self.scheduler, self._on_event, pipelined=self.pipelined,
-                             keep_completions=False, on_flush=self._flush)
+                             keep_completions=False, on_flush=self._flush, on_step=self._step_timings.step)
         self.error = None
         self.state = "ready"
         self._last_ping = time.monotonic()
@@ -354,6 +367,7 @@ class Router:
                         raise Unavailable(refuse)
                     self.scheduler.submit(payload)  # what Driver.submit does without completions
                     self._timings[payload.request_id] = _Timing(time.monotonic(), len(payload.prompt))
+                    self._step_timings.arrived(payload.request_id)
                     self._prompt_tokens_total += len(payload.prompt)
                     reply.set_result(None)
                 except Exception as err:  # noqa: BLE001 - InvalidRequest / QueueFull go back to the caller
@@ -387,6 +401,7 @@ class Router:
                 timing.last_token = now
         if event.finish_reason:
             self._finished[FinishReason(event.finish_reason).value] += 1  # plain words: the stats travel to the ingress
+            self._step_timings.forget(event.request_id)
             if timing is not None:
                 self._timings.pop(event.request_id, None)
                 if timing.tokens > 1:
@@ -407,6 +422,13 @@ def _this_node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except ImportError:
         return None
+
+
+def _this_actor():
+    """This actor's handle (None outside a Ray actor, e.g. a router made in a test's process)."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return ray.get_runtime_context().current_actor
 
 
 def placement_name(router_name: str) -> str:

@@ -80,6 +80,8 @@ class Scheduler:
         self.preemptions = 0
         self.prefill_tokens = 0  # prompt (and replayed) tokens run through a prefill
         self.cached_tokens = 0  # prompt tokens whose prefill a prefix hit or a fork saved
+        self.queried_tokens = 0  # paged: context tokens looked up in the prefix cache at admission (vLLM's queries)
+        self.on_admit = None  # called with each request as it gets a slot (the router times its wait)
 
     @classmethod
     def for_config(cls, config, max_queue: int | None = None) -> "Scheduler":
@@ -125,6 +127,7 @@ class Scheduler:
                 replay = self.resume.pop(request.request_id, [])
                 self.slots[slot] = _Running(request, len(replay), list(replay))
                 admitted.append((slot, request))
+                self._admitted(request)
         return admitted
 
     def context(self, slot: int) -> tuple[list[int], int]:
@@ -251,12 +254,18 @@ class Scheduler:
             self.admissions += 1
             self.slots[slot] = _Running(request, len(replay), list(replay), context, cached, self.admissions)
             self.cached_tokens += cached
+            self.queried_tokens += len(context)
+            self._admitted(request)
             count = min(budget, len(context) - cached)
             # A fork recomputes the last token for its own logits; its parent writes that token's KV.
             plan.chunks.append(self._chunk(slot, count, write_from=len(context) if parent else None))
             budget -= count
             if count == len(context) - cached and parent is None:
                 forkable[tuple(context)] = request.request_id
+
+    def _admitted(self, request: Request) -> None:
+        if self.on_admit is not None:
+            self.on_admit(request)
 
     def _chunk(self, slot: int, count: int, write_from: int | None = None) -> PrefillChunk:
         running = self.slots[slot]
@@ -326,6 +335,7 @@ class Scheduler:
             "kv_blocks_total": kv.num_blocks if kv else 0, "kv_blocks_used": kv.used_blocks if kv else 0,
             "kv_block_size": kv.block_size if kv else 0,
             "prefix_cache_queries": kv.prefix_queries if kv else 0, "prefix_cache_hits": kv.prefix_hits if kv else 0,
+            "prefix_cache_queried_tokens_total": self.queried_tokens,
             "prefill_tokens_total": self.prefill_tokens, "prefill_tokens_cached_total": self.cached_tokens,
             "preemptions_total": self.preemptions, "running_sequences": len(running),
             "waiting_sequences": len(self.queue),

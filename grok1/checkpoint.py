@@ -100,7 +100,7 @@ class _LayerStack:
 
 
 def load_checkpoint(directory: str | os.PathLike, config: ModelConfig, *, dequantize: bool = False,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, report=None) -> dict[str, Any]:
     """Load a released-layout checkpoint into our stacked params pytree (numpy arrays).
 
     Returns {"embedding": [V, D], "final_norm": [D], "layers": {name: [L, ...]}}, where quantised params are
@@ -117,7 +117,7 @@ def load_checkpoint(directory: str | os.PathLike, config: ModelConfig, *, dequan
         return (leaf, *read_checked(leaf, dequantize))
 
     with ThreadPoolExecutor(_LOAD_THREADS) as pool, \
-            progress_bar(len(leaves), "loading checkpoint", progress) as bar:
+            progress_bar(len(leaves), "loading checkpoint", progress, report) as bar:
         for leaf, value, scales_shape in _ordered_bounded_map(pool, read, leaves, window=2 * _LOAD_THREADS):
             if leaf.layer is None:
                 top[leaf.name] = value

@@ -140,7 +140,7 @@ def load_sliceable(directory: str | os.PathLike, config: ModelConfig) -> dict[st
 
 
 def load_sharded(directory: str | os.PathLike, config: ModelConfig, shardings, *,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, report=None) -> dict[str, Any]:
     """Our params pytree of `jax.Array`s laid out by `shardings` (a pytree of the same structure whose leaves
     are `jax.sharding.Sharding`s, or one Sharding for every leaf).
 
@@ -156,7 +156,7 @@ def load_sharded(directory: str | os.PathLike, config: ModelConfig, shardings, *
     except (ValueError, TypeError) as err:
         raise ValueError(f"shardings must have the structure of the params pytree: {err}") from err
     arrays = []
-    with progress_bar(len(flat_maps), "loading shards", progress) as bar:
+    with progress_bar(len(flat_maps), "loading shards", progress, report) as bar:
         for name, memmap, sharding in zip(names, flat_maps, flat_shardings):
             if not isinstance(sharding, jax.sharding.Sharding):
                 raise ValueError(f"shardings.{name}: expected a jax.sharding.Sharding, got "

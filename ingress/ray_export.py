@@ -5,11 +5,15 @@ scrape per node reaches every replica on it, whichever proxy a request came thro
 Ray prefixes the names with `ray_` (`ray_grok1_time_to_first_token_seconds_bucket`); the scrape configs in
 ray_up/ and k8s/ drop that prefix again with a metric relabelling, so the dashboard's queries read the same
 names as `GET /metrics` does. Values are the ones ingress/metrics.py records: histograms observe the same
-values, counters are increased by the difference between two router snapshots, gauges are set.
+values, counters are increased by the difference between two router snapshots, gauges are set. The router's
+histograms (queue and step time) arrive as cumulative buckets, and Ray's histograms take only single values:
+each new observation is replayed into its own bucket (`replay`), so bucket counts are exact and the sum is
+exact whenever the new observations of one snapshot fall in one bucket (else within their buckets' bounds).
 """
 
 from __future__ import annotations
 
+from cluster.step_timings import REQUEST_LATENCY_BUCKETS, STEP_BUCKETS
 from ingress.metrics import (
     E2E_BUCKETS,
     INGRESS_FAMILIES,
@@ -17,13 +21,14 @@ from ingress.metrics import (
     LABELS,
     PREFIX,
     ROUTER_FAMILIES,
+    ROUTER_HISTOGRAMS,
     TTFT_BUCKETS,
     length_buckets,
 )
 
 EXTRA_TAGS = {"replica_state": ("state",), "router_requests": ("finished_reason",),
               "expert_tokens": ("layer", "expert"), "request_success": ("finished_reason",),
-              "ingress_requests": ("protocol", "status")}
+              "ingress_requests": ("protocol", "status"), "step_seconds": ("phase",)}
 HELP = "see docs/observability.md"
 
 
@@ -35,9 +40,11 @@ class RayExport:
 
         default = dict(zip(LABELS, (model, replica)))
         buckets = {"time_to_first_token_seconds": TTFT_BUCKETS, "inter_token_latency_seconds": ITL_BUCKETS,
-                   "e2e_request_latency_seconds": E2E_BUCKETS}
+                   "e2e_request_latency_seconds": E2E_BUCKETS, "request_queue_time_seconds": REQUEST_LATENCY_BUCKETS,
+                   "step_seconds": STEP_BUCKETS}
         lengths = [float(b) for b in length_buckets(max_len)]
-        kinds = {**{k: kind for k, (kind, _) in ROUTER_FAMILIES.items()}, **INGRESS_FAMILIES}
+        kinds = {**{k: kind for k, (kind, _) in ROUTER_FAMILIES.items()}, **INGRESS_FAMILIES,
+                 **dict.fromkeys(ROUTER_HISTOGRAMS, "histogram")}
         self.metrics = {}
         for name, kind in kinds.items():
             tags = (*LABELS, *EXTRA_TAGS.get(name, ()))
@@ -50,8 +57,8 @@ class RayExport:
                 metric = metrics.Gauge(PREFIX + name, HELP, tag_keys=tags)
             self.metrics[name] = metric.set_default_tags(default)
 
-    def observe(self, name: str, value: float) -> None:
-        self.metrics[name].observe(value)
+    def observe(self, name: str, value: float, tags: dict | None = None) -> None:
+        self.metrics[name].observe(value, tags=tags)
 
     def inc(self, name: str, value: float, tags: dict | None = None) -> None:
         if value > 0:
@@ -66,6 +73,32 @@ class RayExport:
                     self.inc(name, value - before.get(tuple(sorted(labels.items())), 0), labels)
                 else:
                     self.metrics[name].set(value, tags=labels)
+
+
+    def router_histograms(self, previous: dict, current: dict) -> None:
+        """The observations between two snapshots of the router's histograms (both already monotonic)."""
+        for name, series in current.items():
+            before = {tuple(sorted(labels.items())): h for labels, h in previous.get(name, [])}
+            for labels, h in series:
+                for value, n in replay(before.get(tuple(sorted(labels.items()))), h):
+                    for _ in range(n):
+                        self.observe(name, value, labels or None)
+
+
+def replay(before: dict | None, after: dict) -> list[tuple[float, int]]:
+    """(value, times) to observe so that a histogram at `before` reaches `after` (cumulative buckets and sum,
+    as ingress/metrics.py's router_histograms gives them): each bucket's new count, at the new observations'
+    mean where it lies in that bucket (lo, hi], else at hi (or twice the last edge, for the +Inf bucket)."""
+    edges, now = after["edges"], after["cumulative"]
+    then = before["cumulative"] if before else [0] * len(now)
+    new = [(c - p) - (c0 - p0) for c, p, c0, p0 in zip(now, then, [0, *now[:-1]], [0, *then[:-1]])]
+    count = sum(new)
+    if count <= 0:
+        return []
+    mean = (after["sum"] - (before["sum"] if before else 0.0)) / count
+    lows, highs = [0.0, *edges], [*edges, float("inf")]
+    return [(mean if lo < mean <= hi else hi if hi < float("inf") else 2 * lo, n)
+            for lo, hi, n in zip(lows, highs, new) if n > 0]
 
 
 def ray_export(enabled: bool, model: str, replica: str, max_len: int) -> RayExport | None:

@@ -1,10 +1,11 @@
 """Where a starting replica is, for the person waiting on `grok1 serve`, and a failure reported at once.
 
-Phases, from what the launcher can see without the workers' help: the Serve deployment (its replicas'
-constructors), the router's state and error (`Router.stats()`), and the shard group's placement group in
-Ray's GCS (pending while the cluster lacks the CPUs/GPUs it asks for). `phase(...)` is pure; `watch(...)`
-polls, prints a line whenever the phase changes (and every `heartbeat_s` while it does not), and raises
-`StartFailed` with the reason as soon as the deployment or the router has failed.
+Phases, from what the launcher can see: the Serve deployment (its replicas' constructors), the router's state
+and error (`Router.stats()`), the shard group's placement group in Ray's GCS (pending while the cluster lacks
+the CPUs/GPUs it asks for), and the tensors each shard worker has loaded, which the workers send their router
+as they load (`stats()["loading"]`): "loading the weights: n/N tensors", then "compiling" once all are in.
+`phase(...)` is pure; `watch(...)` polls, prints a line whenever the phase changes (and every `heartbeat_s`
+while it does not), and raises `StartFailed` with the reason as soon as the deployment or the router has failed.
 """
 
 from __future__ import annotations
@@ -33,8 +34,22 @@ def phase(stats: dict | None, pending_groups: list[dict]) -> str:
         wanted = ", ".join(f"{len(g['bundles'])} x {next(iter(g['bundles'].values()))}" for g in pending_groups)
         return f"placing the shard workers (waiting for room: {wanted})"
     if state == "recovering":
-        return f"rebuilding the shard group ({stats.get('error') or 'after a failure'})"
-    return "loading the weights and compiling the steps"
+        return f"rebuilding the shard group ({stats.get('error') or 'after a failure'}): {loading(stats)}"
+    return loading(stats)
+
+
+def loading(stats: dict) -> str:
+    """Where the shard workers' loading is, from the counts they reported (none yet: the first words)."""
+    report = stats.get("loading") or {}
+    tensors = report.get("tensors") or {}
+    if not tensors:
+        return "loading the weights and compiling the steps"
+    done, total = sum(d for d, _ in tensors.values()), sum(t for _, t in tensors.values())
+    processes = report.get("processes", len(tensors))
+    if len(tensors) >= processes and done == total:
+        return f"compiling the steps ({total} tensors loaded)"
+    workers = f"{len(tensors)} of {processes} workers" if processes > 1 else "1 worker"
+    return f"loading the weights: {done}/{total} tensors ({workers})"
 
 
 def pending_placement_groups() -> list[dict]:

@@ -35,10 +35,12 @@ class ShardWorker:
         return pick_free_port()
 
     def start(self, config, checkpoint: str, mesh_shape: MeshShape, group: ProcessGroup,
-              capacity_factor: float | None = None, warmup: bool = True):
-        from workers.shard import Shard
+              capacity_factor: float | None = None, warmup: bool = True, progress_to=None):
+        """`progress_to`: an actor told this shard's tensors loaded as they load (GroupSpec.progress_to)."""
+        from workers.shard import Shard, load_reporter
 
-        self.shard = Shard(config, checkpoint, mesh_shape, group, capacity_factor=capacity_factor)
+        self.shard = Shard(config, checkpoint, mesh_shape, group, capacity_factor=capacity_factor,
+                           report=load_reporter(progress_to, group.process_id))
         if warmup:
             self.shard.engine.warmup()  # compile every step now, together, rather than on the first requests
         return self.shard.info()

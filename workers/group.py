@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from grok1.config import Grok1Config
 from sharding.distributed import ProcessGroup
@@ -54,6 +55,9 @@ class GroupSpec:
     step_timeout_s: float  # one prefill or decode step
     env: tuple[tuple[str, str], ...]  # extra environment for the workers (network interfaces, ...)
     placement_name: str | None  # the placement group's name, one per replica (None: unnamed)
+    # An actor whose `load_progress.remote(process, tensors loaded, tensors)` hears each worker's loading (the
+    # router, for `grok1 serve`'s progress lines); None: nobody listens.
+    progress_to: Any = None
 
     @property
     def num_processes(self) -> int:
@@ -106,7 +110,8 @@ class RayShardGroup:
             groups = [ProcessGroup(coordinator, n, k, platform=platform, timeout_s=join_timeout,
                                    local_device_count=None if spec.use_gpus else spec.devices_per_process)
                       for k in range(n)]
-            self.infos = self._get([w.start.remote(spec.config, spec.checkpoint, spec.mesh, g, spec.capacity_factor)
+            self.infos = self._get([w.start.remote(spec.config, spec.checkpoint, spec.mesh, g, spec.capacity_factor,
+                                                   progress_to=spec.progress_to)
                                     for w, g in zip(self.workers, groups)], deadline, "join the group and load")
         except BaseException:
             self.shutdown()
@@ -192,12 +197,14 @@ class LocalShardGroup:
         from grok1.compile_cache import enable_compile_cache
         from grok1.paged_engine import make_engine
         from sharding.layout import MeshLayout
-        from workers.shard import load_placed_params
+        from workers.shard import load_placed_params, load_reporter
 
         spec.validate()
         enable_compile_cache()
         layout = MeshLayout(spec.config, spec.mesh, capacity_factor=spec.capacity_factor)
-        engine = make_engine(spec.config, load_placed_params(spec.config, Path(spec.checkpoint), layout), layout)
+        report = load_reporter(spec.progress_to, 0)
+        engine = make_engine(spec.config, load_placed_params(spec.config, Path(spec.checkpoint), layout,
+                                                             report=report), layout)
         engine.warmup()
         return cls(engine)
 

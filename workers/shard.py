@@ -37,8 +37,17 @@ class ShardInfo:
     peak_rss_bytes: int  # the process's peak resident memory after loading
 
 
-def load_placed_params(config: Grok1Config, checkpoint: Path, layout, *, progress: bool = False):
-    """This process's slices of the params, laid out on `layout`'s mesh.
+def load_reporter(progress_to, process_id: int):
+    """`report(done, total)` sending this process's loading progress to the `progress_to` actor (fire and
+    forget: a lost message only delays a progress line), or None without one."""
+    if progress_to is None:
+        return None
+    return lambda done, total: progress_to.load_progress.remote(process_id, done, total)
+
+
+def load_placed_params(config: Grok1Config, checkpoint: Path, layout, *, progress: bool = False, report=None):
+    """This process's slices of the params, laid out on `layout`'s mesh; `report(done, total)` hears the
+    tensors loaded as they are (grok1/progress.py).
 
     From the sliceable format each process reads only the bytes its devices hold. From the released layout
     (whole tensors pickled per file) each process has to read every tensor and keeps its slices.
@@ -50,9 +59,9 @@ def load_placed_params(config: Grok1Config, checkpoint: Path, layout, *, progres
     try:
         if is_sliceable(checkpoint):
             shardings = layout.param_shardings(open_sliceable(checkpoint, config.model))
-            return load_sharded(checkpoint, config.model, shardings, progress=progress)
+            return load_sharded(checkpoint, config.model, shardings, progress=progress, report=report)
         params = load_checkpoint(checkpoint, config.model, dequantize=config.checkpoint.dequantize_on_load,
-                                 progress=progress)
+                                 progress=progress, report=report)
         return layout.put_params(params)
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         raise ShardLoadError(f"cannot load {checkpoint} for config {config.name!r}: {err}") from err
@@ -62,7 +71,8 @@ class Shard:
     """Owns one process's devices of a replica's mesh and the engine running on it."""
 
     def __init__(self, config: Grok1Config, checkpoint: str | os.PathLike, mesh_shape: MeshShape,
-                 group: ProcessGroup, *, capacity_factor: float | None = None, progress: bool = False):
+                 group: ProcessGroup, *, capacity_factor: float | None = None, progress: bool = False,
+                 report=None):
         started = time.perf_counter()
         initialize(group)
         import jax
@@ -77,7 +87,7 @@ class Shard:
                                  f"the group of {group.num_processes} processes has {jax.device_count()}")
         self.group = group
         layout = MeshLayout(config, mesh_shape, capacity_factor=capacity_factor)
-        params = load_placed_params(config, Path(checkpoint), layout, progress=progress)
+        params = load_placed_params(config, Path(checkpoint), layout, progress=progress, report=report)
         self.engine = make_engine(config, params, layout)
         self._info = ShardInfo(
             process_id=group.process_id, pid=os.getpid(), hostname=socket.gethostname(),

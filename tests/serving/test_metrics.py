@@ -12,9 +12,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.step_timings import RouterTimings
 from grok1.engine_api import FinishReason, TokenEvent
 from ingress import metrics, protocol
 from ingress.generation import Generation
+from ingress.ray_export import replay
 from tests.serving.fakes import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,9 +85,32 @@ def value(samples: dict, name: str, **labels) -> float:
     return matches[0]
 
 
+class Request:
+    def __init__(self, request_id):
+        self.request_id = request_id
+
+
+def timings(waits=(1, 2), prefills=(0.02, 0.3), decodes=(0.004,) * 5) -> RouterTimings:
+    """A router's timings after requests that waited `waits` clock ticks each, and the steps given (seconds)."""
+    clock = Clock()
+    timed = RouterTimings(clock)
+    for k, ticks in enumerate(waits):
+        timed.arrived(f"r{k}")
+        clock.now += (ticks - 1) * TICK  # the admission's reading adds the last tick
+        timed.admitted(Request(f"r{k}"))
+        timed.admitted(Request(f"r{k}"))  # re-admitted (preempted, or the group was rebuilt): not a new wait
+    for seconds in prefills:
+        timed.step("prefill", seconds)
+    for seconds in decodes:
+        timed.step("decode", seconds)
+    return timed
+
+
 STATS = {"state": "ready", "queue_length": 3, "running": 2, "slots_total": 8, "slots_used": 2,
          "requests_total": {"stop": 5, "length": 7}, "tokens_generated_total": 120, "prompt_tokens_total": 40,
-         "expert_token_counts": [[1, 2], [3, 4]], "restarts": 1}
+         "expert_token_counts": [[1, 2], [3, 4]], "restarts": 1, "histograms": timings().snapshot()}
+PAGED = {**STATS, "kv_blocks_total": 40, "kv_blocks_used": 10, "preemptions_total": 3,
+         "prefix_cache_queried_tokens_total": 96, "prefill_tokens_cached_total": 32}
 
 
 def test_histograms_count_and_sum_exactly_what_was_sent():
@@ -165,3 +190,51 @@ def test_every_documented_metric_is_on_the_page_and_only_those():
 def test_length_buckets():
     assert metrics.length_buckets(64) == (1, 2, 5, 10, 20, 50)
     assert metrics.length_buckets(8192)[-1] == 5000
+
+
+def test_router_histograms_count_and_sum_exactly_what_was_timed():
+    replica = metrics.ReplicaMetrics("grok-1-tiny", "r1", 64)
+    replica.update(STATS)
+    s = scrape(replica)
+    assert value(s, "grok1_request_queue_time_seconds_count") == 2  # one wait per request, re-admission or not
+    assert value(s, "grok1_request_queue_time_seconds_sum") == 3 * TICK
+    assert value(s, "grok1_request_queue_time_seconds_bucket", le="0.5") == 1
+    assert value(s, "grok1_request_queue_time_seconds_bucket", le="1.0") == 2
+    assert value(s, "grok1_step_seconds_count", phase="prefill") == 2
+    assert value(s, "grok1_step_seconds_sum", phase="prefill") == 0.32
+    assert value(s, "grok1_step_seconds_bucket", phase="prefill", le="0.025") == 1
+    assert value(s, "grok1_step_seconds_count", phase="decode") == 5
+    assert value(s, "grok1_step_seconds_bucket", phase="decode", le="0.005") == 5
+    assert value(s, "grok1_step_seconds_bucket", phase="decode", le="0.0025") == 0
+    assert value(s, "grok1_step_seconds_count", phase="mixed") == 0
+    # A new router (its histograms empty again, then one more decode step): nothing goes down.
+    replica.update({**STATS, "histograms": timings(waits=(), prefills=(), decodes=(0.004,)).snapshot()})
+    again = scrape(replica)
+    assert value(again, "grok1_step_seconds_count", phase="decode") == 6
+    assert value(again, "grok1_request_queue_time_seconds_count") == 2
+    for key in s:
+        if key[0].startswith(("grok1_step_seconds", "grok1_request_queue_time_seconds")):
+            assert again[key] >= s[key], key
+
+
+def test_the_paged_cache_is_reported_in_blocks_and_tokens():
+    replica = metrics.ReplicaMetrics("grok-1-tiny", "r1", 64)
+    replica.update(PAGED)
+    s = scrape(replica)
+    assert value(s, "grok1_kv_cache_usage_perc") == 0.25  # 10 of 40 blocks, not 2 of 8 slots
+    assert value(s, "grok1_num_preemptions_total") == 3
+    assert value(s, "grok1_prefix_cache_queries_total") == 96
+    assert value(s, "grok1_prefix_cache_hits_total") == 32
+    assert value(s, "grok1_decode_slots") == 8
+    replica.update({**PAGED, "kv_blocks_used": 30})
+    assert value(scrape(replica), "grok1_kv_cache_usage_perc") == 0.75
+
+
+def test_rays_replay_of_the_router_histograms_keeps_bucket_counts_and_sums():
+    first = timings().snapshot()["step_seconds"][1][1]  # decode: five steps of 0.004 s
+    assert replay(None, first) == [(0.004, 5)]  # one bucket: the sum is exact
+    later = timings(decodes=(0.004,) * 5 + (0.9, 0.001)).snapshot()["step_seconds"][1][1]
+    observed = replay(first, later)
+    assert sorted(n for _, n in observed) == [1, 1]
+    assert {value for value, _ in observed} == {0.001, 1.0}  # their mean, 0.45, lies in neither: each bucket's edge
+    assert replay(later, later) == []

@@ -9,7 +9,9 @@ from cluster.replica_config import ReplicaConfig
 from cluster.router import Router
 from cluster.scheduler import Request
 from grok1.engine_api import Sampling
+from ingress.metrics import ReplicaMetrics
 from tests.serving.fakes import FakePagedEngine, reference
+from tests.serving.test_metrics import scrape, value
 from tests.serving.test_router import CONFIG, MAX_SLOTS, collect, run
 from workers.group import LocalShardGroup
 
@@ -19,8 +21,8 @@ PAGED = CONFIG.replace(engine={"kv_blocks": BLOCKS, "kv_block_size": BLOCK_SIZE,
 
 def test_a_paged_router_streams_exact_tokens_under_preemption_and_reports_its_cache():
     settings = ReplicaConfig(ep=1)
-    router = Router(settings.group_spec(PAGED, "unused"), settings,
-                    group_factory=lambda spec: LocalShardGroup(FakePagedEngine(BLOCKS, BLOCK_SIZE, MAX_SLOTS)))
+    engine = FakePagedEngine(BLOCKS, BLOCK_SIZE, MAX_SLOTS)
+    router = Router(settings.group_spec(PAGED, "unused"), settings, group_factory=lambda spec: LocalShardGroup(engine))
 
     async def main():
         await router.wait_ready(10)
@@ -33,6 +35,22 @@ def test_a_paged_router_streams_exact_tokens_under_preemption_and_reports_its_ca
         assert stats["preemptions_total"] > 0 and stats["kv_blocks_total"] == BLOCKS
         assert stats["kv_blocks_used"] == 0 and stats["running_sequences"] == stats["waiting_sequences"] == 0
         assert stats["prefix_cache_queries"] >= stats["prefix_cache_hits"] > 0  # replays hit their own blocks
+        # What /metrics makes of it: the scheduler's figures, in tokens as vLLM counts them.
+        replica = ReplicaMetrics("fake", "r1", 64)
+        replica.update(stats)
+        page = scrape(replica)
+        assert value(page, "grok1_num_preemptions_total") == stats["preemptions_total"]
+        assert value(page, "grok1_prefix_cache_hits_total") == stats["prefill_tokens_cached_total"] > 0
+        # every admission looked up its whole context: 4 prompts of 6, and each preempted one again with its tokens
+        assert value(page, "grok1_prefix_cache_queries_total") == stats["prefix_cache_queried_tokens_total"] > 24
+        assert value(page, "grok1_kv_cache_usage_perc") == 0
+        assert value(page, "grok1_request_queue_time_seconds_count") == len(requests)  # preempted: no new wait
+        phases = {"decode": sum(bool(p.decode and not p.chunks) for p in engine.plans),
+                  "prefill": sum(bool(p.chunks and not p.decode) for p in engine.plans),
+                  "mixed": sum(bool(p.decode and p.chunks) for p in engine.plans)}
+        assert phases["mixed"] > 0
+        for phase, steps in phases.items():
+            assert value(page, "grok1_step_seconds_count", phase=phase) == steps
         await router.shutdown()
 
     run(main())

@@ -429,3 +429,32 @@ def test_drain_refuses_new_requests_lets_running_finish_then_ends_the_rest():
         await router.shutdown()
 
     run(main())
+
+
+def _counts(stats: dict, name: str) -> dict[str, int]:
+    """{phase (or ""): observations} of one of the router's histograms in stats()."""
+    return {labels.get("phase", ""): h["cumulative"][-1] for labels, h in stats["histograms"][name]}
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_queue_and_step_times_count_each_wait_and_each_engine_step(pipelined):
+    engine = SlowFakeEngine(step_s=0.002)
+    router = make_router([engine], pipelined=pipelined)
+
+    async def main():
+        await router.wait_ready(10)
+        lengths = [3, 1, 5]
+        for k, n in enumerate(lengths):  # one at a time: each prefill call is one request's
+            await collect(router, Request(f"t{k}", [4, k], max_tokens=n, ignore_eos=True))
+        stats = await router.stats()
+        assert _counts(stats, "request_queue_time_seconds") == {"": len(lengths)}
+        steps = _counts(stats, "step_seconds")
+        assert steps == {"prefill": len(lengths), "decode": engine.decodes, "mixed": 0}
+        assert engine.decodes >= sum(n - 1 for n in lengths)  # the pipeline may start one step more per request
+        decode = dict((labels["phase"], h) for labels, h in stats["histograms"]["step_seconds"])["decode"]
+        if not pipelined:  # (the fake computes in decode_start: a pipelined step's time is then all overlapped)
+            assert decode["sum"] >= engine.decodes * engine.step_s  # each decode sleeps step_s at least
+        assert stats["loading"]["processes"] == 1
+        await router.shutdown()
+
+    run(main())
