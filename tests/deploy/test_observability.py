@@ -77,7 +77,8 @@ def test_dashboard_queries_only_metrics_on_the_page():
     assert {"grok1_time_to_first_token_seconds_bucket", "grok1_inter_token_latency_seconds_bucket",
             "grok1_expert_tokens_total", "grok1_replica_restarts_total", "grok1_kv_cache_usage_perc",
             "grok1_num_requests_waiting", "grok1_request_queue_time_seconds_bucket", "grok1_step_seconds_bucket",
-            "grok1_prefix_cache_hits_total", "grok1_prefix_cache_queries_total", "grok1_num_preemptions_total"} <= queried
+            "grok1_prefix_cache_hits_total", "grok1_prefix_cache_queries_total",
+            "grok1_num_preemptions_total"} <= queried
     quantiles = [e for e in exprs if "histogram_quantile" in e]
     assert quantiles and all(re.search(r"sum by \((\w+, )*le(, \w+)*\)", e) for e in quantiles)  # over replicas
 

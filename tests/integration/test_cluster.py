@@ -114,6 +114,13 @@ def test_shards_on_different_nodes_and_golden_greedy_equals_the_engine(router, r
     for request, events in zip(requests, results):
         assert [e.token for e in events] == reference(request), request.request_id
         assert events[-1].finish_reason == "length"
+    # Each shard worker told the router its tensors as it loaded them (grok1 serve prints them), all in by now.
+    loading = wait_until(lambda: (s := stats(router)["loading"])["tensors"].keys() == {0, 1} and s, 30,
+                         "both workers' loading reports")
+    assert loading["processes"] == 2 and all(done == total > 0 for done, total in loading["tensors"].values())
+    timed = stats(router)["histograms"]
+    assert timed["request_queue_time_seconds"][0][1]["cumulative"][-1] >= len(requests)
+    assert sum(h["cumulative"][-1] for _, h in timed["step_seconds"]) > 0
 
 
 def test_sixteen_concurrent_mixed_requests_each_get_what_they_get_alone(router, golden, reference):

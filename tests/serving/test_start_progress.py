@@ -21,6 +21,32 @@ def test_phases():
         phase({"state": "failed", "error": "ConfigError: mesh ep=2 x tp=1 needs 2 devices, found 1"}, [])
 
 
+def test_loading_shows_the_tensors_the_workers_reported_then_compiling():
+    def stats(tensors, processes=2, state="loading"):
+        return {"state": state, "loading": {"processes": processes, "tensors": tensors}}
+
+    assert phase(stats({}), []) == "loading the weights and compiling the steps"  # no worker has reported yet
+    assert phase(stats({0: (3, 10)}), []) == "loading the weights: 3/10 tensors (1 of 2 workers)"
+    assert phase(stats({0: (10, 10), 1: (4, 10)}), []) == "loading the weights: 14/20 tensors (2 of 2 workers)"
+    assert phase(stats({0: (10, 10)}), []) == "loading the weights: 10/10 tensors (1 of 2 workers)"
+    assert phase(stats({0: (10, 10), 1: (10, 10)}), []) == "compiling the steps (20 tensors loaded)"
+    assert phase(stats({0: (7, 9)}, processes=1), []) == "loading the weights: 7/9 tensors (1 worker)"
+    rebuilding = {**stats({0: (1, 10)}), "state": "recovering", "error": "worker 1 died"}
+    assert phase(rebuilding, []) == "rebuilding the shard group (worker 1 died): loading the weights: 1/10 tensors " \
+                                    "(1 of 2 workers)"
+
+
+def test_the_progress_bar_reports_its_count_at_the_start_at_most_every_half_second_and_at_the_end():
+    from grok1.progress import REPORT_EVERY_S, Progress
+
+    heard, now = [], [0.0]
+    with Progress(5, "loading", False, lambda done, total: heard.append((done, total)), clock=lambda: now[0]) as bar:
+        for step in (0.1, 0.1, REPORT_EVERY_S, 0.1, 0.1):
+            now[0] += step
+            bar.update(1)
+    assert heard == [(0, 5), (3, 5), (5, 5)]
+
+
 class _Response:
     def __init__(self, router):
         self.router = router
