@@ -52,7 +52,7 @@ $(AIPERF_VENV)/.installed:
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(AIPERF_VENV) checkpoints .pytest_cache
+	rm -rf $(VENV) $(AIPERF_VENV) checkpoints .pytest_cache tests/deploy/prometheus_operator/node_modules
 
 # The deployment files (ray_up/, k8s/, docker/) checked against Ray's, KubeRay's and Serve's own
 # schemas, the CLI and the planner, without a cluster (docs/deploy.md, section 9).

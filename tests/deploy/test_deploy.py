@@ -490,9 +490,9 @@ def test_rendered_manifests_are_valid(directory):
             assert core_errors(doc) == [], where
             continue
         if doc["kind"] == "PodMonitor":  # the Prometheus operator's (tests/test_observability.py)
-            from tests.deploy.test_observability import podmonitor_errors
+            from tests.deploy.test_observability import operator_errors
 
-            assert podmonitor_errors(doc) == [], where
+            assert operator_errors([doc]) == [[]], where
             continue
         known = (doc["apiVersion"], doc["kind"]) in crd_schemas()
         assert known, f"{where}: neither a KubeRay kind nor one of {set(CORE_KINDS)}"

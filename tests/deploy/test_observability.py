@@ -1,16 +1,20 @@
 """Dashboards and scraping (docs/observability.md): the Grafana dashboard queries only metrics the replica
 exports; the `ray up` Prometheus config and the KubeRay PodMonitor scrape the port Ray's nodes export on and
-strip Ray's `ray_` prefix from our names; the PodMonitor validates (against a transcription of the operator's
-CRD, for the fields used: the CRD itself is not in ../shared and PyPI has no copy of it) and selects the pods.
+strip Ray's `ray_` prefix from our names; the PodMonitor validates against the prometheus-operator's API schema
+as the maintained npm package @kubernetes-models/prometheus-operator ships it (PyPI has only client models) and
+selects the pods.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
 
@@ -22,37 +26,33 @@ DASHBOARD = ROOT / "docs" / "grafana" / "grok1-serve.json"
 METRICS_PORT = 8080
 RAY_PREFIXED = "ray_grok1_time_to_first_token_seconds_bucket"
 
-_RELABEL = {"type": "object", "additionalProperties": False, "properties": {
-    "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
-    "separator": {"type": "string"}, "targetLabel": {"type": "string"}, "regex": {"type": "string"},
-    "modulus": {"type": "integer"}, "replacement": {"type": "string"},
-    "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod", "labelmap",
-                        "LabelMap", "labeldrop", "LabelDrop", "labelkeep", "LabelKeep", "lowercase", "Lowercase",
-                        "uppercase", "Uppercase", "keepequal", "KeepEqual", "dropequal", "DropEqual"]}}}
-# monitoring.coreos.com/v1 PodMonitor, the fields our manifest uses, as the operator's CRD declares them
-# (example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml); unknown fields are refused.
-PODMONITOR_SCHEMA = {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-                     "additionalProperties": False, "properties": {
-    "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
-    "metadata": {"type": "object", "required": ["name"]},
-    "spec": {"type": "object", "required": ["selector"], "additionalProperties": False, "properties": {
-        "selector": {"type": "object", "additionalProperties": False, "properties": {
-            "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "matchExpressions": {"type": "array"}}},
-        "namespaceSelector": {"type": "object"}, "jobLabel": {"type": "string"},
-        "podMetricsEndpoints": {"type": "array", "items": {"type": "object", "additionalProperties": False,
-                                                           "properties": {
-            "port": {"type": "string"}, "path": {"type": "string"}, "scheme": {"enum": ["http", "https"]},
-            "interval": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
-                                                      "(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
-            "scrapeTimeout": {"type": "string"}, "honorLabels": {"type": "boolean"},
-            "relabelings": {"type": "array", "items": _RELABEL},
-            "metricRelabelings": {"type": "array", "items": _RELABEL}}}}}}}}
+OPERATOR_DIR = ROOT / "tests" / "deploy" / "prometheus_operator"  # package.json, its lock, validate.mjs
 
 
-def podmonitor_errors(doc: dict) -> list[str]:
-    validator = jsonschema.Draft202012Validator(PODMONITOR_SCHEMA)
-    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]
+@functools.cache
+def _node() -> str:
+    """Node.js, with @kubernetes-models/prometheus-operator (npm, pinned with its integrity hashes in
+    package-lock.json) installed in OPERATOR_DIR on first use, like any other test dependency."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not (node and npm):
+        pytest.fail("validating k8s/monitoring needs Node.js (20 or newer) and npm on PATH")
+    lock = hashlib.sha256((OPERATOR_DIR / "package-lock.json").read_bytes()).hexdigest()
+    marker = OPERATOR_DIR / "node_modules" / ".grok1-installed"
+    if not marker.is_file() or marker.read_text() != lock:
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=OPERATOR_DIR, check=True,
+                       timeout=600)
+        marker.write_text(lock)
+    return node
+
+
+def operator_errors(docs: list[dict]) -> list[list[str]]:
+    """Each prometheus-operator object's errors: the operator's API schema (generated from its Go types, as
+    the package ships it) and TypeScript's check against the package's interfaces, which refuses unknown
+    fields as kubectl's strict field validation does (validate.mjs)."""
+    done = subprocess.run([_node(), "validate.mjs"], cwd=OPERATOR_DIR, input=json.dumps(docs), text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def page_families() -> set[str]:
@@ -126,9 +126,13 @@ def test_podmonitor_validates_selects_the_ray_pods_and_strips_the_prefix():
     from tests.deploy.test_deploy import render, the
 
     (monitor,) = render(ROOT / "k8s" / "monitoring")
-    assert podmonitor_errors(monitor) == []
-    bad = {**monitor, "spec": {**monitor["spec"], "podMetricEndpoints": []}}  # a typo is refused
-    assert podmonitor_errors(bad)
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    typo = {**monitor, "spec": {**monitor["spec"], "podMetricEndpoints": []}}
+    bad_interval = {**monitor, "spec": {**monitor["spec"], "podMetricsEndpoints": [{**endpoint, "interval": "15 s"}]}}
+    ok, *refused = operator_errors([monitor, typo, bad_interval])
+    assert ok == []
+    assert any("podMetricEndpoints" in e for e in refused[0]), refused[0]  # an unknown field
+    assert any("interval" in e for e in refused[1]), refused[1]  # a value the schema's pattern refuses
     selector = monitor["spec"]["selector"]["matchLabels"]
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     cluster = the("RayService", "base")["spec"]["rayClusterConfig"]
