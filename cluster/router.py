@@ -221,6 +221,7 @@ class Router:
             "router_node_id": _this_node_id(), "router_pid": os.getpid(),
             **self.scheduler.kv_stats(),  # paged KV cache: blocks used / total, prefix hits, preemptions
             "histograms": self._step_timings.snapshot(),
+            "worker_timings": group.timings() if (group := self.group) is not None else None,
             "loading": {"processes": self.spec.num_processes, "tensors": dict(self._loading)},
         }
 

@@ -66,6 +66,8 @@ ROUTER_FAMILIES = {
     "router_requests": ("counter", "router requests ended, by finished_reason"),
     "replica_restarts": ("counter", "shard group rebuilds after a failure"),
     "expert_tokens": ("counter", "tokens routed to each expert, by layer and expert"),
+    "worker_step_seconds": ("counter", "seconds inside each shard worker's engine calls, by worker and verb (Ray)"),
+    "worker_steps": ("counter", "engine calls each shard worker ran, by worker and verb (Ray)"),
 }
 ROUTER_HISTOGRAMS = {  # the router's cumulative buckets (cluster/step_timings.py)
     "request_queue_time_seconds": "seconds from arrival at the router to admission into a slot",
@@ -111,6 +113,8 @@ def router_samples(stats: dict) -> dict[str, list[tuple[dict, float]]]:
     if stats.get("kv_blocks_total"):  # the paged cache: its blocks, not its slots
         slots, used = stats["kv_blocks_total"], stats.get("kv_blocks_used", 0)
     counts = stats.get("expert_token_counts") or []
+    workers = [(str(k), verb, calls_seconds) for k, timings in enumerate(stats.get("worker_timings") or [])
+               for verb, calls_seconds in sorted(timings.items())]
     return {
         "up": [({}, int(state == "ready"))],
         "replica_state": [({"state": s}, int(s == state)) for s in STATES],
@@ -127,6 +131,8 @@ def router_samples(stats: dict) -> dict[str, list[tuple[dict, float]]]:
         "replica_restarts": [({}, stats.get("restarts", 0))],
         "expert_tokens": [({"layer": str(layer), "expert": str(expert)}, v)
                           for layer, row in enumerate(counts) for expert, v in enumerate(row)],
+        "worker_step_seconds": [({"worker": k, "verb": verb}, seconds) for k, verb, (_, seconds) in workers],
+        "worker_steps": [({"worker": k, "verb": verb}, calls) for k, verb, (calls, _) in workers],
     }
 
 

@@ -28,7 +28,8 @@ from ingress.metrics import (
 
 EXTRA_TAGS = {"replica_state": ("state",), "router_requests": ("finished_reason",),
               "expert_tokens": ("layer", "expert"), "request_success": ("finished_reason",),
-              "ingress_requests": ("protocol", "status"), "step_seconds": ("phase",)}
+              "ingress_requests": ("protocol", "status"), "step_seconds": ("phase",),
+              "worker_step_seconds": ("worker", "verb"), "worker_steps": ("worker", "verb")}
 HELP = "see docs/observability.md"
 
 

@@ -90,6 +90,7 @@ class RayShardGroup:
         self.placement_group = placement_group([dict(bundle) for _ in range(n)], strategy=spec.strategy,
                                                name=spec.placement_name or "")
         self.workers = []
+        self._timings_pending, self._timings = None, None
         try:
             deadline = time.monotonic() + spec.start_timeout_s
             try:
@@ -158,6 +159,23 @@ class RayShardGroup:
         """Where each worker runs: node_id, ip, pid, gpu_ids."""
         return list(self.locations)
 
+    def timings(self) -> list[dict] | None:
+        """Each worker's {verb: (calls, seconds inside its calls)}, as last read, without waiting (the caller is
+        a metrics scrape): a read is sent when none is pending, queued behind the steps already sent, and taken
+        once every worker has answered. None until the first read is back."""
+        ray = self._ray
+        if self._timings_pending is not None:
+            ready, _ = ray.wait(self._timings_pending, num_returns=len(self._timings_pending), timeout=0)
+            if len(ready) == len(self._timings_pending):
+                try:
+                    self._timings = ray.get(self._timings_pending, timeout=0)
+                except ray.exceptions.RayError:  # a worker died: the step that notices it rebuilds the group
+                    pass
+                self._timings_pending = None
+        if self._timings_pending is None and self.workers:
+            self._timings_pending = [worker.execute.remote("timings") for worker in self.workers]
+        return self._timings
+
     def shutdown(self) -> None:
         ray = self._ray
         for worker in self.workers:
@@ -221,6 +239,10 @@ class LocalShardGroup:
         import os
 
         return [{"node_id": "local", "ip": "127.0.0.1", "pid": os.getpid(), "gpu_ids": []}]
+
+    def timings(self) -> None:
+        """None: in this process a step's time inside the engine is the router's step time."""
+        return None
 
     def shutdown(self) -> None:
         self.engine.shutdown()

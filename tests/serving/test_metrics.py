@@ -108,7 +108,8 @@ def timings(waits=(1, 2), prefills=(0.02, 0.3), decodes=(0.004,) * 5) -> RouterT
 
 STATS = {"state": "ready", "queue_length": 3, "running": 2, "slots_total": 8, "slots_used": 2,
          "requests_total": {"stop": 5, "length": 7}, "tokens_generated_total": 120, "prompt_tokens_total": 40,
-         "expert_token_counts": [[1, 2], [3, 4]], "restarts": 1, "histograms": timings().snapshot()}
+         "expert_token_counts": [[1, 2], [3, 4]], "restarts": 1, "histograms": timings().snapshot(),
+         "worker_timings": [{"decode": (10, 0.5), "prefill": (2, 0.25)}, {"decode": (10, 0.75), "prefill": (2, 0.5)}]}
 PAGED = {**STATS, "kv_blocks_total": 40, "kv_blocks_used": 10, "preemptions_total": 3,
          "prefix_cache_queried_tokens_total": 96, "prefill_tokens_cached_total": 32}
 
@@ -238,3 +239,19 @@ def test_rays_replay_of_the_router_histograms_keeps_bucket_counts_and_sums():
     assert sorted(n for _, n in observed) == [1, 1]
     assert {value for value, _ in observed} == {0.001, 1.0}  # their mean, 0.45, lies in neither: each bucket's edge
     assert replay(later, later) == []
+
+
+def test_each_shard_workers_time_inside_its_steps_is_a_counter_by_worker_and_verb():
+    replica = metrics.ReplicaMetrics("grok-1-tiny", "r1", 64)
+    replica.update(STATS)
+    s = scrape(replica)
+    assert value(s, "grok1_worker_steps_total", worker="1", verb="decode") == 10
+    assert value(s, "grok1_worker_step_seconds_total", worker="1", verb="decode") == 0.75
+    assert value(s, "grok1_worker_step_seconds_total", worker="0", verb="prefill") == 0.25
+    # A rebuilt group's workers start from zero: the counters go on from where they were.
+    replica.update({**STATS, "worker_timings": [{"decode": (1, 0.125)}, {"decode": (1, 0.25)}]})
+    again = scrape(replica)
+    assert value(again, "grok1_worker_steps_total", worker="1", verb="decode") == 11
+    assert value(again, "grok1_worker_step_seconds_total", worker="0", verb="prefill") == 0.25
+    replica.update({**STATS, "worker_timings": None})  # an in-process group has none: nothing goes down
+    assert value(scrape(replica), "grok1_worker_steps_total", worker="1", verb="decode") == 11
