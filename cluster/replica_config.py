@@ -121,7 +121,8 @@ class ReplicaConfig(BaseModel):
                          strategy=self.placement_strategy, devices_per_process=self.devices_per_process,
                          use_gpus=self.use_gpus, capacity_factor=self.capacity_factor,
                          start_timeout_s=self.start_timeout_s, step_timeout_s=self.step_timeout_s,
-                         env=tuple(sorted((env or {}).items())), placement_name=placement_name).validate()
+                         env=tuple(sorted((env or {}).items())), placement_name=placement_name,
+                         progress_to=None).validate()
 
 
 def describe(err: ValidationError, model: type[BaseModel]) -> str:

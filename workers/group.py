@@ -55,9 +55,9 @@ class GroupSpec:
     step_timeout_s: float  # one prefill or decode step
     env: tuple[tuple[str, str], ...]  # extra environment for the workers (network interfaces, ...)
     placement_name: str | None  # the placement group's name, one per replica (None: unnamed)
-    # An actor whose `load_progress.remote(process, tensors loaded, tensors)` hears each worker's loading (the
-    # router, for `grok1 serve`'s progress lines); None: nobody listens.
-    progress_to: Any = None
+    # An actor whose `load_progress.remote(process, tensors loaded, tensors)` hears each worker's loading: the
+    # router sets itself when it builds the group (for `grok1 serve`'s progress lines); None: nobody listens.
+    progress_to: Any
 
     @property
     def num_processes(self) -> int:
