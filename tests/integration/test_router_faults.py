@@ -24,15 +24,6 @@ from workers.group import remove_placement_group_named  # noqa: E402
 pytestmark = pytest.mark.slow
 
 ENGINE = {"max_slots": 8, "max_len": 96, "prefill_buckets": [16, 32, 64], "moe_block_size": 8}
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-    yield
-    ray.shutdown()
 
 
 def live_groups() -> list[dict]:

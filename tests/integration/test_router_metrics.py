@@ -6,7 +6,6 @@ calls equals the router's count of steps, phase by phase, as the rendered page s
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest
@@ -21,15 +20,7 @@ from tests.serving.test_metrics import scrape, value  # noqa: E402
 pytestmark = pytest.mark.slow
 
 ENGINE = {"max_slots": 4, "max_len": 64, "prefill_buckets": [16], "moe_block_size": 8}
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-    yield
-    ray.shutdown()
 
 
 async def stream(router, request: Request) -> list:
