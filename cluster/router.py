@@ -41,7 +41,6 @@ one runs; the scheduler and driver are touched only by that thread.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import os
@@ -49,33 +48,22 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 
 import numpy as np
 import ray
 
 from cluster.driver import Driver
+from cluster.ray_context import this_actor, this_node_id
 from cluster.replica_config import ReplicaConfig
+from cluster.request_stats import RequestStats
 from cluster.scheduler import Scheduler
-from cluster.step_timings import RouterTimings
 from cluster.streams import Outbox, Stream
 from grok1.config import Grok1Config
-from grok1.engine_api import FinishReason, InvalidRequest, Request, TokenEvent, Unavailable
-from grok1.limits import MAX_TIMEOUT_S
+from grok1.engine_api import FinishReason, InvalidRequest, Request, TokenEvent, Unavailable, valid_timeout
 from workers.group import GroupEngine, GroupFailure, GroupSpec, LocalShardGroup, RayShardGroup
 
 IDLE_PING_S = 2.0  # how often an idle router checks that its workers are alive
 REBUILD_ATTEMPTS = 5  # consecutive failed rebuilds before the router gives up (state "failed")
-SAMPLES = 2048  # recent TTFT / TPOT samples kept for the metrics
-
-
-@dataclass
-class _Timing:
-    submitted: float
-    prompt_tokens: int
-    first_token: float | None = None
-    last_token: float | None = None
-    tokens: int = 0
 
 
 class Router:
@@ -91,8 +79,8 @@ class Router:
         self.pipelined = settings.pipelined
         config: Grok1Config = spec.config
         self.scheduler = Scheduler.for_config(config, max_queue=settings.max_queue)
-        self._step_timings = RouterTimings()  # queue and step time histograms, for /metrics
-        self.scheduler.on_admit = self._step_timings.admitted
+        self._stats = RequestStats()  # tokens, finishes, TTFT / TPOT, queue and step times, for /metrics
+        self.scheduler.on_admit = self._stats.step_timings.admitted
         self._loading: dict[int, tuple[int, int]] = {}  # shard process -> (tensors loaded, tensors) while building
         self.state = "loading"
         self.error: str | None = None
@@ -105,13 +93,6 @@ class Router:
         self._streams: dict[str, Stream] = {}
         self._outbox = Outbox(self._streams)  # the step thread's; flushed once per phase of a step
         self._items = 0  # streaming items yielded to the callers
-        self._timings: dict[str, _Timing] = {}
-        self._ttft = collections.deque(maxlen=SAMPLES)
-        self._tpot = collections.deque(maxlen=SAMPLES)
-        self._token_times = collections.deque(maxlen=100_000)
-        self._finished = collections.Counter()
-        self._tokens_total = 0
-        self._prompt_tokens_total = 0
         self._expert_counts = np.zeros((config.model.num_layers, config.model.num_experts), np.int64)
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -131,11 +112,7 @@ class Router:
         if request.request_id in self._streams:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         if timeout_s is not None:
-            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or \
-                    not 0 < timeout_s <= MAX_TIMEOUT_S:  # NaN fails this too: it would mean no deadline
-                raise InvalidRequest(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout_s!r}",
-                                     "timeout_s")
-            request.deadline = time.monotonic() + timeout_s
+            request.deadline = time.monotonic() + valid_timeout(timeout_s)
         stream = Stream(asyncio.get_running_loop())
         self._streams[request.request_id] = stream
         accepted = concurrent.futures.Future()
@@ -203,24 +180,18 @@ class Router:
         self._loading[process] = (done, total)
 
     async def stats(self) -> dict:
-        now = time.monotonic()
-        recent = [t for t in list(self._token_times) if now - t <= 10.0]
         running = len(self.scheduler.running_slots())
         workers = self.group.members() if self.group is not None else []
         return {
             "state": self.state, "error": self.error, "restarts": self.restarts,
             "queue_length": len(self.scheduler.queue), "running": running,
             "slots_total": self.scheduler.max_slots, "slots_used": running, "max_queue": self.max_queue,
-            "requests_total": dict(self._finished), "tokens_generated_total": self._tokens_total,
-            "prompt_tokens_total": self._prompt_tokens_total,
-            "ttft_seconds": list(self._ttft), "tpot_seconds": list(self._tpot),
-            "tokens_per_second": len(recent) / 10.0,
+            **self._stats.snapshot(),
             "stream_items_total": self._items, "stream_flushes_total": self._outbox.flushes,
             "expert_token_counts": self._expert_counts.tolist(),
             "workers": workers, "node_ids": [worker["node_id"] for worker in workers],
-            "router_node_id": _this_node_id(), "router_pid": os.getpid(),
+            "router_node_id": this_node_id(), "router_pid": os.getpid(),
             **self.scheduler.kv_stats(),  # paged KV cache: blocks used / total, prefix hits, preemptions
-            "histograms": self._step_timings.snapshot(),
             "worker_timings": group.timings() if (group := self.group) is not None else None,
             "loading": {"processes": self.spec.num_processes, "tensors": dict(self._loading)},
         }
@@ -293,7 +264,7 @@ class Router:
         self.state = "loading" if self.restarts == 0 else "recovering"
         self._loading = {}
         made: concurrent.futures.Future = concurrent.futures.Future()
-        spec = dataclasses.replace(self.spec, progress_to=_this_actor())  # the workers report loading to us
+        spec = dataclasses.replace(self.spec, progress_to=this_actor())  # the workers report loading to us
 
         def make() -> None:
             try:
@@ -308,7 +279,7 @@ class Router:
             time.sleep(0.05)
         self.group = made.result()
         self.driver = Driver(GroupEngine(self.group), self.scheduler, self._on_event, pipelined=self.pipelined,
-                             keep_completions=False, on_flush=self._flush, on_step=self._step_timings.step)
+                             keep_completions=False, on_flush=self._flush, on_step=self._stats.step_timings.step)
         self.error = None
         self.state = "ready"
         self._last_ping = time.monotonic()
@@ -335,8 +306,7 @@ class Router:
             self._on_event(event)
         now = time.monotonic()
         for request in list(self.scheduler.queue):
-            timing = self._timings.get(request.request_id)
-            since = max(self._outage_since, timing.submitted if timing else 0.0)
+            since = max(self._outage_since, self._stats.submitted_at(request.request_id))
             if now - since > self.settings.resume_timeout_s:
                 self.scheduler.drop_queued(request)
                 self._on_event(TokenEvent(request.request_id, None, None, FinishReason.ERROR,
@@ -367,9 +337,7 @@ class Router:
                     if refuse:
                         raise Unavailable(refuse)
                     self.scheduler.submit(payload)  # what Driver.submit does without completions
-                    self._timings[payload.request_id] = _Timing(time.monotonic(), len(payload.prompt))
-                    self._step_timings.arrived(payload.request_id)
-                    self._prompt_tokens_total += len(payload.prompt)
+                    self._stats.submitted(payload)
                     reply.set_result(None)
                 except Exception as err:  # noqa: BLE001 - InvalidRequest / QueueFull go back to the caller
                     reply.set_exception(err)
@@ -389,24 +357,7 @@ class Router:
                 return
 
     def _on_event(self, event: TokenEvent) -> None:
-        now = time.monotonic()
-        timing = self._timings.get(event.request_id)
-        if event.token is not None:
-            self._tokens_total += 1
-            self._token_times.append(now)
-            if timing is not None:
-                if timing.first_token is None:
-                    timing.first_token = now
-                    self._ttft.append(now - timing.submitted)
-                timing.tokens += 1
-                timing.last_token = now
-        if event.finish_reason:
-            self._finished[FinishReason(event.finish_reason).value] += 1  # plain words: the stats travel to the ingress
-            self._step_timings.forget(event.request_id)
-            if timing is not None:
-                self._timings.pop(event.request_id, None)
-                if timing.tokens > 1:
-                    self._tpot.append((timing.last_token - timing.first_token) / (timing.tokens - 1))
+        self._stats.on_event(event)
         self._outbox.put(event)
 
     def _flush(self) -> None:
@@ -414,22 +365,6 @@ class Router:
         if self.driver is not None and self.driver.expert_counts is not None:
             self._expert_counts = self.driver.expert_counts.astype(np.int64)
         self._outbox.flush()
-
-
-def _this_node_id() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except ImportError:
-        return None
-
-
-def _this_actor():
-    """This actor's handle (None outside a Ray actor, e.g. a router made in a test's process)."""
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-        return None
-    return ray.get_runtime_context().current_actor
 
 
 def placement_name(router_name: str) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 from grok1.limits import (
     LOGIT_BIAS_RANGE,
     MAX_LOGIT_BIAS,
+    MAX_TIMEOUT_S,
     MAX_TOP_LOGPROBS,
     PENALTY_RANGE,
     SEED_RANGE,
@@ -185,6 +186,14 @@ def _is_int(value) -> bool:
 def _finite_in(value, lo: float, hi: float) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and lo <= value <= hi)
+
+
+def valid_timeout(timeout_s) -> float:
+    """A request's timeout in seconds, if it is one: a number in (0, MAX_TIMEOUT_S] (NaN is not: it would mean
+    no deadline)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidRequest(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout_s!r}", "timeout_s")
+    return float(timeout_s)
 
 
 def validate_request(request: Request, max_len: int, vocab_size: int) -> None:
