@@ -184,23 +184,15 @@ class ReplicaMetrics:
         self._monotonic = Monotonic()
         reg = {"labelnames": LABELS, "registry": self.registry}
         lengths = length_buckets(max_len)
-        self.histograms = {
-            "time_to_first_token_seconds": Histogram(
-                PREFIX + "time_to_first_token_seconds", "seconds from the parsed request to the first token",
-                buckets=TTFT_BUCKETS, **reg),
-            "inter_token_latency_seconds": Histogram(
-                PREFIX + "inter_token_latency_seconds", "seconds between successive tokens of a choice",
-                buckets=ITL_BUCKETS, **reg),
-            "e2e_request_latency_seconds": Histogram(
-                PREFIX + "e2e_request_latency_seconds", "seconds from the parsed request to the last token",
-                buckets=E2E_BUCKETS, **reg),
-            "request_prompt_tokens": Histogram(
-                PREFIX + "request_prompt_tokens", "prompt length of finished requests, in tokens",
-                buckets=lengths, **reg),
-            "request_generation_tokens": Histogram(
-                PREFIX + "request_generation_tokens", "tokens generated per finished request (all choices)",
-                buckets=lengths, **reg),
+        described = {  # name -> (help, buckets)
+            "time_to_first_token_seconds": ("seconds from the parsed request to the first token", TTFT_BUCKETS),
+            "inter_token_latency_seconds": ("seconds between successive tokens of a choice", ITL_BUCKETS),
+            "e2e_request_latency_seconds": ("seconds from the parsed request to the last token", E2E_BUCKETS),
+            "request_prompt_tokens": ("prompt length of finished requests, in tokens", lengths),
+            "request_generation_tokens": ("tokens generated per finished request (all choices)", lengths),
         }
+        self.histograms = {name: Histogram(PREFIX + name, text, buckets=buckets, **reg)
+                           for name, (text, buckets) in described.items()}
         self.success = Counter(PREFIX + "request_success", "choices finished (n per request of n), by finished_reason",
                                labelnames=(*LABELS, "finished_reason"), registry=self.registry)
         self.registry.register(_RouterCollector(self))
