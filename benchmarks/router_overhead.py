@@ -145,12 +145,13 @@ def router_seconds(router, streams: int, tokens: int) -> tuple[float, float, flo
 def start_sleep_router(max_slots: int, step_s: float):
     import ray
 
+    from cluster.replica_config import ReplicaConfig
     from cluster.router import Router
-    from workers.group import GroupSpec
 
-    spec = GroupSpec(config=fake_config(max_slots), checkpoint="unused")
+    settings = ReplicaConfig(ep=1, backend="local")
+    spec = settings.group_spec(fake_config(max_slots), "unused")
     actor = ray.remote(Router).options(num_cpus=0, max_concurrency=1000)
-    router = actor.remote(spec, group_factory=SleepGroupFactory(max_slots, step_s))
+    router = actor.remote(spec, settings, group_factory=SleepGroupFactory(max_slots, step_s))
     assert ray.get(router.wait_ready.remote(60))
     return router
 
