@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-import yaml
 
 ray = pytest.importorskip("ray")
 
-from tests.integration.test_ingress_serve import _free_port  # noqa: E402
+from tests.integration.test_ingress_serve import _free_port, golden_config_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +45,7 @@ def app(golden_dir, tmp_path_factory):
 
     from ingress.app import build_app, serve_options
 
-    model = json.loads((golden_dir / "config.json").read_text())
-    config = {"name": "grok1-tiny", "model": model, "engine": ENGINE, "checkpoint": {"path": str(golden_dir)}}
-    config_path = tmp_path_factory.mktemp("faults") / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = golden_config_file(golden_dir, tmp_path_factory.mktemp("faults"), ENGINE)
     http_port = _free_port()
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
