@@ -1,14 +1,15 @@
 """Chaos: streams under load while a shard worker is killed every few seconds; the pause each kill causes.
 
-    python -m benchmarks.chaos [--streams 32] [--every 20] [--duration 120] [--tokens 48]
+    python -m benchmarks.chaos [--streams 32] [--every 20] [--duration 120] [--tokens 48] [--max-slots N] [--max-len N]
 
 A local Ray instance, a router with a 2-shard expert-parallel group (cluster.router.start_router), and
 `streams` callers, each sending one request after another (greedy and seeded alternately, ignore_eos) for
 `duration` seconds. Every `every` seconds one shard worker is SIGKILLed; the router rebuilds the group and
 the running requests resume (cluster/router.py, step 6). Reported: for each kill, the pause it caused (the
-longest gap between two tokens of any stream across the kill's moment), then their median and max; and
+longest gap between two tokens of any request across the kill's moment), then their median and max; and
 whether every request got exactly its uninterrupted tokens (each request's tokens are computed first, on the
-same router, without faults). Not a test: nothing here asserts a time.
+same router, without faults), and the router's restarts against the kills (more restarts than kills: the group
+also failed on its own). Not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ async def stream_tokens(router, request) -> tuple[list[int], list[float], str]:
 
 
 async def load(router, args, vocab: int, reference: dict, kills: list[float]) -> dict:
-    arrivals: list[list[float]] = [[] for _ in range(args.streams)]
+    arrivals: list[list[float]] = []  # per request: its tokens' arrival times
     result = {"requests": 0, "exact": 0, "not_exact": []}
     end = time.monotonic() + args.duration
 
@@ -54,7 +55,7 @@ async def load(router, args, vocab: int, reference: dict, kills: list[float]) ->
         while time.monotonic() < end:
             request = request_for(k, round_, args.tokens, vocab)
             tokens, times, reason = await stream_tokens(router, request)
-            arrivals[k].extend(times)
+            arrivals.append(times)
             result["requests"] += 1
             key = (k % 2, k, round_ % 2)
             if reason == "length" and tokens == reference[key]:
@@ -77,7 +78,8 @@ async def load(router, args, vocab: int, reference: dict, kills: list[float]) ->
 
 
 def pause_of(kill: float, arrivals: list[list[float]]) -> float:
-    """The longest gap between consecutive tokens of any stream whose gap spans the kill."""
+    """The longest gap between consecutive tokens of one request that spans the kill (not counting the wait
+    between a stream's requests, which with fewer slots than streams includes queueing)."""
     gaps = [b - a for times in arrivals for a, b in zip(times, times[1:]) if a <= kill < b]
     return max(gaps, default=0.0)
 
@@ -90,6 +92,9 @@ def main(argv=None) -> None:
     parser.add_argument("--every", type=float, default=20.0, help="seconds between kills")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of load")
     parser.add_argument("--tokens", type=int, default=48, help="tokens per request")
+    parser.add_argument("--max-slots", type=int, help="decode slots (default: one per stream, at least the "
+                                                      "config's); fewer than streams: the rest queue")
+    parser.add_argument("--max-len", type=int, help="the KV cache's positions per slot (default: the config's)")
     args = parser.parse_args(argv)
 
     import ray
@@ -99,7 +104,8 @@ def main(argv=None) -> None:
     from grok1.loading import ensure_random_checkpoint
 
     config = load_config(args.config)
-    config = config.replace(engine={"max_slots": max(args.streams, config.engine.max_slots)})
+    engine = {"max_slots": args.max_slots or max(args.streams, config.engine.max_slots)}
+    config = config.replace(engine=engine | ({"max_len": args.max_len} if args.max_len else {}))
     checkpoint = Path(args.checkpoint or config.checkpoint.path)
     if not args.checkpoint:
         ensure_random_checkpoint(config, checkpoint)
@@ -120,11 +126,12 @@ def main(argv=None) -> None:
     kills: list[float] = []
     result = asyncio.run(load(router, args, vocab, reference, kills))
     pauses = [pause_of(kill, result["arrivals"]) for kill in kills]
-    print("| streams | kills | requests | exact | pause median (s) | pause max (s) |")
-    print("|---|---|---|---|---|---|")
+    restarts = ray.get(router.stats.remote(), timeout=60)["restarts"]
+    print("| streams | slots | kills | restarts | requests | exact | pause median (s) | pause max (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     median = statistics.median(pauses) if pauses else float("nan")
-    print(f"| {args.streams} | {len(kills)} | {result['requests']} | {result['exact']} | {median:.1f} | "
-          f"{max(pauses, default=float('nan')):.1f} |")
+    print(f"| {args.streams} | {config.engine.max_slots} | {len(kills)} | {restarts} | {result['requests']} | "
+          f"{result['exact']} | {median:.1f} | {max(pauses, default=float('nan')):.1f} |")
     print("pauses per kill (s):", " ".join(f"{p:.1f}" for p in pauses))
     if result["not_exact"]:
         print("not exact:", result["not_exact"][:10])

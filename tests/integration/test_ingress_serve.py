@@ -52,6 +52,15 @@ class Server:
         return ray.get(self.router.stats.remote())
 
 
+def golden_config_file(golden_dir, directory, engine: dict):
+    """A serving config YAML in `directory`: the golden model and checkpoint with `engine`."""
+    model = json.loads((golden_dir / "config.json").read_text())
+    config = {"name": "grok1-tiny", "model": model, "engine": engine, "checkpoint": {"path": str(golden_dir)}}
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(golden_dir, tmp_path_factory):
     import ray
@@ -61,10 +70,7 @@ def server(golden_dir, tmp_path_factory):
     from ingress.client import GrpcClient
     from ingress.edge import apply_proxy_env
 
-    model = json.loads((golden_dir / "config.json").read_text())
-    config = {"name": "grok1-tiny", "model": model, "engine": ENGINE, "checkpoint": {"path": str(golden_dir)}}
-    config_path = tmp_path_factory.mktemp("ingress") / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = golden_config_file(golden_dir, tmp_path_factory.mktemp("ingress"), ENGINE)
     http_port, grpc_port = _free_port(), _free_port()
     apply_proxy_env()  # what `grok1 serve` does: the proxies' message bound and header stripping
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
