@@ -104,7 +104,7 @@ class Engine(EngineSizes):
         longest = self.config.engine.buckets_up_to_max_len()[-1]
         sizes = [1]
         while sizes[-1] * PREFILL_BATCH_GROWTH * bucket <= longest and sizes[-1] < self.max_slots:
-            sizes.append(sizes[-1] * PREFILL_BATCH_GROWTH)
+            sizes.append(min(sizes[-1] * PREFILL_BATCH_GROWTH, self.max_slots))  # never more rows than slots
         return tuple(sizes)
 
     def prefill_many(self, slots: list[int], prompts: list[list[int]], samplings: list[Sampling],

@@ -654,3 +654,13 @@ def test_resumed_prefill_continues_the_same_tokens(engine, golden, alone, sampli
         resumed.append(int(engine.decode().tokens[1]))
     engine.release(1)
     assert resumed == uninterrupted[k:]
+
+
+def test_prefill_batches_never_take_more_prompts_than_there_are_slots(golden):
+    # 8 slots at max_len 256: 1, 4, then 16 would exceed the slots (warmup then indexed slot 8); capped at 8.
+    config = golden.config.replace(engine={"max_slots": 8, "max_len": 256, "prefill_buckets": (16, 32, 64, 128, 256)})
+    small = Engine(config, golden.params)
+    for bucket in config.engine.buckets_up_to_max_len():
+        sizes = small.prefill_batches(bucket)
+        assert sizes[0] == 1 and max(sizes) <= 8 and list(sizes) == sorted(set(sizes))
+    assert small.prefill_batches(16) == (1, 4, 8)
