@@ -75,6 +75,20 @@ def configure_platform(platform: str, local_device_count: int | None = None) -> 
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+# XLA:CPU's concurrency-optimised scheduler (jax 0.10.2) lets two processes of one group run a step's
+# collectives in different orders: gloo then aborts the group ("op.preamble.length <= op.nbytes ... collective
+# mismatch"). Seen every time in a 2-process warm-up at 32 slots x 256 positions (a 16-prompt prefill), and now
+# and then under load at the tests' sizes; never with this scheduler off (tests/integration/test_multiprocess.py).
+CPU_COLLECTIVE_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+
+
+def serialise_cpu_collectives() -> None:
+    """Add CPU_COLLECTIVE_FLAGS to XLA_FLAGS (before the CPU backend is created, which reads them)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    names = {flag.split("=")[0] for flag in flags}
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in CPU_COLLECTIVE_FLAGS if f.split("=")[0] not in names])
+
+
 def initialize(group: ProcessGroup) -> None:
     """Join the group. Raises (rather than hanging) if the others don't join within `group.timeout_s`."""
     import jax
@@ -82,6 +96,8 @@ def initialize(group: ProcessGroup) -> None:
     configure_platform(group.platform, group.local_device_count)
     if group.num_processes == 1:
         return  # one process needs no coordinator
+    if group.platform == "cpu":
+        serialise_cpu_collectives()
     jax.distributed.initialize(
         coordinator_address=group.coordinator_address, num_processes=group.num_processes,
         process_id=group.process_id, initialization_timeout=group.timeout_s,
