@@ -164,7 +164,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--long-prompt", type=int, default=4096)
-    parser.add_argument("--chunk", type=int, default=256, help="prompt tokens per step beside the 31 decode tokens")
+    parser.add_argument("--chunk", type=int, default=64, help="prompt tokens per step beside the 31 decode tokens")
     parser.add_argument("--prefix", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", choices=["concurrency", "decode", "itl", "prefix"])
