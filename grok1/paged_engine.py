@@ -10,8 +10,9 @@ who is preempted are the scheduler's decisions; this engine takes the block tabl
 
 A step: the plan's block copies (copy-on-write of a shared partial block), one decode token for every active
 slot (attention over a bucket of the longest live length, so a step's cost follows the live tokens), then the
-prefill chunks in one call per chunk-length bucket (a chunk that ends its context samples its sequence's next
-token, numbered after the tokens it had generated before a preemption, whose counts feed the penalties).
+prefill chunks in one call, padded to a power of two of the longest chunk (`chunk_buckets`: a prefix hit's
+suffix or a token budget's share runs at its own width). A chunk that ends its context samples its sequence's
+next token, numbered after the tokens it had generated before a preemption, whose counts feed the penalties.
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ class PagedEngine(EngineSizes):
     def table_width(self) -> int:
         return -(-self.max_len // self.block_size)
 
+    def chunk_buckets(self) -> tuple[int, ...]:
+        """Widths a prefill call is padded to: powers of two from the block size, then max_len. Not the
+        contiguous engine's prompt buckets: a chunk (a token budget's share, a prefix hit's suffix) is often
+        far shorter than the shortest of those, or just past the longest (which then padded it to max_len)."""
+        return power_of_two_buckets(min(self.block_size, self.max_len), self.max_len)
+
     def kv_len_for(self, live: int) -> int:
         return bucket_kv_len(live, self.block_size, self.table_width * self.block_size)
 
@@ -139,9 +146,8 @@ class PagedEngine(EngineSizes):
         """Every chunk in one call, padded to the longest one's bucket (a fork's chunk reads what its parent's
         chunk writes in the same call: each layer writes every row's KV before any row reads)."""
         vocab = self.config.model.vocab_size
-        buckets = self.config.engine.buckets_up_to_max_len()
         longest = max(len(chunk.tokens) for chunk in plan.chunks)
-        width = smallest_bucket(longest, buckets)
+        width = smallest_bucket(longest, self.chunk_buckets())
         rows = 1
         while rows < len(plan.chunks):
             rows *= PREFILL_BATCH_GROWTH

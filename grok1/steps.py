@@ -175,9 +175,13 @@ def release_slot(state: DecodeState, slot) -> DecodeState:
 
 
 def on_layout(layout, params, state):
-    """(the MoE function, params, state) for the layout's mesh; without one, this process's default device."""
+    """(the MoE function, params, state) for the layout's mesh; without one, this process's default device.
+
+    Host (numpy) params are put on the device here, once: a numpy leaf passed to a jitted step is copied into
+    a device buffer on every call, so a step would re-read the whole model first (on grok-1-cpu that was
+    ~300 ms of every step, a 16-token prefill's cost ~20x over)."""
     if layout is None:
-        return model.moe, params, state
+        return model.moe, jax.device_put(params), state
     return layout.moe_fn, layout.put_params(params), jax.device_put(state, layout.state_shardings(state))
 
 

@@ -6,6 +6,9 @@ generation of the golden prompts through the sharded engine and the real driver 
 in the same order as every other process. Process 0 prints one JSON line with the logits' relative L2 to the
 golden logits, the free-routing expert choices, and the greedy tokens.
 
+`paged`: the same greedy generation through the paged engine (engine.kv_blocks > 0; prefill chunked by a
+token budget, and the last prompt once more, which hits the prefix cache), driven by the paged scheduler.
+
 `load`: every process loads a checkpoint onto the mesh and prints the bytes it holds and how much its peak
 resident memory grew while loading, for the per-process memory bound.
 """
@@ -21,6 +24,8 @@ from sharding.mesh import MeshShape
 from workers.local_processes import group_args
 
 ENGINE = {"max_slots": 16, "max_len": 128, "prefill_buckets": [16, 32, 64], "moe_block_size": 8}
+# Blocks of 8: the golden prompts (9-19 tokens) span several; a budget of 24 tokens chunks their prefill.
+PAGED = {**ENGINE, "kv_blocks": 64, "kv_block_size": 8, "token_budget": 24}
 GREEDY_TOKENS = 16
 
 
@@ -66,6 +71,21 @@ def golden(args, shard) -> dict:
             "expert_counts": driver.expert_counts.tolist()}
 
 
+def paged(args, shard) -> dict:
+    """Greedy tokens of the golden prompts, then of the last prompt again (a prefix hit), through the paged
+    engine: all processes make the same calls, in the same order."""
+    from cluster.driver import Driver
+    from cluster.scheduler import Request, Scheduler
+
+    scheduler = Scheduler.for_config(shard.engine.config)
+    driver = Driver(shard.engine, scheduler)
+    prompts = [list(p) for p in json.loads((args.golden_dir / "golden.json").read_text())["prompt_ids"]]
+    done = driver.generate([Request(f"golden{k}", p, GREEDY_TOKENS, ignore_eos=True) for k, p in enumerate(prompts)])
+    [again] = driver.generate([Request("again", prompts[-1], GREEDY_TOKENS, ignore_eos=True)])
+    return {"greedy": [c.tokens for c in done], "again": again.tokens,
+            "cached_tokens": scheduler.cached_tokens}
+
+
 def rss_status(field: str) -> int:
     """VmRSS (now) or VmHWM (peak since the last reset) of this process, in bytes."""
     for line in open("/proc/self/status"):
@@ -95,7 +115,7 @@ def load(args, config, group) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["golden", "load"])
+    parser.add_argument("mode", choices=["golden", "paged", "load"])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--golden-dir")
@@ -111,14 +131,14 @@ def main() -> None:
     from grok1.config import load_config
     from workers.shard import Shard
 
-    config = load_config(args.config).replace(engine=ENGINE)
+    config = load_config(args.config).replace(engine=PAGED if args.mode == "paged" else ENGINE)
     group = ProcessGroup(args.coordinator, args.num_processes, args.process_id,
                          local_device_count=args.local_devices, timeout_s=60)
     if args.mode == "load":
         result = load(args, config, group)
     else:
         shard = Shard(config, args.checkpoint, MeshShape(args.ep, args.tp), group)
-        result = golden(args, shard)
+        result = (paged if args.mode == "paged" else golden)(args, shard)
         result["info"] = vars(shard.info())
     result["process_id"] = args.process_id
     print("RESULT " + json.dumps(result), flush=True)

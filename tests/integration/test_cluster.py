@@ -3,9 +3,10 @@
 A head with no CPUs (the router actor needs none) and two worker nodes of one CPU each, so that a 2-shard
 expert-parallel group (STRICT_SPREAD) must put one shard worker on each worker node. Checked: placement on
 different nodes, golden greedy through the router equal to the single-process engine, 16 concurrent mixed
-requests each equal to its result alone, cancellation and deadlines, and recovery when a worker process is
-killed and when a whole node is removed and another one added: the requests in flight resume and complete
-with the tokens they get alone.
+requests each equal to its result alone (through the contiguous engine, and through a second router whose
+shard group runs the paged engine on a node added for it), cancellation and deadlines, and recovery when a
+worker process is killed and when a whole node is removed and another one added: the requests in flight
+resume and complete with the tokens they get alone.
 """
 
 from __future__ import annotations
@@ -124,17 +125,54 @@ def test_shards_on_different_nodes_and_golden_greedy_equals_the_engine(router, r
 
 
 def test_sixteen_concurrent_mixed_requests_each_get_what_they_get_alone(router, golden, reference):
-    base = [list(p) for p in golden.cases["prompt_ids"]]
-    requests = []
-    for k in range(16):
-        prompt = (base[k % len(base)] * 3)[: 3 + 5 * k]  # 3 .. 78 tokens: every prefill bucket
-        sampling = Sampling() if k % 2 == 0 else Sampling(temperature=0.8, top_p=0.9, top_k=40 if k % 4 == 1 else 0,
-                                                          seed=k)
-        requests.append(Request(f"mixed{k}", prompt, 4 + k % 7, sampling, ignore_eos=True))
+    requests = mixed_requests(golden)
     results = run_all(router, requests)
     for request, events in zip(requests, results):
         assert [e.token for e in events] == reference(request), request.request_id
     assert stats(router)["running"] == 0
+
+
+def mixed_requests(golden) -> list[Request]:
+    """16 requests of 3 .. 78 tokens (every prefill bucket; prompts k and k + 3 share a prefix), greedy and
+    seeded, of 4 .. 10 tokens each."""
+    base = [list(p) for p in golden.cases["prompt_ids"]]
+    requests = []
+    for k in range(16):
+        prompt = (base[k % len(base)] * 3)[: 3 + 5 * k]
+        sampling = Sampling() if k % 2 == 0 else Sampling(temperature=0.8, top_p=0.9, top_k=40 if k % 4 == 1 else 0,
+                                                          seed=k)
+        requests.append(Request(f"mixed{k}", prompt, 4 + k % 7, sampling, ignore_eos=True))
+    return requests
+
+
+def test_a_paged_router_on_ray_workers_gives_the_contiguous_engines_tokens(ray_cluster, config, golden,
+                                                                            golden_dir, reference):
+    """kv_blocks > 0: the shard workers run paged_step over Ray, expert-parallel over two processes. The pool
+    (24 blocks of 8) is far smaller than the 16 requests' contexts and the token budget chunks their prompts,
+    so the run has chunked prefill, preemption with replay and prefix hits; each request still gets exactly
+    the contiguous engine's tokens alone."""
+    paged = config.replace(engine={"kv_blocks": 24, "kv_block_size": 8, "token_budget": 48})
+    node = ray_cluster.add_node(num_cpus=2)  # the contiguous router's workers hold the other nodes' CPUs
+    handle = None
+    try:
+        ray_cluster.wait_for_nodes()
+        handle = start_router(paged, checkpoint=str(golden_dir), ep=2, placement_strategy="STRICT_PACK",
+                              backend="ray", start_timeout_s=300, step_timeout_s=60)
+        assert ray.get(handle.wait_ready.remote(300))
+        assert {w["node_id"] for w in stats(handle)["workers"]} == {node.node_id}
+        requests = mixed_requests(golden)
+        results = run_all(handle, requests)
+        for request, events in zip(requests, results):
+            assert [e.token for e in events] == reference(request), request.request_id
+        after = stats(handle)
+        assert after["preemptions_total"] > 0, {k: v for k, v in after.items() if "total" in k}
+        assert after["prefix_cache_hits"] > 0, {k: v for k, v in after.items() if "prefix" in k}
+        assert after["running_sequences"] == 0 and after["kv_blocks_used"] == 0
+    finally:
+        if handle is not None:
+            ray.get(handle.shutdown.remote(), timeout=60)
+            ray.kill(handle)
+        ray_cluster.remove_node(node)
 
 
 def test_cancel_and_deadline(router):

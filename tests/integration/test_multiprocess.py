@@ -7,6 +7,8 @@ Each run is tests/integration/multiprocess_check.py, started N times by run_loca
 - against the golden logits the teacher-forced criterion holds (forced routing within 4% relative L2);
 - against the single-device engine (mesh 1x1) the free-routing experts and the greedy tokens are equal (see
   model.combine for the one XLA:CPU fusion that made them differ by a bf16 ulp, and how it is avoided);
+- the paged engine (a pool of KV blocks, chunked prefill, a prefix hit) across N processes gives the greedy
+  tokens of the contiguous engine in one process;
 - loading a sliceable checkpoint, each of N processes holds and reads about 1/N of the weights (the peak
   memory it adds while loading is its slices plus the file pages they came from).
 """
@@ -64,6 +66,16 @@ def test_group_equals_one_process_on_the_same_mesh(golden_args, single_device, p
     assert max(out["rel_to_golden"]) < FORCED_REL_L2, out["rel_to_golden"]
     assert out["experts"] == single_device["experts"], "free-routing experts differ from the single device"
     assert out["greedy"] == single_device["greedy"], "greedy tokens differ from the single-device engine"
+
+
+@pytest.mark.parametrize("processes,ep,tp,local_devices", [(2, 2, 1, 1), (4, 2, 2, 1)], ids=lambda v: str(v))
+def test_paged_engine_across_processes_equals_one_process(golden_args, single_device, processes, ep, tp,
+                                                           local_devices):
+    group = run_group("paged", processes, ep, tp, local_devices, golden_args)
+    for out in group:  # every process handed out the same tokens
+        assert out["greedy"] == single_device["greedy"], f"process {out['process_id']}: paged greedy differs"
+        assert out["again"] == single_device["greedy"][-1], "the prefix hit's tokens differ from a cold run"
+        assert out["cached_tokens"] >= 8, "the repeated prompt did not reuse its cached blocks"
 
 
 def tiny_moe_config(tmp_path) -> str:

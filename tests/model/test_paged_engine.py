@@ -126,3 +126,37 @@ def test_prefix_hits_and_forks_give_cold_tokens(engines, prompts, plain):
     choices = [Request(f"c{k}", prompts[1], TOKENS, SEEDED, ignore_eos=True) for k in range(3)]
     outs = run(driver, choices)
     assert all(out == plain[SEEDED][1] for out in outs)  # same seed: the same tokens as the lone run
+
+
+def test_a_prefix_hit_prefills_only_its_suffix_at_the_suffixs_width(engines, prompts, monkeypatch):
+    """The hit's one prefill call runs its uncached tokens padded to their own power of two (not to the
+    shortest prompt bucket, 16 here), attending over a bucket of its live length (not max_len)."""
+    _, paged = engines
+    calls = []
+    prefill = paged._prefill
+
+    def recording(params, state, tables, tokens, *args, kv_len):
+        calls.append((tokens.shape, kv_len))
+        return prefill(params, state, tables, tokens, *args, kv_len=kv_len)
+
+    monkeypatch.setattr(paged, "_prefill", recording)
+    driver, scheduler = paged_driver(paged)
+    prompt = prompts[2]
+    size = PAGED["kv_block_size"]
+    run(driver, [Request("cold", prompt, 1, ignore_eos=True)])
+    calls.clear()
+    run(driver, [Request("hit", prompt, 1, ignore_eos=True)])
+    suffix = len(prompt) - (len(prompt) - 1) // size * size
+    assert scheduler.cached_tokens == len(prompt) - suffix and suffix <= size
+    assert calls == [((1, size), paged.kv_len_for(len(prompt)))]
+    assert paged.kv_len_for(len(prompt)) < PAGED["max_len"]
+
+
+def test_host_params_are_put_on_the_device_once(golden):
+    """numpy params given to an engine are device arrays inside it: a numpy leaf passed to a jitted step is
+    copied to the device on every call (a whole model's read per step)."""
+    import jax
+
+    host = jax.tree.map(np.asarray, golden.params)
+    engine = PagedEngine(golden.config.replace(engine=PAGED), host)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(engine.params))
