@@ -9,6 +9,9 @@ golden logits, the free-routing expert choices, and the greedy tokens.
 `paged`: the same greedy generation through the paged engine (engine.kv_blocks > 0; prefill chunked by a
 token budget, and the last prompt once more, which hits the prefix cache), driven by the paged scheduler.
 
+`warmup`: every process compiles and runs every step of a 32-slot, 256-position engine (`Engine.warmup`: a
+16-prompt prefill among them), the shape whose collectives two processes once ran in different orders.
+
 `load`: every process loads a checkpoint onto the mesh and prints the bytes it holds and how much its peak
 resident memory grew while loading, for the per-process memory bound.
 """
@@ -25,6 +28,7 @@ from workers.local_processes import group_args
 
 ENGINE = {"max_slots": 16, "max_len": 128, "prefill_buckets": [16, 32, 64], "moe_block_size": 8}
 # Blocks of 8: the golden prompts (9-19 tokens) span several; a budget of 24 tokens chunks their prefill.
+WARMUP = {"max_slots": 32, "max_len": 256, "prefill_buckets": [16, 32, 64, 128, 256], "moe_block_size": 8}
 PAGED = {**ENGINE, "kv_blocks": 64, "kv_block_size": 8, "token_budget": 24}
 GREEDY_TOKENS = 16
 
@@ -115,7 +119,7 @@ def load(args, config, group) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["golden", "paged", "load"])
+    parser.add_argument("mode", choices=["golden", "paged", "warmup", "load"])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--golden-dir")
@@ -131,14 +135,21 @@ def main() -> None:
     from grok1.config import load_config
     from workers.shard import Shard
 
-    config = load_config(args.config).replace(engine=PAGED if args.mode == "paged" else ENGINE)
+    config = load_config(args.config).replace(engine={"paged": PAGED, "warmup": WARMUP}.get(args.mode, ENGINE))
     group = ProcessGroup(args.coordinator, args.num_processes, args.process_id,
                          local_device_count=args.local_devices, timeout_s=60)
     if args.mode == "load":
         result = load(args, config, group)
     else:
         shard = Shard(config, args.checkpoint, MeshShape(args.ep, args.tp), group)
-        result = (paged if args.mode == "paged" else golden)(args, shard)
+        if args.mode == "warmup":
+            shard.engine.warmup()
+            import jax
+
+            jax.block_until_ready(shard.engine.state)  # the last steps' collectives: both processes end together
+            result = {}
+        else:
+            result = (paged if args.mode == "paged" else golden)(args, shard)
         result["info"] = vars(shard.info())
     result["process_id"] = args.process_id
     print("RESULT " + json.dumps(result), flush=True)

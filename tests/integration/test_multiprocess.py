@@ -112,3 +112,11 @@ def test_each_process_loads_about_one_nth_of_the_experts(tmp_path):
             # Its peak memory grows by what it holds plus the file pages it read for that (each process maps
             # only its own slices), and a small fixed overhead: about 2/n of the checkpoint, never all of it.
             assert grew < 2.2 * total / n + 16 * 2**20, (n, grew, held, total)
+
+
+def test_two_processes_warm_up_a_32_slot_engine_without_a_collective_mismatch(golden_args):
+    # With XLA:CPU's concurrency-optimised scheduler on, gloo aborted this every time ("op.preamble.length <=
+    # op.nbytes ... collective mismatch"): sharding.distributed turns it off for multi-process CPU groups.
+    group = run_group("warmup", 2, 2, 1, 1, golden_args)
+    assert sorted(o["process_id"] for o in group) == [0, 1]
+    assert all(o["info"]["global_devices"] == 2 for o in group)
