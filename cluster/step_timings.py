@@ -18,6 +18,7 @@ a reader gets exact counts and sums whenever it reads.
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +33,10 @@ PHASES = ("prefill", "decode", "mixed")
 
 @dataclass
 class Histogram:
+    """Counts per bucket and a sum, as plain data. Not prometheus_client's Histogram: that one lives in one
+    process's registry, and these are kept in the router actor (which serves no page) and carried by
+    Router.stats() to every ingress replica, which exposes them (ingress/metrics.py, HistogramMetricFamily)."""
+
     edges: tuple[float, ...]
     counts: list[int] = field(default_factory=list)  # per bucket (not cumulative), the last one past every edge
     sum: float = 0.0
@@ -45,11 +50,7 @@ class Histogram:
 
     def snapshot(self) -> dict:
         """{"edges", "cumulative" (one per edge, then +Inf = the count), "sum"}: plain data for Ray."""
-        cumulative, total = [], 0
-        for n in self.counts:
-            total += n
-            cumulative.append(total)
-        return {"edges": list(self.edges), "cumulative": cumulative, "sum": self.sum}
+        return {"edges": list(self.edges), "cumulative": list(itertools.accumulate(self.counts)), "sum": self.sum}
 
 
 class RouterTimings:
