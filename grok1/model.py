@@ -11,6 +11,7 @@ prefill of a new request into one slot of the engine's cache, and one decode ste
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -320,12 +321,58 @@ def moe(x, layer, config: ModelConfig, valid, block: int, override=None):
 def decoder_layer(h, layer, config: ModelConfig, positions, cache, layer_index, rows, kv_len, valid, block,
                   override=None, moe_fn=moe):
     """One decoder layer; h [B, T, D] bfloat16. Norm order as in the reference's DecoderLayer."""
-    attn, cache = attention(rms_norm(h, layer["pre_attn_norm"]), layer, config, positions, cache,
-                            layer_index, rows, kv_len)
-    h = h + rms_norm(attn, layer["post_attn_norm"])
-    ffn, expert_index = moe_fn(rms_norm(h, layer["pre_moe_norm"]), layer, config, valid, block, override)
-    h = h + rms_norm(ffn, layer["post_moe_norm"]).astype(h.dtype)
+    group = RowGroup(positions, rows, kv_len, valid)
+    (h,), cache, (expert_index,) = decoder_layer_groups((h,), layer, config, (group,), cache, layer_index, block,
+                                                        (override,), moe_fn)
     return h, cache, expert_index
+
+
+class RowGroup(NamedTuple):
+    """One group of batch rows through the layers: positions [B, T], cache rows (see attention), kv_len
+    (static) and valid [B, T]. Groups of one call differ in shape (a decode token per slot beside [n, T]
+    prefill chunks), so each attends on its own; their tokens meet in one MoE."""
+
+    positions: jax.Array
+    rows: object
+    kv_len: int
+    valid: jax.Array
+
+
+def decoder_layer_groups(hs, layer, config: ModelConfig, groups, cache, layer_index, block, overrides, moe_fn=moe):
+    """decoder_layer for several row groups hs[i] [B_i, T_i, D]: attention per group, in order (each writes its
+    keys and values before the next group reads), then one MoE call over every group's tokens, so a step that
+    decodes some sequences and prefills others reads the experts' weights once. Every op is per token except
+    attention, so a token's result does not depend on which groups share the call. overrides: one per group."""
+    attended = []
+    for h, group in zip(hs, groups):
+        attn, cache = attention(rms_norm(h, layer["pre_attn_norm"]), layer, config, group.positions, cache,
+                                layer_index, group.rows, group.kv_len)
+        attended.append(h + rms_norm(attn, layer["post_attn_norm"]))
+    normed = [rms_norm(h, layer["pre_moe_norm"]) for h in attended]
+    if len(normed) == 1:
+        ffns, expert_indices = moe_fn(normed[0], layer, config, groups[0].valid, block, overrides[0])
+        ffns, expert_indices = (ffns,), (expert_indices,)
+    else:
+        ffns, expert_indices = _moe_together(normed, layer, config, [g.valid for g in groups], block, overrides,
+                                             moe_fn)
+    hs = tuple(h + rms_norm(ffn, layer["post_moe_norm"]).astype(h.dtype) for h, ffn in zip(attended, ffns))
+    return hs, cache, tuple(expert_indices)
+
+
+def _moe_together(xs, layer, config: ModelConfig, valids, block, overrides, moe_fn):
+    """moe_fn once over the tokens of every xs[i] [B_i, T_i, D] as one row [1, sum B_i T_i, D]; split back."""
+    sizes = [x.shape[0] * x.shape[1] for x in xs]
+    tokens = jnp.concatenate([x.reshape(1, n, x.shape[-1]) for x, n in zip(xs, sizes)], axis=1)
+    valid = jnp.concatenate([v.reshape(1, n) for v, n in zip(valids, sizes)], axis=1)
+    override = None
+    if any(o is not None for o in overrides):
+        k = config.num_selected_experts
+        override = jnp.concatenate([o.reshape(1, n, k) for o, n in zip(overrides, sizes)], axis=1)
+    ffn, expert_index = moe_fn(tokens, layer, config, valid, block, override)
+    cuts = list(itertools.accumulate(sizes))[:-1]
+    ffns = [part.reshape(x.shape) for part, x in zip(jnp.split(ffn[0], cuts), xs)]
+    indices = [part.reshape(*x.shape[:2], -1) for part, x in zip(jnp.split(expert_index[0], cuts), xs)]
+    return ffns, indices
 
 
 def scale_in_float32(x, multiplier: float):
@@ -358,18 +405,32 @@ def run_layers(params, config: ModelConfig, tokens, positions, cache: KVCache, r
     """
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
-    h = embed(params, tokens, config)
+    (h,), cache, (expert_index,) = run_layers_groups(
+        params, config, (tokens,), (RowGroup(positions, rows, kv_len, valid),), cache, block=block,
+        routing_overrides=(routing_override,), moe_fn=moe_fn)
+    return h, cache, expert_index
+
+
+def run_layers_groups(params, config: ModelConfig, tokens, groups, cache, *, block: int = 16,
+                      routing_overrides=None, moe_fn=moe):
+    """run_layers for several row groups in one pass (see decoder_layer_groups): tokens[i] [B_i, T_i] with
+    groups[i] a RowGroup; routing_overrides: one [L, B_i, T_i, k] or None per group. Returns (h per group,
+    the cache, experts [L, B_i, T_i, k] per group)."""
+    if routing_overrides is None:
+        routing_overrides = (None,) * len(groups)
+    hs = tuple(embed(params, t, config) for t in tokens)
 
     def body(carry, xs):
-        h, cache = carry
-        index, layer, override = xs
-        h, cache, expert_index = decoder_layer(
-            h, layer, config, positions, cache, index, rows, kv_len, valid, block, override, moe_fn)
-        return (h, cache), expert_index
+        hs, cache = carry
+        index, layer, overrides = xs
+        hs, cache, expert_indices = decoder_layer_groups(hs, layer, config, groups, cache, index, block, overrides,
+                                                         moe_fn)
+        return (hs, cache), expert_indices
 
     indices = jnp.arange(config.num_layers)
-    (h, cache), expert_index = jax.lax.scan(body, (h, cache), (indices, params["layers"], routing_override))
-    return h, cache, expert_index
+    (hs, cache), expert_indices = jax.lax.scan(body, (hs, cache),
+                                               (indices, params["layers"], tuple(routing_overrides)))
+    return hs, cache, expert_indices
 
 
 def forward(params, config: ModelConfig, tokens, positions, cache: KVCache, rows, *, kv_len: int,

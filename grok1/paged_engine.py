@@ -9,10 +9,13 @@ contiguous engine's at the same memory. Which blocks a sequence owns, which chun
 who is preempted are the scheduler's decisions; this engine takes the block tables with every step.
 
 A step: the plan's block copies (copy-on-write of a shared partial block), one decode token for every active
-slot (attention over a bucket of the longest live length, so a step's cost follows the live tokens), then the
-prefill chunks in one call, padded to a power of two of the longest chunk (`chunk_buckets`: a prefix hit's
-suffix or a token budget's share runs at its own width). A chunk that ends its context samples its sequence's
-next token, numbered after the tokens it had generated before a preemption, whose counts feed the penalties.
+slot (attention over a bucket of the longest live length, so a step's cost follows the live tokens) and the
+prefill chunks, padded to a power of two of the longest chunk (`chunk_buckets`: a prefix hit's suffix or a token
+budget's share runs at its own width). A step with both is one forward pass (`mixed_step`: each group attends
+on its own, their tokens share one MoE call), so the experts' weights are read once per step: chunked prefill
+costs the running streams the chunk's compute, not a second pass over the model. A chunk that ends its context
+samples its sequence's next token, numbered after the tokens it had generated before a preemption, whose
+counts feed the penalties; that sequence decodes from the next step on.
 """
 
 from __future__ import annotations
@@ -52,6 +55,33 @@ def copy_blocks(state: DecodeState, sources, destinations) -> DecodeState:
                        state.token_counts)
 
 
+def chunk_rows(tables, starts, lengths, write_from, steps: int):
+    """The chunks' row group: positions starts + 0..T-1, valid the first `lengths` tokens of each row, and those
+    at positions >= write_from writing their KV through the tables."""
+    positions = starts[:, None] + jnp.arange(steps)[None]
+    valid = jnp.arange(steps)[None] < lengths[:, None]
+    write = valid & (positions >= write_from[:, None])
+    return positions, valid, PagedRows(tables, write)
+
+
+def finish_chunks(params, state: DecodeState, h, starts, lengths, final_slots, generated, counts,
+                  sampling: SlotSampling, config: Grok1Config):
+    """Sample the next token of the chunk rows that end their context (h [n, T, D] after the layers) and start
+    their slots decoding; see paged_prefill_step. Returns (state, token [n], logprob [n])."""
+    rows = h.shape[0]
+    last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [n, 1, D]
+    token, logprob = sample(model.unembed(params, last, config.model)[:, 0], sampling, generated, counts)
+
+    def put(all_slots, new):
+        return all_slots.at[final_slots].set(new, mode="drop")
+
+    counts = counts.at[jnp.arange(rows), token].add(1)
+    state = DecodeState(state.cache, put(state.lengths, starts + lengths), put(state.next_token, token),
+                        put(state.generated, generated + 1), put(state.active, jnp.ones(rows, bool)),
+                        jax.tree.map(put, state.sampling, sampling), put(state.token_counts, counts))
+    return state, token, logprob
+
+
 def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengths, write_from, final_slots,
                        generated, counts, sampling: SlotSampling, *, config: Grok1Config, kv_len: int,
                        moe_fn=model.moe):
@@ -60,23 +90,42 @@ def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengt
     their context there: their next token is sampled as number generated [n] with counts [n, V] (the tokens
     generated before) for the penalties, and the slot starts decoding. Others (final_slots >= max_slots: a
     middle chunk, or padding) only write KV."""
-    rows, steps = tokens.shape
-    positions = starts[:, None] + jnp.arange(steps)[None]
-    valid = jnp.arange(steps)[None] < lengths[:, None]
-    write = valid & (positions >= write_from[:, None])
-    out = model.forward(params, config.model, tokens, positions, state.cache, PagedRows(tables, write),
-                        kv_len=kv_len, valid=valid, block=config.engine.moe_block_size,
-                        logits_at=jnp.maximum(lengths - 1, 0), moe_fn=moe_fn)
-    token, logprob = sample(out.logits[:, 0], sampling, generated, counts)
+    positions, valid, rows = chunk_rows(tables, starts, lengths, write_from, tokens.shape[1])
+    h, cache, expert_index = model.run_layers(params, config.model, tokens, positions, state.cache, rows,
+                                              kv_len=kv_len, valid=valid, block=config.engine.moe_block_size,
+                                              moe_fn=moe_fn)
+    state, token, logprob = finish_chunks(params, _with_cache(state, cache),
+                                          h, starts, lengths, final_slots, generated, counts, sampling, config)
+    return state, token, logprob, count_expert_tokens(expert_index, valid, config.model.num_experts)
 
-    def put(all_slots, new):
-        return all_slots.at[final_slots].set(new, mode="drop")
 
-    counts = counts.at[jnp.arange(rows), token].add(1)
-    state = DecodeState(out.cache, put(state.lengths, starts + lengths), put(state.next_token, token),
-                        put(state.generated, generated + 1), put(state.active, jnp.ones(rows, bool)),
-                        jax.tree.map(put, state.sampling, sampling), put(state.token_counts, counts))
-    return state, token, logprob, count_expert_tokens(out.expert_index, valid, config.model.num_experts)
+def mixed_step(params, state: DecodeState, decode_tables, tables, tokens, starts, lengths, write_from, final_slots,
+               generated, counts, sampling: SlotSampling, *, config: Grok1Config, decode_kv_len: int, kv_len: int,
+               moe_fn=model.moe):
+    """One forward pass for a decode token of every active slot (through decode_tables [B, M], attending over
+    decode_kv_len) and the prefill chunks (arguments as paged_prefill_step's), so the experts' weights are
+    read once for both: a step that carries a chunk costs a decode step plus the chunk's own compute, not two
+    passes over the model. Returns (state, h [B, D] of the decode rows for decode_sample, token [n],
+    logprob [n], expert counts [L, E] of both). The chunks' final slots start decoding in the returned state;
+    the caller's decode_sample skips them this step (they decode from the next one)."""
+    going = state.active
+    decode = model.RowGroup(state.lengths[:, None], PagedRows(decode_tables, going[:, None]), decode_kv_len,
+                            going[:, None])
+    positions, valid, rows = chunk_rows(tables, starts, lengths, write_from, tokens.shape[1])
+    chunks = model.RowGroup(positions, rows, kv_len, valid)
+    (h_decode, h_chunks), cache, (decode_experts, chunk_experts) = model.run_layers_groups(
+        params, config.model, (state.next_token[:, None], tokens), (decode, chunks), state.cache,
+        block=config.engine.moe_block_size, moe_fn=moe_fn)
+    state, token, logprob = finish_chunks(params, _with_cache(state, cache), h_chunks, starts, lengths, final_slots,
+                                          generated, counts, sampling, config)
+    experts = (count_expert_tokens(decode_experts, going[:, None], config.model.num_experts)
+               + count_expert_tokens(chunk_experts, valid, config.model.num_experts))
+    return state, h_decode[:, 0], token, logprob, experts
+
+
+def _with_cache(state: DecodeState, cache) -> DecodeState:
+    return DecodeState(cache, state.lengths, state.next_token, state.generated, state.active, state.sampling,
+                       state.token_counts)
 
 
 class PagedEngine(EngineSizes):
@@ -94,6 +143,9 @@ class PagedEngine(EngineSizes):
         self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn),
                                 static_argnames=("kv_len",), donate_argnums=(1,),
                                 **step_outputs(layout, self.state, 3))
+        self._mixed = jax.jit(functools.partial(mixed_step, config=config, moe_fn=moe_fn),
+                              static_argnames=("decode_kv_len", "kv_len"), donate_argnums=(1,),
+                              **step_outputs(layout, self.state, 4))
         keep = step_outputs(layout, self.state, 0)
         self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **keep)
         self._release = jax.jit(release_slot, donate_argnums=(0,), **keep)
@@ -120,6 +172,10 @@ class PagedEngine(EngineSizes):
     def paged_step(self, plan: StepPlan) -> tuple[StepOutput | None, StepOutput | None]:
         if plan.copies:
             self._copy_blocks(plan.copies)
+        if plan.decode:
+            assert set(plan.decode) == set(np.flatnonzero(self._active)), "the plan's decode slots vs the engine's"
+        if plan.decode and plan.chunks:
+            return self._mixed_step(plan)
         decoded = self._decode_step(plan) if plan.decode else None
         prefilled = self._prefill_chunks(plan) if plan.chunks else None
         return decoded, prefilled
@@ -131,20 +187,27 @@ class PagedEngine(EngineSizes):
         sources[: len(copies)], destinations[: len(copies)] = zip(*copies)
         self.state = self._copy(self.state, sources, destinations)
 
-    def _decode_step(self, plan: StepPlan) -> StepOutput:
-        assert set(plan.decode) == set(np.flatnonzero(self._active)), "the plan's decode slots vs the engine's"
-        kv_len = self.kv_len_for(int(self._lengths[self._active].max()) + 1)
+    def _decode_rows(self) -> tuple[np.ndarray, int]:
+        """(a power-of-two bucket of the active slots, padded with max_slots; the decode kv_len bucket)."""
         active = np.flatnonzero(self._active)
         rows = np.full(smallest_bucket(len(active), power_of_two_buckets(1, self.max_slots)), self.max_slots, np.int32)
         rows[: len(active)] = active  # the rest is padding: out of range
-        self.state, h, counts = self._decode_forward(self.params, self.state, None, plan.tables, kv_len=kv_len)
-        self.state, (tokens, logprobs, top_ids, top_logprobs) = self._decode_sample(self.params, self.state, h, rows)
-        self._lengths[self._active] += 1
-        return StepOutput(*(np.asarray(x) for x in (tokens, logprobs, counts, top_ids, top_logprobs)))
+        return rows, self.kv_len_for(int(self._lengths[self._active].max()) + 1)
 
-    def _prefill_chunks(self, plan: StepPlan) -> StepOutput:
-        """Every chunk in one call, padded to the longest one's bucket (a fork's chunk reads what its parent's
-        chunk writes in the same call: each layer writes every row's KV before any row reads)."""
+    def _decode_step(self, plan: StepPlan) -> StepOutput:
+        rows, kv_len = self._decode_rows()
+        self.state, h, counts = self._decode_forward(self.params, self.state, None, plan.tables, kv_len=kv_len)
+        return self._sample_decoded(h, rows, counts, np.zeros(self.max_slots, bool))
+
+    def _sample_decoded(self, h, rows, expert_counts, skip) -> StepOutput:
+        self.state, (tokens, logprobs, top_ids, top_logprobs) = self._decode_sample(
+            self.params, self.state, h, rows, None, None, skip)
+        self._lengths[self._active & ~skip] += 1
+        return StepOutput(*(np.asarray(x) for x in (tokens, logprobs, expert_counts, top_ids, top_logprobs)))
+
+    def _chunk_inputs(self, plan: StepPlan) -> tuple[tuple, int]:
+        """The prefill chunks as one call's arrays (tables, tokens, starts, lengths, write_from, final_slots,
+        generated, counts, sampling), padded to the longest chunk's bucket, and their kv_len bucket."""
         vocab = self.config.model.vocab_size
         longest = max(len(chunk.tokens) for chunk in plan.chunks)
         width = smallest_bucket(longest, self.chunk_buckets())
@@ -167,13 +230,35 @@ class PagedEngine(EngineSizes):
                 final_slots[row], generated[row], samplings[row] = chunk.slot, len(chunk.generated), chunk.sampling
                 np.add.at(counts[row], np.asarray(chunk.generated, np.int64), 1)
         kv_len = self.kv_len_for(int((starts + lengths).max()))
-        self.state, token, logprob, expert_counts = self._prefill(
-            self.params, self.state, tables, tokens, starts, lengths, write_from, final_slots, generated, counts,
-            slot_sampling(samplings, vocab), kv_len=kv_len)
+        inputs = (tables, tokens, starts, lengths, write_from, final_slots, generated, counts,
+                  slot_sampling(samplings, vocab))
+        return inputs, kv_len
+
+    def _prefill_chunks(self, plan: StepPlan) -> StepOutput:
+        """Every chunk in one call, padded to the longest one's bucket (a fork's chunk reads what its parent's
+        chunk writes in the same call: each layer writes every row's KV before any row reads)."""
+        inputs, kv_len = self._chunk_inputs(plan)
+        self.state, token, logprob, expert_counts = self._prefill(self.params, self.state, *inputs, kv_len=kv_len)
+        return self._started(plan, token, logprob, expert_counts)
+
+    def _mixed_step(self, plan: StepPlan) -> tuple[StepOutput, StepOutput]:
+        """Decode and prefill chunks in one forward pass (mixed_step); the decode half's counts are the step's
+        (both groups'), the prefill half reports zeros, so /metrics counts every token once."""
+        rows, decode_kv_len = self._decode_rows()
+        inputs, kv_len = self._chunk_inputs(plan)
+        self.state, h, token, logprob, expert_counts = self._mixed(
+            self.params, self.state, plan.tables, *inputs, decode_kv_len=decode_kv_len, kv_len=kv_len)
+        starting = np.zeros(self.max_slots, bool)
+        starting[[chunk.slot for chunk in plan.chunks if chunk.final]] = True
+        decoded = self._sample_decoded(h, rows, expert_counts, starting)
+        return decoded, self._started(plan, token, logprob, np.zeros_like(decoded.expert_counts))
+
+    def _started(self, plan: StepPlan, token, logprob, expert_counts) -> StepOutput:
+        """The prefill half's output; the slots whose context the chunks completed start decoding."""
         finals = [row for row, chunk in enumerate(plan.chunks) if chunk.final]
         for row in finals:
-            slot = plan.chunks[row].slot
-            self._active[slot], self._lengths[slot] = True, starts[row] + lengths[row]
+            chunk = plan.chunks[row]
+            self._active[chunk.slot], self._lengths[chunk.slot] = True, chunk.start + len(chunk.tokens)
         return StepOutput(np.asarray(token)[finals], np.asarray(logprob)[finals], np.asarray(expert_counts))
 
     def release(self, slot: int) -> None:

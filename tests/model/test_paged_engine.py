@@ -100,6 +100,38 @@ def test_chunked_prefill_gives_the_same_tokens_and_logprobs(engines, prompts, pl
     assert scheduler.prefill_tokens >= sum(len(p) for p in prompts)
 
 
+def test_a_step_that_decodes_and_prefills_is_one_forward_pass(engines, prompts, plain, monkeypatch):
+    """Under a token budget the later prompts' chunks share steps with the earlier prompts' decode tokens: each
+    such step is one forward pass over both (mixed_step: the experts' weights read once), not a decode pass
+    and then a prefill pass, and the tokens and logprobs stay the plain run's."""
+    _, paged = engines
+    passes = []
+    def recorder(name):
+        call = getattr(paged, name)
+
+        def recording(*args, **kwargs):
+            passes.append(name)
+            return call(*args, **kwargs)
+        return recording
+
+    for name in ("_decode_forward", "_prefill", "_mixed"):
+        monkeypatch.setattr(paged, name, recorder(name))
+    mixed_steps = []
+    step = paged.paged_step
+
+    def recording_step(plan):
+        passes.clear()
+        out = step(plan)
+        if plan.decode and plan.chunks:
+            mixed_steps.append(list(passes))
+        return out
+
+    monkeypatch.setattr(paged, "paged_step", recording_step)
+    driver, _ = paged_driver(paged, token_budget=PAGED["max_slots"] + 3)
+    assert run(driver, requests(prompts)) == plain[Sampling()]
+    assert mixed_steps and all(made == ["_mixed"] for made in mixed_steps), mixed_steps
+
+
 @pytest.mark.parametrize("sampling", [Sampling(), SEEDED], ids=["greedy", "seeded"])
 def test_preempted_sequences_give_the_uninterrupted_tokens(engines, prompts, plain, sampling):
     _, paged = engines
