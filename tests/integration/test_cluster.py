@@ -3,8 +3,9 @@
 A head with no CPUs (the router actor needs none) and two worker nodes of one CPU each, so that a 2-shard
 expert-parallel group (STRICT_SPREAD) must put one shard worker on each worker node. Checked: placement on
 different nodes, golden greedy through the router equal to the single-process engine, 16 concurrent mixed
-requests each equal to its result alone (through the contiguous engine, and through a second router whose
-shard group runs the paged engine on a node added for it), cancellation and deadlines, and recovery when a
+requests each equal to its result alone, a second router whose shard group runs the paged engine on a node
+added for it (requests that must preempt one another, a prefix hit: the contiguous engine's tokens each),
+cancellation and deadlines, and recovery when a
 worker process is killed and when a whole node is removed and another one added: the requests in flight
 resume and complete with the tokens they get alone.
 """
@@ -145,16 +146,14 @@ def mixed_requests(golden) -> list[Request]:
     return requests
 
 
-@pytest.mark.skip(reason="flaky on main since the merges of 2026-12-02 (passed on its branch): in a clean-clone run "
-                         "the tokens were right but no preemption happened (its preemptions > 0 check), run alone "
-                         "under load it hit run_all's 300 s; to be investigated (issue 13). The multi-process "
-                         "paged test covers the tokens")
 def test_a_paged_router_on_ray_workers_gives_the_contiguous_engines_tokens(ray_cluster, config, golden,
                                                                             golden_dir, reference):
-    """kv_blocks > 0: the shard workers run paged_step over Ray, expert-parallel over two processes. The pool
-    (24 blocks of 8) is far smaller than the 16 requests' contexts and the token budget chunks their prompts,
-    so the run has chunked prefill, preemption with replay and prefix hits; each request still gets exactly
-    the contiguous engine's tokens alone."""
+    """kv_blocks > 0: the shard workers run paged_step over Ray, expert-parallel over two processes. Three
+    requests of 11 blocks each at the end share a pool of 24 (a token budget of 48 chunks their prompts):
+    all three are admitted within a step or two of each other (their first chunks fit), and growing they run
+    out of blocks whatever the arrival order, so the newest is preempted and recomputed from its prompt and
+    tokens; greedy and seeded, each gets exactly the contiguous engine's tokens alone. Then one prompt twice,
+    one after the other: the second is served from the prefix cache with the same tokens."""
     paged = config.replace(engine={"kv_blocks": 24, "kv_block_size": 8, "token_budget": 48})
     node = ray_cluster.add_node(num_cpus=2)  # the contiguous router's workers hold the other nodes' CPUs
     handle = None
@@ -164,14 +163,23 @@ def test_a_paged_router_on_ray_workers_gives_the_contiguous_engines_tokens(ray_c
                               backend="ray", start_timeout_s=300, step_timeout_s=60)
         assert ray.get(handle.wait_ready.remote(300))
         assert {w["node_id"] for w in stats(handle)["workers"]} == {node.node_id}
-        requests = mixed_requests(golden)
-        results = run_all(handle, requests)
-        for request, events in zip(requests, results):
+        base = [list(p) for p in golden.cases["prompt_ids"]]
+        samplings = [Sampling(), Sampling(temperature=0.8, top_p=0.9, seed=3),
+                     Sampling(temperature=0.8, top_k=40, seed=4)]
+        overflowing = [Request(f"long{k}", (base[k % len(base)] * 80)[: 68 + 5 * k], 40, sampling, ignore_eos=True)
+                       for k, sampling in enumerate(samplings)]  # 14 .. 15 blocks each at the end
+        for request, events in zip(overflowing, run_all(handle, overflowing)):
             assert [e.token for e in events] == reference(request), request.request_id
         after = stats(handle)
         assert after["preemptions_total"] > 0, {k: v for k, v in after.items() if "total" in k}
-        assert after["prefix_cache_hits"] > 0, {k: v for k, v in after.items() if "prefix" in k}
-        assert after["running_sequences"] == 0 and after["kv_blocks_used"] == 0
+        repeated = Request("repeat", overflowing[0].prompt[:45], 6, ignore_eos=True)
+        for attempt in range(2):
+            [events] = run_all(handle, [Request(f"repeat{attempt}", repeated.prompt, 6, ignore_eos=True)])
+            assert [e.token for e in events] == reference(repeated)
+        final = stats(handle)
+        assert final["prefix_cache_hits"] > after["prefix_cache_hits"], {k: v for k, v in final.items()
+                                                                         if "prefix" in k}
+        assert final["running_sequences"] == 0 and final["kv_blocks_used"] == 0
     finally:
         if handle is not None:
             ray.get(handle.shutdown.remote(), timeout=60)
