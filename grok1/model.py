@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from grok1.config import ModelConfig
-from grok1.paged_attention import PagedKV, attend, kv_zeros, paged_attention
+from grok1.paged_attention import PagedKV, attend, kv_bits, kv_like, kv_values, kv_zeros, paged_attention
 from grok1.params import QuantizedWeight, dequantize
 
 FPROP_DTYPE = jnp.bfloat16  # the reference's fprop_dtype
@@ -31,7 +31,8 @@ KV_CACHE_AXES = ("layers", "cache_slots", "cache_positions", "kv_heads", "head_d
 
 
 class KVCache(NamedTuple):
-    """Keys (after RoPE) and values of every layer: k, v [L, B, S, Hkv, K] bfloat16."""
+    """Keys (after RoPE) and values of every layer: k, v [L, B, S, Hkv, K], bfloat16 values held as their
+    uint16 bits (grok1.paged_attention.kv_bits); a bfloat16 cache works too, at XLA:CPU's slower update."""
 
     k: jax.Array
     v: jax.Array
@@ -132,6 +133,21 @@ def linear(x, w):
     return at_least_two_rows(product, x)
 
 
+def write_each_row(cache, new, layer_index, positions):
+    """cache [L, B, S, Hkv, K] with new [B, Hkv, K] written at (layer_index, b, positions[b]) for every row b;
+    positions past S write nothing.
+
+    One scatter whose row axis is a batching dimension (operand_batching_dims), not an index: XLA's partitioner
+    then keeps each device's rows local when a mesh splits them (a scatter indexed by row ids would all-gather
+    the updates; jax.vmap makes the same scatter but moves the row axis first, transposing the whole cache)."""
+    rows = new.shape[0]
+    indices = jnp.stack([jnp.broadcast_to(layer_index, (rows,)), positions], axis=1).astype(jnp.int32)  # [B, 2]
+    numbers = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2), inserted_window_dims=(0, 2), scatter_dims_to_operand_dims=(0, 2),
+        operand_batching_dims=(1,), scatter_indices_batching_dims=(0,))
+    return jax.lax.scatter(cache, indices, new, numbers, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+
 def rotary(x, positions):
     """Rotary position embedding with rotate-half: x [B, T, H, K], positions [B, T]."""
     dim = x.shape[-1]
@@ -170,24 +186,27 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
                                      config.attn_output_multiplier)
         return linear(out, layer["o_proj"]), cache
     if rows is None:
-        # Every cache row in order, one new token each (decode). A masked write of the layer's cache, with no
-        # row indices: when the cache's rows are split over devices, each device updates and reads its own
-        # rows. (A scatter/gather by row index would make XLA all-reduce the whole layer's cache.)
+        # Every cache row in order, one new token each (decode): one scatter of each row's token, in place (see
+        # kv_bits). The rows are addressed by an iota, so when a mesh splits them over devices XLA's partitioner
+        # keeps each device's update and read to its own rows (a gather by arbitrary row ids would all-reduce
+        # the layer's cache). Only the first kv_len positions are read (the caller makes kv_len longer than
+        # every live sequence): a step's cost follows the live lengths, not the cache's S.
         assert steps == 1 and batch == cache.k.shape[1], "rows=None is for decode: all rows, one token each"
-        # Only the first kv_len positions are read and written (the caller makes kv_len longer than every live
-        # sequence): a step's cost follows the live lengths, not the cache's S.
-        write = (jnp.arange(kv_len)[None, :] == positions)[:, :, None, None]  # [B, kv_len, 1, 1]
-        keys = jnp.where(write, k, cache.k[layer_index, :, :kv_len])  # [B, kv_len, Hkv, K]; later positions: no write
-        values = jnp.where(write, v, cache.v[layer_index, :, :kv_len])
-        cache = KVCache(cache.k.at[layer_index, :, :kv_len].set(keys), cache.v.at[layer_index, :, :kv_len].set(values))
+        at = positions[:, 0]
+
+        def written(layer_cache, new):
+            bits = write_each_row(kv_bits(layer_cache), kv_bits(new[:, 0]), layer_index, at)
+            return kv_like(bits, layer_cache), kv_values(bits[layer_index, :, :kv_len])  # [B, kv_len, Hkv, K]
     else:
         # Scatter the new keys/values at their positions; positions past the cache end are dropped.
         row_index = jnp.broadcast_to(rows[:, None], positions.shape)
-        cache = KVCache(cache.k.at[layer_index, row_index, positions].set(k, mode="drop"),
-                        cache.v.at[layer_index, row_index, positions].set(v, mode="drop"))
-        keys = cache.k[layer_index, rows, :kv_len]  # [B, S, Hkv, K]
-        values = cache.v[layer_index, rows, :kv_len]
 
+        def written(layer_cache, new):
+            bits = kv_bits(layer_cache).at[layer_index, row_index, positions].set(kv_bits(new), mode="drop")
+            return kv_like(bits, layer_cache), kv_values(bits[layer_index, rows, :kv_len])  # [B, S, Hkv, K]
+
+    (new_k, keys), (new_v, values) = written(cache.k, k), written(cache.v, v)
+    cache = KVCache(new_k, new_v)
     out = attend(q, keys, values, positions, config.attn_output_multiplier)
     return linear(out, layer["o_proj"]), cache
 
@@ -269,8 +288,28 @@ def expert_ffn_grouped(x_sorted, dispatch: Dispatch, w_gelu, w_value, w_out, blo
     return jax.lax.fori_loop(0, num_experts, one_expert, out)
 
 
+EXPERT_WEIGHTS = ("ffn_gelu_in", "ffn_value_in", "ffn_out")
+
+
+class StackedWeight(NamedTuple):
+    """One layer's expert weight left in the params' stacked [L, E, ...] array (plain or a QuantizedWeight), with
+    the layer's index: expert e is read as stacked[layer, e] where it runs (`_index`).
+
+    Why: lax.scan over the layers slices what it scans, and XLA:CPU copies each slice into a new buffer; with
+    the experts scanned, every step copied every expert of every layer (grok-1-cpu: 134 MB, ~1/6 of a batch-1
+    step, profiled with jax.profiler) to run the two a token picked. Sliced here, only those are read."""
+
+    stacked: object
+    layer: jax.Array
+
+
 def _index(w, e):
-    """Expert e's matrix out of a stacked [E, ...] weight (quantised or not)."""
+    """Expert e's matrix out of a stacked [E, ...] weight (quantised or not) or a StackedWeight."""
+    if isinstance(w, StackedWeight):
+        def one(leaf):  # one dynamic slice [1, 1, ...] of [L, E, ...]: nothing else of the stack is touched
+            starts = (w.layer, e) + (0,) * (leaf.ndim - 2)
+            return jax.lax.dynamic_slice(leaf, starts, (1, 1, *leaf.shape[2:])).reshape(leaf.shape[2:])
+        return jax.tree.map(one, w.stacked)
     if isinstance(w, QuantizedWeight):
         return QuantizedWeight(w.weight[e], w.scales[e])
     return w[e]
@@ -420,16 +459,19 @@ def run_layers_groups(params, config: ModelConfig, tokens, groups, cache, *, blo
         routing_overrides = (None,) * len(groups)
     hs = tuple(embed(params, t, config) for t in tokens)
 
+    layers = params["layers"]
+    scanned = {name: leaf for name, leaf in layers.items() if name not in EXPERT_WEIGHTS}  # see StackedWeight
+
     def body(carry, xs):
         hs, cache = carry
         index, layer, overrides = xs
+        layer = {**layer, **{name: StackedWeight(layers[name], index) for name in EXPERT_WEIGHTS if name in layers}}
         hs, cache, expert_indices = decoder_layer_groups(hs, layer, config, groups, cache, index, block, overrides,
                                                          moe_fn)
         return (hs, cache), expert_indices
 
     indices = jnp.arange(config.num_layers)
-    (hs, cache), expert_indices = jax.lax.scan(body, (hs, cache),
-                                               (indices, params["layers"], tuple(routing_overrides)))
+    (hs, cache), expert_indices = jax.lax.scan(body, (hs, cache), (indices, scanned, tuple(routing_overrides)))
     return hs, cache, expert_indices
 
 

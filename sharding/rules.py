@@ -21,7 +21,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grok1.model import KV_CACHE_AXES
+from grok1.model import KV_CACHE_AXES, StackedWeight
 from grok1.paged_attention import PAGED_KV_AXES, PagedKV
 from grok1.params import QuantizedWeight, param_axes, scale_axes
 from sharding.mesh_shape import EP, TP
@@ -123,9 +123,14 @@ def param_specs(params, rules=LOGICAL_AXIS_RULES):
 
 
 def layer_specs(layer: dict, rules=LOGICAL_AXIS_RULES) -> dict:
-    """Specs of one decoder layer's params, {name: leaf} without the stacked L axis (as lax.scan sees them)."""
-    return {name: leaf_spec(_param_axes(f"layers/{name}")[1:], leaf, f"parameter 'layers/{name}'", rules)
-            for name, leaf in layer.items()}
+    """Specs of one decoder layer's params, {name: leaf} without the stacked L axis (as lax.scan sees them); a
+    grok1.model.StackedWeight keeps the L axis (its stacked array) and its layer index is replicated."""
+    def one(name, leaf):
+        what = f"parameter 'layers/{name}'"
+        if isinstance(leaf, StackedWeight):
+            return StackedWeight(leaf_spec(_param_axes(f"layers/{name}"), leaf.stacked, what, rules), P())
+        return leaf_spec(_param_axes(f"layers/{name}")[1:], leaf, what, rules)
+    return {name: one(name, leaf) for name, leaf in layer.items()}
 
 
 def named_shardings(specs, mesh):
