@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok1.config import ModelConfig
+from grok1.model import EXPERT_WEIGHTS
 
 ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_PARAMS = ("ffn_gelu_in", "ffn_value_in", "ffn_out")
+EXPERT_PARAMS = EXPERT_WEIGHTS
 KV_BYTES = 2  # bfloat16 cache entries
 EMBEDDING_BYTES = 2  # bfloat16 unembedding
 

@@ -187,10 +187,9 @@ def attention(x, layer, config: ModelConfig, positions, cache: KVCache, layer_in
         return linear(out, layer["o_proj"]), cache
     if rows is None:
         # Every cache row in order, one new token each (decode): one scatter of each row's token, in place (see
-        # kv_bits). The rows are addressed by an iota, so when a mesh splits them over devices XLA's partitioner
-        # keeps each device's update and read to its own rows (a gather by arbitrary row ids would all-reduce
-        # the layer's cache). Only the first kv_len positions are read (the caller makes kv_len longer than
-        # every live sequence): a step's cost follows the live lengths, not the cache's S.
+        # kv_bits), local to each device's rows when a mesh splits them (see write_each_row). Only the first
+        # kv_len positions are read (the caller makes kv_len longer than every live sequence): a step's cost
+        # follows the live lengths, not the cache's S.
         assert steps == 1 and batch == cache.k.shape[1], "rows=None is for decode: all rows, one token each"
         at = positions[:, 0]
 
