@@ -47,6 +47,10 @@ def _chain(previous: bytes, tokens) -> bytes:
     return hashlib.sha256(previous + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
 
 
+def _seed(salt: bytes) -> bytes:
+    return hashlib.sha256(b"grok1-kv-salt:" + salt).digest()
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
@@ -90,20 +94,10 @@ class BlockPool:
         if not prompt:
             raise ValueError("a prompt needs at least one token")
         size = self.block_size
-        seed = hashlib.sha256(b"grok1-kv-salt:" + salt).digest()
-        hits: list[int] = []
-        digests: list[bytes] = []
-        previous = seed
-        if self.prefix_caching:
-            for start in range(0, len(prompt) - 1 - size + 1, size):
-                previous = _chain(previous, prompt[start:start + size])
-                self.prefix_queries += 1
-                block = self.cached.get(previous)
-                if block is None:
-                    break
-                hits.append(block)
-                digests.append(previous)
-            self.prefix_hits += len(hits)
+        seed = _seed(salt)
+        hits, digests, queries = self._lookup(prompt, seed)
+        self.prefix_queries += queries
+        self.prefix_hits += len(hits)
         cover = len(prompt) if new_tokens is None else min(len(hits) * size + new_tokens, len(prompt))
         needed = self.blocks_for(cover) - len(hits)
         if needed > self.free_blocks - sum(self.refcount[b] == 0 for b in hits):
@@ -114,6 +108,10 @@ class BlockPool:
         self.sequences[seq_id] = sequence
         self._grow(sequence, prompt[len(hits) * size:cover])
         return Allocation(tuple(sequence.blocks), len(hits) * size)
+
+    def cached_prefix_blocks(self, prompt: list[int], salt: bytes = b"") -> int:
+        """How many of the prompt's leading blocks `allocate` would find cached now (a look: not counted)."""
+        return len(self._lookup(prompt, _seed(salt))[0])
 
     def extend(self, seq_id: str, tokens: list[int]) -> list[tuple[int, int]]:
         """Room for `tokens` after the sequence's current end; returns the block copies (copy-on-write) the
@@ -163,6 +161,24 @@ class BlockPool:
         self.prefix_queries, self.prefix_hits = queries, hits
 
     # ------------------------------------------------------------------------------------------ internals
+    def _lookup(self, prompt: list[int], seed: bytes) -> tuple[list[int], list[bytes], int]:
+        """(cached blocks of the prompt's longest cached prefix, their digests, blocks looked up); the prompt's
+        last token is never in it (see allocate)."""
+        hits: list[int] = []
+        digests: list[bytes] = []
+        if not self.prefix_caching:
+            return hits, digests, 0
+        size, previous, queries = self.block_size, seed, 0
+        for start in range(0, len(prompt) - 1 - size + 1, size):
+            previous = _chain(previous, prompt[start:start + size])
+            queries += 1
+            block = self.cached.get(previous)
+            if block is None:
+                break
+            hits.append(block)
+            digests.append(previous)
+        return hits, digests, queries
+
     def _grow(self, sequence: _Sequence, tokens: list[int]) -> None:
         size = self.block_size
         for token in tokens:

@@ -7,7 +7,8 @@ cluster) carries those decisions out. One lifecycle (submit, record, expire, can
 
 - contiguous (no `kv`): `admit()` puts queued requests into free slots, whole prompts (each slot owns
   max_len cache rows);
-- paged (`kv`, a cluster.kv_blocks.BlockPool): `plan()` spends each step's token budget: one decode token per
+- paged (`kv`, a cluster.kv_blocks.BlockPool, or cluster.kv_ranks.RankedPools split over the expert axis):
+  `plan()` spends each step's token budget: one decode token per
   sequence whose prefill is done, then prefill chunks of partly prefilled sequences (oldest first), then of
   queued requests (FIFO) while the budget, a free slot and free blocks last.
 
@@ -17,6 +18,12 @@ end of the step. When a sequence needs a block and none is free, the newest runn
 blocks go back, it is queued again at the front and later prefilled again from its prompt and the tokens it had
 generated (which it keeps, so its sampling draws continue from token number len(generated)). Every request
 fits the pool alone (submit refuses others), so the oldest sequence always progresses: no deadlock.
+
+A pool split over `ranks` (attention data parallel over the expert axis) splits the slots the same way: slot s
+is on rank s // (max_slots / ranks), and its sequence's blocks are all in that rank's pool. A queued request
+goes to the rank that has its prompt's longest cached prefix, else to the one with the most free blocks; a
+fork to its parent's; a sequence short of blocks preempts the newest one on its own rank (only that frees
+blocks it can use), so each rank's oldest sequence always progresses.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.kv_blocks import BlockPool, OutOfBlocks
+from cluster.kv_ranks import RankedPools
 from grok1.engine_api import (
     FinishReason,
     InvalidRequest,
@@ -56,13 +64,17 @@ class _Running:
 
 class Scheduler:
     def __init__(self, max_slots: int, max_len: int, vocab_size: int, eos_token: int, max_queue: int | None = None,
-                 *, kv: BlockPool | None = None, token_budget: int | None = None):
+                 *, kv: BlockPool | RankedPools | None = None, token_budget: int | None = None):
         """`max_queue`: requests that may wait beyond the free slots (None: no bound, for offline runs whose
         caller holds every request anyway; a router passes its ReplicaConfig.max_queue).
 
         `kv`: the paged engine's block pool (None: a contiguous engine). `token_budget`: tokens one paged step
         may run, decode and prefill together (None: whole prompts, no chunking); more than max_slots, so that
-        every step has room for some prefill."""
+        every step has room for some prefill. A RankedPools `kv` splits the slots over its ranks."""
+        if isinstance(kv, BlockPool):
+            kv = RankedPools([kv])
+        if kv is not None and max_slots % kv.ranks:
+            raise ValueError(f"max_slots ({max_slots}) do not split evenly over the pool's {kv.ranks} ranks")
         if token_budget is not None and (kv is None or token_budget <= max_slots):
             raise ValueError(f"token_budget ({token_budget}) needs a paged engine and must exceed max_slots "
                              f"({max_slots})")
@@ -72,6 +84,7 @@ class Scheduler:
         self.eos_token = eos_token
         self.max_queue = max_queue
         self.kv = kv
+        self.slots_per_rank = max_slots if kv is None else max_slots // kv.ranks
         self.token_budget = token_budget
         self.queue: collections.deque[Request] = collections.deque()
         self.slots: list[_Running | None] = [None] * max_slots
@@ -84,10 +97,11 @@ class Scheduler:
         self.on_admit = None  # called with each request as it gets a slot (the router times its wait)
 
     @classmethod
-    def for_config(cls, config, max_queue: int | None = None) -> "Scheduler":
-        """The scheduler of an engine made from this grok1.config.Grok1Config: paged when engine.kv_blocks is."""
+    def for_config(cls, config, max_queue: int | None = None, kv_ranks: int = 1) -> "Scheduler":
+        """The scheduler of an engine made from this grok1.config.Grok1Config: paged when engine.kv_blocks is,
+        with the pool split over `kv_ranks` (the mesh's ep: the paged engine's `kv_ranks`)."""
         engine, model = config.engine, config.model
-        kv = BlockPool(engine.kv_blocks, engine.kv_block_size) if engine.paged else None
+        kv = RankedPools.split(engine.kv_blocks, engine.kv_block_size, kv_ranks) if engine.paged else None
         return cls(engine.max_slots, engine.max_len, model.vocab_size, model.eos_token, max_queue=max_queue, kv=kv,
                    token_budget=engine.token_budget or None)
 
@@ -102,11 +116,13 @@ class Scheduler:
         if self.kv is not None:  # a sequence must fit the pool alone: then preemption always makes progress
             kv, prompt = self.kv, len(request.prompt)
             whole = kv.blocks_for(prompt + request.max_tokens)
-            if whole > kv.num_blocks:
-                name = "prompt" if kv.blocks_for(prompt) > kv.num_blocks else "max_tokens"
+            if whole > kv.per_rank:
+                name = "prompt" if kv.blocks_for(prompt) > kv.per_rank else "max_tokens"
+                pool = (f"the whole pool has {kv.per_rank}" if kv.ranks == 1 else
+                        f"a sequence lives on one of {kv.ranks} expert-parallel ranks, whose pools have "
+                        f"{kv.per_rank} each")
                 raise InvalidRequest(f"prompt ({prompt} tokens) + max_tokens ({request.max_tokens}) needs {whole} "
-                                     f"KV blocks of {kv.block_size} tokens; the whole pool has {kv.num_blocks}",
-                                     name)
+                                     f"KV blocks of {kv.block_size} tokens; {pool}", name)
 
     def submit(self, request: Request) -> None:
         self.validate(request)
@@ -233,22 +249,14 @@ class Scheduler:
     def _admit_chunks(self, plan: StepPlan, budget: float, just_preempted: set[str]) -> None:
         forkable: dict[tuple[int, ...], str] = {}  # contexts admitted whole this step -> their sequence
         while self.queue and budget > 0 and self.queue[0].request_id not in just_preempted:
-            slot = next((s for s, running in enumerate(self.slots) if running is None), None)
-            if slot is None:
-                return
             request = self.queue[0]
             replay = self.resume.get(request.request_id, [])
             context = request.prompt + replay
             parent = forkable.get(tuple(context))
-            try:
-                if parent is not None:  # n > 1 choices: share every block, the partial last one too
-                    self.kv.fork(parent, request.request_id)
-                    cached = len(context) - 1
-                else:
-                    cached = self.kv.allocate(request.request_id, context,
-                                              new_tokens=min(budget, len(context))).cached_tokens
-            except OutOfBlocks:
+            placed = self._place(request.request_id, context, parent, min(budget, len(context)))
+            if placed is None:
                 return
+            slot, cached, parent = placed
             self.queue.popleft()
             self.resume.pop(request.request_id, None)
             self.admissions += 1
@@ -262,6 +270,33 @@ class Scheduler:
             budget -= count
             if count == len(context) - cached and parent is None:
                 forkable[tuple(context)] = request.request_id
+
+    def _place(self, seq_id: str, context: list[int], parent: str | None, new_tokens: int):
+        """A free slot and blocks for a new sequence: (slot, cached tokens, the parent it forked or None), or
+        None when no rank has both. A fork goes to its parent's rank when that has a free slot."""
+        free = {}
+        for slot, running in enumerate(self.slots):
+            if running is None:
+                free.setdefault(self._rank(slot), slot)  # each rank's lowest free slot
+        if not free:
+            return None
+        if parent is not None and self.kv.rank_of(parent) in free:  # n > 1 choices: share every block
+            self.kv.fork(parent, seq_id)
+            return free[self.kv.rank_of(parent)], len(context) - 1, parent
+        ranks = sorted(free)
+        if len(ranks) > 1:  # where its prefix is cached, else where most blocks are free
+            cached = self.kv.cached_prefix(context)
+            ranks.sort(key=lambda rank: (-cached[rank], -self.kv.free_on(rank), rank))
+        for rank in ranks:
+            try:
+                allocation = self.kv.allocate(seq_id, context, new_tokens=new_tokens, rank=rank)
+            except OutOfBlocks:
+                continue
+            return free[rank], allocation.cached_tokens, None
+        return None
+
+    def _rank(self, slot: int) -> int:
+        return slot // self.slots_per_rank
 
     def _admitted(self, request: Request) -> None:
         if self.on_admit is not None:
@@ -278,15 +313,16 @@ class Scheduler:
                             start if write_from is None else write_from)
 
     def _room(self, slot: int, tokens: list[int], plan: StepPlan, just_preempted: set[str]) -> bool:
-        """Blocks for `tokens` after the slot's sequence, preempting the newest sequences not yet in this step
-        until they fit; False when that was the slot's own sequence."""
+        """Blocks for `tokens` after the slot's sequence, preempting the newest sequences of its rank not yet in
+        this step until they fit; False when that was the slot's own sequence."""
         while True:
             try:
                 plan.copies += self.kv.extend(self.slots[slot].request.request_id, tokens)
                 return True
             except OutOfBlocks:
                 planned = set(plan.decode) | {chunk.slot for chunk in plan.chunks}
-                victim = [s for s in self._by_age() if s not in planned][-1]
+                rank = self._rank(slot)
+                victim = [s for s in self._by_age() if s not in planned and self._rank(s) == rank][-1]
                 self._preempt(victim, plan, just_preempted)
                 if victim == slot:
                     return False

@@ -81,8 +81,12 @@ def reference(request: Request) -> list[int]:
 
 
 class FakePagedEngine:
-    def __init__(self, num_blocks: int, block_size: int, max_slots: int):
+    """A paged device pool of tokens. With `ranks`, the pool is split as the real engine splits it over ep: it
+    fails the step if a slot's table or a copy names a block of another rank's share (memory it cannot read)."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_slots: int, ranks: int = 1):
         self.bs = block_size
+        self.per_rank, self.slots_per_rank = num_blocks // ranks, max_slots // ranks
         self.device = [[None] * block_size for _ in range(num_blocks)]
         self.length = [0] * max_slots
         self.last = [0] * max_slots
@@ -101,7 +105,11 @@ class FakePagedEngine:
 
     def paged_step(self, plan):
         self.plans.append(plan)
+        for slot, table in enumerate(plan.tables):
+            mine = {slot // self.slots_per_rank}
+            assert {int(b) // self.per_rank for b in table if b >= 0} <= mine, f"slot {slot}: another rank's block"
         for source, destination in plan.copies:
+            assert source // self.per_rank == destination // self.per_rank, "a copy across ranks"
             self.device[destination] = list(self.device[source])
         assert set(plan.decode) == {s for s, a in enumerate(self.active) if a}, "decode slots vs active slots"
         decoded = None

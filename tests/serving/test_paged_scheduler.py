@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cluster.driver import Driver
 from cluster.kv_blocks import BlockPool
+from cluster.kv_ranks import RankedPools
 from cluster.scheduler import InvalidRequest, Request, Scheduler
 from grok1.engine_api import Sampling
 from tests.serving.fakes import EOS, VOCAB, FakePagedEngine, reference
@@ -18,10 +19,14 @@ from tests.serving.fakes import EOS, VOCAB, FakePagedEngine, reference
 MAX_LEN = 128
 
 
-def make(num_blocks=64, block_size=4, max_slots=4, token_budget=None, prefix_caching=True, **kwargs):
-    pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
+def make(num_blocks=64, block_size=4, max_slots=4, token_budget=None, prefix_caching=True, ranks=1, **kwargs):
+    """A driver over the fake engine; `ranks` > 1 splits the pool (num_blocks in all) and slots over ep ranks."""
+    if ranks == 1:
+        pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
+    else:
+        pool = RankedPools.split(num_blocks, block_size, ranks, prefix_caching=prefix_caching)
     scheduler = Scheduler(max_slots, MAX_LEN, VOCAB, EOS, kv=pool, token_budget=token_budget, **kwargs)
-    engine = FakePagedEngine(num_blocks, block_size, max_slots)
+    engine = FakePagedEngine(num_blocks, block_size, max_slots, ranks)
     return Driver(engine, scheduler), scheduler, engine
 
 
@@ -187,14 +192,16 @@ workload = st.lists(st.tuples(st.integers(1, 40), st.integers(1, 24), st.integer
                     min_size=1, max_size=10)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(workload, st.integers(4, 24), st.sampled_from([2, 4, 8]), st.sampled_from([None, 6, 13]),
-       st.integers(0, 5))
-def test_random_workloads_finish_with_uninterrupted_tokens(specs, num_blocks, block_size, budget, cancel_at):
-    """Random prompts (often sharing prefixes), outputs, pool sizes and budgets: every request that fits the
-    pool ends with exactly its uninterrupted tokens, one is cancelled on the way, and no block leaks."""
-    driver, scheduler, engine = make(num_blocks=num_blocks, block_size=block_size, max_slots=3,
-                                     token_budget=budget)
+       st.integers(0, 5), st.sampled_from([1, 2]))
+def test_random_workloads_finish_with_uninterrupted_tokens(specs, num_blocks, block_size, budget, cancel_at,
+                                                           ranks):
+    """Random prompts (often sharing prefixes), outputs, pool sizes and budgets, the pool whole or split over
+    two ranks (num_blocks each): every request that fits a rank's pool ends with exactly its uninterrupted
+    tokens, one is cancelled on the way, no block leaks, and no slot's table leaves its rank (the fake fails)."""
+    driver, scheduler, engine = make(num_blocks=num_blocks * ranks, block_size=block_size,
+                                     max_slots=3 if ranks == 1 else 4, token_budget=budget, ranks=ranks)
     accepted = []
     for i, (length, max_tokens, family, stop) in enumerate(specs):
         prompt = [family + 1] * (length // 2) + list(range(length - length // 2))
