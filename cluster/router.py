@@ -78,7 +78,8 @@ class Router:
         self.max_queue = settings.max_queue
         self.pipelined = settings.pipelined
         config: Grok1Config = spec.config
-        self.scheduler = Scheduler.for_config(config, max_queue=settings.max_queue)
+        # A paged pool is split over the mesh's ep as the workers' engines split it (grok1/paged_engine.py).
+        self.scheduler = Scheduler.for_config(config, max_queue=settings.max_queue, kv_ranks=spec.mesh.ep)
         self._stats = RequestStats()  # tokens, finishes, TTFT / TPOT, queue and step times, for /metrics
         self.scheduler.on_admit = self._stats.step_timings.admitted
         self._loading: dict[int, tuple[int, int]] = {}  # shard process -> (tensors loaded, tensors) while building

@@ -10,6 +10,13 @@ context, not the longest context the engine allows.
 
 `paged_attention` is the one kernel: a GPU kernel (vLLM's or Pallas' paged attention) can replace it without
 anything else changing. On XLA:CPU the gather is an ordinary take, fused by XLA.
+
+Split over ranks (the expert axis, when attention runs data parallel over it): the pool's N blocks are R equal
+shares, rank-major, one per rank, and the rows are R equal groups in rank order, each row's blocks in its own
+rank's share. The table then comes as [R, B/R, M] of ids within the share, and every read and write of a
+group touches only its share: the gather and scatter name the rank as a batching dimension (as
+grok1.model.write_each_row does for the contiguous cache's rows), so XLA's partitioner, seeing the pool split
+over the rank axis, keeps each rank's reads and writes on its own device, with no collective.
 """
 
 from __future__ import annotations
@@ -84,11 +91,41 @@ class PagedKV(NamedTuple):
         return self.k.shape[2]
 
 
+def copy_pool_blocks(pool: PagedKV, sources, destinations) -> PagedKV:
+    """Copy whole blocks (every layer) sources[i] -> destinations[i]; a destination past the pool (or past the
+    share) is padding, dropped. sources, destinations [C] are pool ids; [R, C] ids within each rank's share."""
+    if sources.ndim == 1:
+        return PagedKV(*(a.at[:, destinations].set(a[:, sources], mode="drop") for a in pool))
+    ranks = sources.shape[0]
+    layers, _, *block = pool.k.shape
+    take = jax.lax.GatherDimensionNumbers(  # operand [L, R, N/R, bs, Hkv, K] -> [R, C, L, bs, Hkv, K]
+        offset_dims=(2, 3, 4, 5), collapsed_slice_dims=(2,), start_index_map=(2,), operand_batching_dims=(1,),
+        start_indices_batching_dims=(0,))
+    put = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(2, 3, 4, 5), inserted_window_dims=(2,), scatter_dims_to_operand_dims=(2,),
+        operand_batching_dims=(1,), scatter_indices_batching_dims=(0,))
+
+    def copy(array):
+        shares = by_rank(array, ranks)
+        blocks = jax.lax.gather(shares, sources[..., None], take, (layers, 1, 1, *block),
+                                mode=jax.lax.GatherScatterMode.CLIP)
+        return jax.lax.scatter(shares, destinations[..., None], blocks, put,
+                               mode=jax.lax.GatherScatterMode.FILL_OR_DROP).reshape(array.shape)
+
+    return PagedKV(copy(pool.k), copy(pool.v))
+
+
 def bucket_kv_len(live: int, block_size: int, limit: int) -> int:
     """The static kv_len for `live` positions: the next power of two of whole blocks, at most `limit`
     (a multiple of block_size). Few buckets, few compiles; at most twice the live positions are read."""
     blocks = max(1, -(-live // block_size))
     return min(block_size * (1 << (blocks - 1).bit_length()), limit)
+
+
+def by_rank(pool_array, ranks: int):
+    """A pool array [L, N, bs, Hkv, K] viewed as [L, R, N/R, bs, Hkv, K]: rank r's share at [:, r]."""
+    layers, blocks, *rest = pool_array.shape
+    return pool_array.reshape(layers, ranks, blocks // ranks, *rest)
 
 
 def write_kv(pool: PagedKV, layer_index, table, positions, valid, k, v) -> PagedKV:
@@ -110,6 +147,32 @@ def write_kv(pool: PagedKV, layer_index, table, positions, valid, k, v) -> Paged
     return PagedKV(put(pool.k, k), put(pool.v, v))
 
 
+def write_kv_ranked(pool: PagedKV, layer_index, table, positions, valid, k, v) -> PagedKV:
+    """write_kv with the pool split over ranks: table [R, B/R, M] holds ids within each rank's share; k, v
+    [B, T, Hkv, K], positions and valid [B, T] are R groups of rows in rank order."""
+    ranks, group, width = table.shape
+    steps = positions.shape[1]
+    share, block_size = pool.k.shape[1] // ranks, pool.k.shape[2]
+    positions, valid = positions.reshape(ranks, group, steps), valid.reshape(ranks, group, steps)
+    index = positions // block_size
+    inside = (positions >= 0) & (index < width)
+    blocks = jnp.take_along_axis(table, jnp.clip(index, 0, width - 1), axis=2)  # [R, B/R, T]
+    blocks = jnp.where(valid & inside & (blocks >= 0), blocks, share)  # past the share: dropped
+    layer = jnp.broadcast_to(layer_index, blocks.shape)
+    indices = jnp.stack([layer, blocks, positions % block_size], axis=-1).reshape(ranks, group * steps, 3)
+    numbers = jax.lax.ScatterDimensionNumbers(  # operand [L, R, N/R, bs, Hkv, K]; the rank is a batching dim
+        update_window_dims=(2, 3), inserted_window_dims=(0, 2, 3), scatter_dims_to_operand_dims=(0, 2, 3),
+        operand_batching_dims=(1,), scatter_indices_batching_dims=(0,))
+
+    def put(layer_pool, new):
+        new = kv_bits(new).reshape(ranks, group * steps, *new.shape[2:])
+        bits = jax.lax.scatter(by_rank(kv_bits(layer_pool), ranks), indices, new, numbers,
+                               mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+        return kv_like(bits.reshape(layer_pool.shape), layer_pool)
+
+    return PagedKV(put(pool.k, k), put(pool.v, v))
+
+
 def gather_kv(pool: PagedKV, layer_index, table, kv_len: int):
     """Keys and values [B, kv_len, Hkv, K] of each row's first kv_len positions (kv_len static, a multiple of
     the block size). Table entries past a row's blocks may hold anything: those positions are masked."""
@@ -121,6 +184,26 @@ def gather_kv(pool: PagedKV, layer_index, table, kv_len: int):
     def read(layer_pool):
         rows = kv_values(layer_pool[layer_index][blocks])  # [B, n, bs, Hkv, K]
         return rows.reshape(batch, kv_len, *rows.shape[3:])
+
+    return read(pool.k), read(pool.v)
+
+
+def gather_kv_ranked(pool: PagedKV, layer_index, table, kv_len: int):
+    """gather_kv with the pool split over ranks (table [R, B/R, M], ids within each rank's share): keys and
+    values [B, kv_len, Hkv, K], the rows in rank order."""
+    ranks, group, _ = table.shape
+    share, block_size = pool.k.shape[1] // ranks, pool.k.shape[2]
+    assert kv_len % block_size == 0, f"kv_len {kv_len} is not a multiple of the block size {block_size}"
+    blocks = jnp.clip(table[:, :, : kv_len // block_size], 0, share - 1)[..., None]  # [R, B/R, n, 1]
+    numbers = jax.lax.GatherDimensionNumbers(  # operand [R, N/R, bs, Hkv, K]; the rank is a batching dim
+        offset_dims=(3, 4, 5), collapsed_slice_dims=(1,), start_index_map=(1,), operand_batching_dims=(0,),
+        start_indices_batching_dims=(0,))
+
+    def read(layer_pool):
+        shares = by_rank(layer_pool, ranks)[layer_index]  # [R, N/R, bs, Hkv, K]
+        rows = jax.lax.gather(shares, blocks, numbers, (1, 1, *shares.shape[2:]),
+                              mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)  # [R, B/R, n, bs, Hkv, K]
+        return kv_values(rows).reshape(ranks * group, kv_len, *rows.shape[4:])
 
     return read(pool.k), read(pool.v)
 
@@ -145,7 +228,9 @@ def attend(q, keys, values, positions, multiplier: float):
 def paged_attention(q, k, v, pool: PagedKV, layer_index, table, positions, valid, kv_len: int,
                     multiplier: float):
     """The paged kernel: write this step's k, v [B, T, Hkv, K] through the block table, then attend q
-    [B, T, H, K] over each row's first kv_len positions. Returns [B, T, H*K] and the updated pool."""
-    pool = write_kv(pool, layer_index, table, positions, valid, k, v)
-    keys, values = gather_kv(pool, layer_index, table, kv_len)
+    [B, T, H, K] over each row's first kv_len positions. Returns [B, T, H*K] and the updated pool. A table
+    [R, B/R, M] splits the pool over R ranks (see the module's docstring)."""
+    ranked = table.ndim == 3
+    pool = (write_kv_ranked if ranked else write_kv)(pool, layer_index, table, positions, valid, k, v)
+    keys, values = (gather_kv_ranked if ranked else gather_kv)(pool, layer_index, table, kv_len)
     return attend(q, keys, values, positions, multiplier), pool

@@ -8,6 +8,12 @@ The device state is grok1.steps.DecodeState with a PagedKV pool for its cache: m
 contiguous engine's at the same memory. Which blocks a sequence owns, which chunk of which prompt runs when, and
 who is preempted are the scheduler's decisions; this engine takes the block tables with every step.
 
+On a mesh with ep > 1 the pool is split over ep (`kv_ranks`): rank r's devices hold blocks [r N/ep, (r + 1)
+N/ep) and the slots [r B/ep, (r + 1) B/ep) whose sequences live there (cluster/kv_ranks.py places them). The
+scheduler's tables name global blocks; this engine checks that each row's blocks are its rank's, turns them
+into ids within the share and hands the kernel one table per rank (grok1.paged_attention), prefill chunk rows
+grouped by rank, and copies per rank.
+
 A step: the plan's block copies (copy-on-write of a shared partial block), one decode token for every active
 slot (attention over a bucket of the longest live length, so a step's cost follows the live tokens) and the
 prefill chunks, padded to a power of two of the longest chunk (`chunk_buckets`: a prefix hit's suffix or a token
@@ -31,7 +37,7 @@ from grok1.buckets import PREFILL_BATCH_GROWTH, power_of_two_buckets, smallest_b
 from grok1.config import Grok1Config
 from grok1.engine import Engine, EngineSizes
 from grok1.engine_api import Sampling, StepOutput, StepPlan
-from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len
+from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len, copy_pool_blocks
 from grok1.sampling import SlotSampling, sample
 from grok1.slot_settings import slot_sampling
 from grok1.steps import DecodeState, count_expert_tokens, jit_decode_halves, on_layout, release_slot, step_outputs
@@ -47,10 +53,8 @@ def init_paged_state(config: Grok1Config) -> DecodeState:
 
 
 def copy_blocks(state: DecodeState, sources, destinations) -> DecodeState:
-    """Copy whole blocks (every layer) sources[i] -> destinations[i]; destinations past the pool: padding."""
-    pool = state.cache
-    cache = PagedKV(pool.k.at[:, destinations].set(pool.k[:, sources], mode="drop"),
-                    pool.v.at[:, destinations].set(pool.v[:, sources], mode="drop"))
+    """Copy whole blocks (every layer): grok1.paged_attention.copy_pool_blocks on the state's pool."""
+    cache = copy_pool_blocks(state.cache, sources, destinations)
     return DecodeState(cache, state.lengths, state.next_token, state.generated, state.active, state.sampling,
                        state.token_counts)
 
@@ -136,6 +140,10 @@ class PagedEngine(EngineSizes):
             raise ValueError("engine.kv_blocks is 0: this config asks for the contiguous engine")
         self.config = config
         self.layout = layout
+        self.kv_ranks = 1 if layout is None else layout.shape.ep  # the pool's shares (see the module docstring)
+        if config.engine.kv_blocks % self.kv_ranks or self.max_slots % self.kv_ranks:
+            raise ValueError(f"kv_blocks ({config.engine.kv_blocks}) and max_slots ({self.max_slots}) must split "
+                             f"evenly over ep={self.kv_ranks}")
         moe_fn, self.params, self.state = on_layout(layout, params, init_paged_state(config))
         # Decode as the contiguous engine does (its two halves: the layers for all slots, then unembedding and
         # sampling of a bucket of the active ones), with the block tables as the cache's rows.
@@ -166,6 +174,22 @@ class PagedEngine(EngineSizes):
         far shorter than the shortest of those, or just past the longest (which then padded it to max_len)."""
         return power_of_two_buckets(min(self.block_size, self.max_len), self.max_len)
 
+    def by_rank(self, tables: np.ndarray) -> np.ndarray:
+        """Global block tables [rows, M], rows in rank order, as the kernel takes them: unchanged on one rank,
+        else [R, rows/R, M] of ids within each rank's share. A row naming another rank's block is refused: its
+        device does not hold that block, and the id would read or overwrite another sequence's KV there."""
+        ranks = self.kv_ranks
+        if ranks == 1:
+            return tables
+        share, group = self.config.engine.kv_blocks // ranks, tables.shape[0] // ranks
+        used = tables >= 0
+        owner = (np.arange(tables.shape[0]) // group)[:, None]
+        if np.any(used & (tables // share != owner)):
+            row = int(np.flatnonzero(np.any(used & (tables // share != owner), axis=1))[0])
+            raise ValueError(f"block table row {row} (rank {row // group}) names blocks outside its rank's share "
+                             f"[{row // group * share}, {(row // group + 1) * share})")
+        return np.where(used, tables % share, -1).astype(np.int32).reshape(ranks, group, tables.shape[1])
+
     def kv_len_for(self, live: int) -> int:
         return bucket_kv_len(live, self.block_size, self.table_width * self.block_size)
 
@@ -181,10 +205,18 @@ class PagedEngine(EngineSizes):
         return decoded, prefilled
 
     def _copy_blocks(self, copies) -> None:
-        size = 1 << (len(copies) - 1).bit_length()  # a power of two of copies: few compiles
-        sources = np.zeros(size, np.int32)
-        destinations = np.full(size, self.config.engine.kv_blocks, np.int32)  # padding: dropped
-        sources[: len(copies)], destinations[: len(copies)] = zip(*copies)
+        ranks, share = self.kv_ranks, self.config.engine.kv_blocks // self.kv_ranks
+        per_rank = [[(s % share, d % share) for s, d in copies if s // share == r] for r in range(ranks)]
+        if any(s // share != d // share for s, d in copies):
+            raise ValueError(f"a block copy across ranks' shares: {copies}")
+        size = 1 << (max(map(len, per_rank)) - 1).bit_length()  # a power of two of copies: few compiles
+        sources = np.zeros((ranks, size), np.int32)
+        destinations = np.full((ranks, size), share, np.int32)  # past the share: padding, dropped
+        for rank, pairs in enumerate(per_rank):
+            if pairs:
+                sources[rank, : len(pairs)], destinations[rank, : len(pairs)] = zip(*pairs)
+        if ranks == 1:  # one pool: ids are pool ids
+            sources, destinations = sources[0], destinations[0]
         self.state = self._copy(self.state, sources, destinations)
 
     def _decode_rows(self) -> tuple[np.ndarray, int]:
@@ -196,7 +228,8 @@ class PagedEngine(EngineSizes):
 
     def _decode_step(self, plan: StepPlan) -> StepOutput:
         rows, kv_len = self._decode_rows()
-        self.state, h, counts = self._decode_forward(self.params, self.state, None, plan.tables, kv_len=kv_len)
+        self.state, h, counts = self._decode_forward(self.params, self.state, None, self.by_rank(plan.tables),
+                                                     kv_len=kv_len)
         return self._sample_decoded(h, rows, counts, np.zeros(self.max_slots, bool))
 
     def _sample_decoded(self, h, rows, expert_counts, skip) -> StepOutput:
@@ -205,15 +238,20 @@ class PagedEngine(EngineSizes):
         self._lengths[self._active & ~skip] += 1
         return StepOutput(*(np.asarray(x) for x in (tokens, logprobs, expert_counts, top_ids, top_logprobs)))
 
-    def _chunk_inputs(self, plan: StepPlan) -> tuple[tuple, int]:
+    def _chunk_inputs(self, plan: StepPlan) -> tuple[tuple, int, list[int]]:
         """The prefill chunks as one call's arrays (tables, tokens, starts, lengths, write_from, final_slots,
-        generated, counts, sampling), padded to the longest chunk's bucket, and their kv_len bucket."""
+        generated, counts, sampling), padded to the longest chunk's bucket, their kv_len bucket, and each chunk's
+        row. Rows are kv_ranks equal groups in rank order (a chunk in its slot's rank's group)."""
         vocab = self.config.model.vocab_size
         longest = max(len(chunk.tokens) for chunk in plan.chunks)
         width = smallest_bucket(longest, self.chunk_buckets())
-        rows = 1
-        while rows < len(plan.chunks):
-            rows *= PREFILL_BATCH_GROWTH
+        slots_per_rank = self.max_slots // self.kv_ranks
+        chunk_ranks = [chunk.slot // slots_per_rank for chunk in plan.chunks]
+        group = 1
+        while group < max(chunk_ranks.count(rank) for rank in set(chunk_ranks)):
+            group *= PREFILL_BATCH_GROWTH
+        rows = group * self.kv_ranks
+        row_of = [rank * group + chunk_ranks[:i].count(rank) for i, rank in enumerate(chunk_ranks)]
         tokens = np.zeros((rows, width), np.int32)
         starts, lengths = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         write_from = np.zeros(rows, np.int32)
@@ -222,7 +260,7 @@ class PagedEngine(EngineSizes):
         counts = np.zeros((rows, vocab), np.int32)
         tables = np.full((rows, self.table_width), -1, np.int32)
         samplings = [Sampling()] * rows
-        for row, chunk in enumerate(plan.chunks):
+        for row, chunk in zip(row_of, plan.chunks):
             tokens[row, : len(chunk.tokens)] = chunk.tokens
             starts[row], lengths[row], write_from[row] = chunk.start, len(chunk.tokens), chunk.write_from
             tables[row] = plan.tables[chunk.slot]
@@ -230,35 +268,36 @@ class PagedEngine(EngineSizes):
                 final_slots[row], generated[row], samplings[row] = chunk.slot, len(chunk.generated), chunk.sampling
                 np.add.at(counts[row], np.asarray(chunk.generated, np.int64), 1)
         kv_len = self.kv_len_for(int((starts + lengths).max()))
-        inputs = (tables, tokens, starts, lengths, write_from, final_slots, generated, counts,
+        inputs = (self.by_rank(tables), tokens, starts, lengths, write_from, final_slots, generated, counts,
                   slot_sampling(samplings, vocab))
-        return inputs, kv_len
+        return inputs, kv_len, row_of
 
     def _prefill_chunks(self, plan: StepPlan) -> StepOutput:
         """Every chunk in one call, padded to the longest one's bucket (a fork's chunk reads what its parent's
         chunk writes in the same call: each layer writes every row's KV before any row reads)."""
-        inputs, kv_len = self._chunk_inputs(plan)
+        inputs, kv_len, row_of = self._chunk_inputs(plan)
         self.state, token, logprob, expert_counts = self._prefill(self.params, self.state, *inputs, kv_len=kv_len)
-        return self._started(plan, token, logprob, expert_counts)
+        return self._started(plan, row_of, token, logprob, expert_counts)
 
     def _mixed_step(self, plan: StepPlan) -> tuple[StepOutput, StepOutput]:
         """Decode and prefill chunks in one forward pass (mixed_step); the decode half's counts are the step's
         (both groups'), the prefill half reports zeros, so /metrics counts every token once."""
         rows, decode_kv_len = self._decode_rows()
-        inputs, kv_len = self._chunk_inputs(plan)
+        inputs, kv_len, row_of = self._chunk_inputs(plan)
         self.state, h, token, logprob, expert_counts = self._mixed(
-            self.params, self.state, plan.tables, *inputs, decode_kv_len=decode_kv_len, kv_len=kv_len)
+            self.params, self.state, self.by_rank(plan.tables), *inputs, decode_kv_len=decode_kv_len, kv_len=kv_len)
         starting = np.zeros(self.max_slots, bool)
         starting[[chunk.slot for chunk in plan.chunks if chunk.final]] = True
         decoded = self._sample_decoded(h, rows, expert_counts, starting)
-        return decoded, self._started(plan, token, logprob, np.zeros_like(decoded.expert_counts))
+        return decoded, self._started(plan, row_of, token, logprob, np.zeros_like(decoded.expert_counts))
 
-    def _started(self, plan: StepPlan, token, logprob, expert_counts) -> StepOutput:
-        """The prefill half's output; the slots whose context the chunks completed start decoding."""
-        finals = [row for row, chunk in enumerate(plan.chunks) if chunk.final]
-        for row in finals:
-            chunk = plan.chunks[row]
-            self._active[chunk.slot], self._lengths[chunk.slot] = True, chunk.start + len(chunk.tokens)
+    def _started(self, plan: StepPlan, row_of, token, logprob, expert_counts) -> StepOutput:
+        """The prefill half's output (the final chunks' tokens, in the plan's order); the slots whose context
+        the chunks completed start decoding."""
+        finals = [row for row, chunk in zip(row_of, plan.chunks) if chunk.final]
+        for chunk in plan.chunks:
+            if chunk.final:
+                self._active[chunk.slot], self._lengths[chunk.slot] = True, chunk.start + len(chunk.tokens)
         return StepOutput(np.asarray(token)[finals], np.asarray(logprob)[finals], np.asarray(expert_counts))
 
     def release(self, slot: int) -> None:
@@ -268,7 +307,7 @@ class PagedEngine(EngineSizes):
     def warmup(self) -> None:
         """Compile the decode step for every kv_len bucket now (with no slot active nothing is written); prefill
         shapes compile on first use."""
-        tables = np.full((self.max_slots, self.table_width), -1, np.int32)
+        tables = self.by_rank(np.full((self.max_slots, self.table_width), -1, np.int32))
         limit = self.table_width * self.block_size
         kv_len = self.kv_len_for(1)
         while True:

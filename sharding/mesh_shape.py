@@ -2,7 +2,8 @@
 without JAX, since the router and the workers' group need it before any device exists.
 
 Decisions, so that every layout that is accepted runs the same numbers as one device:
-- `ep` must divide the experts (8 for Grok-1) and the decode slots (attention runs data parallel over ep).
+- `ep` must divide the experts (8 for Grok-1), the decode slots (attention runs data parallel over ep) and a
+  paged pool's blocks (each rank holds the blocks of its own slots' sequences).
 - `tp` must divide the KV heads (8 for Grok-1): KV heads are split, never replicated, so tp is 1, 2, 4 or 8.
   It must also divide the query heads, the FFN size and the vocabulary, and any scale groups (the release
   has G = 8 on the attention output and the experts' output matrices).
@@ -38,6 +39,9 @@ class MeshShape:
             (TP, self.tp, model.ffn_size, "the FFN size"),
             (TP, self.tp, model.vocab_size, "model.vocab_size"),
         ]
+        if config.engine.paged:
+            checks.append((EP, self.ep, config.engine.kv_blocks,
+                           "engine.kv_blocks (the paged pool is split over ep, one share per rank)"))
         for axis, size, total, what in checks:
             if total % size:
                 raise ConfigError(f"mesh {axis}={size} does not divide {what} = {total}")

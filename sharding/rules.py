@@ -40,9 +40,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("scale_groups", None),  # a single scale group along K
     ("cache_slots", EP),  # attention runs data parallel over ep
     ("cache_positions", None),
-    # The paged pool [L, N, bs, Hkv, K]: every ep rank holds the whole pool for now (block ids index one pool;
-    # splitting it by ep needs per-rank block ids); KV heads still split over tp.
-    ("cache_blocks", None),
+    # The paged pool [L, N, bs, Hkv, K]: blocks split over ep, rank-major, each rank's share holding the
+    # sequences of its own slots (cluster/kv_ranks.py, grok1.paged_attention); KV heads over tp.
+    ("cache_blocks", EP),
     ("block_positions", None),
     ("moe_tokens", EP),  # inside the expert-parallel MoE, each ep rank gates and sends its share of tokens
     ("moe_choices", None),  # the k experts chosen per token

@@ -81,7 +81,7 @@ def paged(args, shard) -> dict:
     from cluster.driver import Driver
     from cluster.scheduler import Request, Scheduler
 
-    scheduler = Scheduler.for_config(shard.engine.config)
+    scheduler = Scheduler.for_config(shard.engine.config, kv_ranks=shard.engine.kv_ranks)
     driver = Driver(shard.engine, scheduler)
     prompts = [list(p) for p in json.loads((args.golden_dir / "golden.json").read_text())["prompt_ids"]]
     done = driver.generate([Request(f"golden{k}", p, GREEDY_TOKENS, ignore_eos=True) for k, p in enumerate(prompts)])

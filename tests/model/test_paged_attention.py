@@ -152,3 +152,28 @@ def test_jitted_paged_attention_compiles_once_per_kv_len(setup):
     eager, _ = paged_attention(q, k, v, pool, 1, table, positions, valid, 64, SMALL.attn_output_multiplier)
     jitted, _ = fn(q, k, v, pool, 1, table, positions, valid, kv_len=64, multiplier=SMALL.attn_output_multiplier)
     np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
+
+
+def test_a_pool_split_over_ranks_gives_the_whole_pools_outputs_and_keeps_each_row_in_its_share(setup):
+    """Two ranks of 12 blocks: row 0's blocks in rank 0's share, row 1's in rank 1's. The table given per rank
+    ([R, B/R, M], ids within the share) gives the one-pool kernel's outputs and pool bit for bit, prefill and
+    then decode, and each row's writes land in its own share only."""
+    layer, x, positions, valid, lengths, _, rng = setup
+    share = NUM_BLOCKS // 2
+    perm = np.random.default_rng(9).permutation(share)
+    table = np.full((2, MAX_BLOCKS), -1, np.int32)
+    table[0, :5], table[1, :3] = perm[:5], share + perm[5:8]  # global ids, rank-major
+    local = np.where(table >= 0, table % share, -1).reshape(2, 1, MAX_BLOCKS)
+    whole, ranked = PagedKV.zeros(SMALL, NUM_BLOCKS, BLOCK), PagedKV.zeros(SMALL, NUM_BLOCKS, BLOCK)
+    expected, whole = paged(x, layer, positions, valid, whole, jnp.asarray(table), 64)
+    got, ranked = paged(x, layer, positions, valid, ranked, jnp.asarray(local), 64)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(ranked.k), np.asarray(whole.k))
+    np.testing.assert_array_equal(np.asarray(ranked.v), np.asarray(whole.v))
+    written = np.asarray(jnp.any(ranked.k[1] != 0, axis=(1, 2, 3)))
+    assert written[:share].sum() == 5 and written[share:].sum() == 3
+    new = jnp.asarray(random_bf16(rng, 2, 1, SMALL.emb_size))
+    at = jnp.asarray(lengths)[:, None]
+    expected, _ = paged(new, layer, at, jnp.ones((2, 1), bool), whole, jnp.asarray(table), 64)
+    got, _ = paged(new, layer, at, jnp.ones((2, 1), bool), ranked, jnp.asarray(local), 64)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))

@@ -2,7 +2,8 @@
 
 For each ep x tp mesh the golden prompts are generated greedily (all at once, prefill chunked by a token
 budget) through the paged engine laid out on the mesh, and through the contiguous engine on one device. Prints
-one JSON line: per mesh, both token lists.
+one JSON line: per mesh, both token lists, and how many pool blocks each device holds (the pool is split over
+ep: kv_blocks / ep).
 """
 
 import json
@@ -30,7 +31,7 @@ TOKENS = 8
 
 
 def generate(engine, prompts):
-    scheduler = Scheduler.for_config(engine.config)
+    scheduler = Scheduler.for_config(engine.config, kv_ranks=getattr(engine, "kv_ranks", 1))
     done = Driver(engine, scheduler).generate(
         [Request(f"g{k}", p, TOKENS, ignore_eos=True) for k, p in enumerate(prompts)])
     return [c.tokens for c in done]
@@ -48,8 +49,10 @@ def main(golden_dir: Path) -> dict:
         if config.model.num_experts % ep or config.model.num_kv_heads % tp:
             continue
         layout = MeshLayout(paged_config, MeshShape(ep, tp), jax.devices()[: ep * tp])
-        tokens = generate(PagedEngine(paged_config, params, layout), prompts)
-        results["meshes"].append({"ep": ep, "tp": tp, "tokens": tokens})
+        engine = PagedEngine(paged_config, params, layout)
+        tokens = generate(engine, prompts)
+        shards = {tuple(shard.data.shape[1:2]) for shard in engine.state.cache.k.addressable_shards}
+        results["meshes"].append({"ep": ep, "tp": tp, "tokens": tokens, "blocks_per_device": sorted(shards)})
     return results
 
 

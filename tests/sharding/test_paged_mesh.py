@@ -20,3 +20,4 @@ def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_di
     assert {(m["ep"], m["tp"]) for m in results["meshes"]} >= {(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (8, 1)}
     for mesh in results["meshes"]:
         assert mesh["tokens"] == results["contiguous"], f"ep={mesh['ep']} tp={mesh['tp']}"
+        assert mesh["blocks_per_device"] == [[48 // mesh["ep"]]], mesh  # each rank holds only its own share
