@@ -65,7 +65,7 @@ class Plan:
     headroom: dict[str, int]  # per device, by term, at `slots`
     max_slots: int  # largest multiple of ep that fits (0: none)
     # A paged KV cache (engine.kv_blocks): every token costs the same KV wherever it is, so capacity is in
-    # tokens. The pool is replicated over ep for now (sharding/rules.py), split over tp.
+    # tokens. The pool is split over ep (each rank holds its own slots' blocks) and its KV heads over tp.
     kv_bytes_per_token: int = 0  # whole replica, every layer, keys and values
     kv_capacity_tokens: int = 0  # what the memory left after weights, headroom and `slots`' other state holds
     mean_len: int = 0  # the mean sequence length the concurrency is counted at
@@ -127,7 +127,7 @@ class Plan:
             ("largest slot count", str(self.max_slots),
              f"a multiple of ep={self.mesh.ep} at max_len {self.max_len}"),
             ("paged KV capacity", f"{self.kv_capacity_tokens:,} tokens",
-             f"{format_bytes(self.kv_bytes_per_token)} per token; the pool on every ep rank, split over tp"),
+             f"{format_bytes(self.kv_bytes_per_token)} per token; the pool split over ep and tp"),
             ("paged concurrency", str(self.paged_concurrency), f"sequences at a mean length of {self.mean_len}"),
         ]
         width = max(len(label) for label, _, _ in lines) + 2
@@ -184,7 +184,8 @@ def plan(config: Grok1Config, hosts: int, devices_per_host: int, device_memory: 
     # Left for a paged pool once `slots` slots' other state (sampling, token counts) and headroom are placed.
     contiguous_kv_device = kv_per_slot * slots // (mesh.ep * mesh.tp)
     left = usable - needed(slots) + contiguous_kv_device
-    kv_capacity = max(left, 0) // max(kv_per_token // mesh.tp, 1)
+    # Each device holds a 1/tp slice of the heads of its rank's share of the pool: ep shares per replica.
+    kv_capacity = max(left, 0) // max(kv_per_token // mesh.tp, 1) * mesh.ep
     step, headroom = headroom_terms(config, mesh, slots)
     problem = None
     if weights > usable:

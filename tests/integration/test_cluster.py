@@ -148,13 +148,14 @@ def mixed_requests(golden) -> list[Request]:
 
 def test_a_paged_router_on_ray_workers_gives_the_contiguous_engines_tokens(ray_cluster, config, golden,
                                                                             golden_dir, reference):
-    """kv_blocks > 0: the shard workers run paged_step over Ray, expert-parallel over two processes. Three
-    requests of 11 blocks each at the end share a pool of 24 (a token budget of 48 chunks their prompts):
-    all three are admitted within a step or two of each other (their first chunks fit), and growing they run
-    out of blocks whatever the arrival order, so the newest is preempted and recomputed from its prompt and
-    tokens; greedy and seeded, each gets exactly the contiguous engine's tokens alone. Then one prompt twice,
-    one after the other: the second is served from the prefix cache with the same tokens."""
-    paged = config.replace(engine={"kv_blocks": 24, "kv_block_size": 8, "token_budget": 48})
+    """kv_blocks > 0: the shard workers run paged_step over Ray, expert-parallel over two processes, the pool
+    split over them (20 blocks per rank). Three requests of 14-15 blocks each at the end (a token budget of 48
+    chunks their prompts) are admitted within a step or two of each other (their first chunks fit), so two
+    share a rank whatever the arrival order, and growing they run out of its blocks: the newest is preempted
+    and recomputed from its prompt and tokens; greedy and seeded, each gets exactly the contiguous engine's
+    tokens alone. Then one prompt twice, one after the other: the second is served from the prefix cache (on
+    the rank that holds it) with the same tokens."""
+    paged = config.replace(engine={"kv_blocks": 40, "kv_block_size": 8, "token_budget": 48})
     node = ray_cluster.add_node(num_cpus=2)  # the contiguous router's workers hold the other nodes' CPUs
     handle = None
     try:

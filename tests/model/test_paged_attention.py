@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from grok1 import model
-from grok1.paged_attention import PagedKV, bucket_kv_len, gather_kv, paged_attention
+from grok1.paged_attention import PagedKV, bucket_kv_len, copy_pool_blocks, gather_kv, paged_attention
 from tests.model.test_model import SMALL, layer0, random_bf16, small_params
 
 BLOCK = 8
@@ -177,3 +177,19 @@ def test_a_pool_split_over_ranks_gives_the_whole_pools_outputs_and_keeps_each_ro
     expected, _ = paged(new, layer, at, jnp.ones((2, 1), bool), whole, jnp.asarray(table), 64)
     got, _ = paged(new, layer, at, jnp.ones((2, 1), bool), ranked, jnp.asarray(local), 64)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_block_copies_per_rank_equal_the_same_copies_in_one_pool():
+    """Copy-on-write within each rank's share ([R, C] ids within the share, padding past it) moves the same
+    bytes as the global copies in one pool, and nothing else."""
+    rng = np.random.default_rng(4)
+    shape = (2, NUM_BLOCKS, BLOCK, SMALL.num_kv_heads, SMALL.key_size)
+    pool = PagedKV(*(jnp.asarray(rng.integers(0, 1 << 16, shape), jnp.uint16) for _ in range(2)))
+    share = NUM_BLOCKS // 2
+    expected = copy_pool_blocks(pool, jnp.asarray([1, 14, 15]), jnp.asarray([3, 20, 12]))
+    sources = jnp.asarray([[1, 0], [2, 3]], jnp.int32)  # rank 0: 1 -> 3 (and padding); rank 1: 14 -> 20, 15 -> 12
+    destinations = jnp.asarray([[3, share], [8, 0]], jnp.int32)
+    got = copy_pool_blocks(pool, sources, destinations)
+    for got_array, expected_array, before in zip(got, expected, pool):
+        np.testing.assert_array_equal(np.asarray(got_array), np.asarray(expected_array))
+        assert not np.array_equal(np.asarray(got_array), np.asarray(before))

@@ -2,18 +2,21 @@
 
 For each ep x tp mesh the golden prompts are generated greedily (all at once, prefill chunked by a token
 budget) through the paged engine laid out on the mesh, and through the contiguous engine on one device. Prints
-one JSON line: per mesh, both token lists, and how many pool blocks each device holds (the pool is split over
-ep: kv_blocks / ep).
+one JSON line: per mesh, both token lists (the paged engine runs the first prompt twice, the second a fork),
+how many pool blocks each device holds (the pool is split over ep: kv_blocks / ep) and whether its compiled
+decode step makes an array of the whole pool (it must not).
 """
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from cluster.driver import Driver  # noqa: E402
 from cluster.scheduler import Request, Scheduler  # noqa: E402
@@ -31,10 +34,20 @@ TOKENS = 8
 
 
 def generate(engine, prompts):
+    """(greedy tokens per prompt, prompt tokens a prefix hit or a fork saved)."""
     scheduler = Scheduler.for_config(engine.config, kv_ranks=getattr(engine, "kv_ranks", 1))
     done = Driver(engine, scheduler).generate(
         [Request(f"g{k}", p, TOKENS, ignore_eos=True) for k, p in enumerate(prompts)])
-    return [c.tokens for c in done]
+    return [c.tokens for c in done], scheduler.cached_tokens
+
+
+def gathers_the_pool(engine) -> bool:
+    """Whether the compiled decode step makes any array of the whole pool's blocks (each device holds
+    kv_blocks / ep: such an array means the shares were gathered across ranks)."""
+    m = engine.config.model
+    tables = engine.by_rank(np.full((engine.max_slots, engine.table_width), -1, np.int32))
+    hlo = engine._decode_forward.lower(engine.params, engine.state, None, tables, kv_len=16).compile().as_text()
+    return bool(re.search(rf"\[{m.num_layers},{PAGED['kv_blocks']},{PAGED['kv_block_size']},", hlo))
 
 
 def main(golden_dir: Path) -> dict:
@@ -42,7 +55,7 @@ def main(golden_dir: Path) -> dict:
     params = load_checkpoint(golden_dir, config.model)
     cases = json.loads((golden_dir / "golden.json").read_text())
     prompts = [list(p) for p in cases["prompt_ids"]]
-    contiguous = generate(Engine(config.replace(engine=ENGINE), jax.tree.map(jax.numpy.asarray, params)), prompts)
+    contiguous, _ = generate(Engine(config.replace(engine=ENGINE), jax.tree.map(jax.numpy.asarray, params)), prompts)
     results = {"contiguous": contiguous, "meshes": []}
     paged_config = config.replace(engine=PAGED)
     for ep, tp in MESHES:
@@ -50,9 +63,13 @@ def main(golden_dir: Path) -> dict:
             continue
         layout = MeshLayout(paged_config, MeshShape(ep, tp), jax.devices()[: ep * tp])
         engine = PagedEngine(paged_config, params, layout)
-        tokens = generate(engine, prompts)
+        # The first prompt twice, admitted together: the second forks the first's blocks on its rank, and the
+        # first decode write into their shared partial block copies it (copy-on-write, within the rank).
+        tokens, cached = generate(engine, prompts[:1] + prompts)
         shards = {tuple(shard.data.shape[1:2]) for shard in engine.state.cache.k.addressable_shards}
-        results["meshes"].append({"ep": ep, "tp": tp, "tokens": tokens, "blocks_per_device": sorted(shards)})
+        results["meshes"].append({"ep": ep, "tp": tp, "tokens": tokens, "cached_tokens": cached,
+                                  "blocks_per_device": sorted(shards),
+                                  "step_gathers_the_pool": gathers_the_pool(engine)})
     return results
 
 

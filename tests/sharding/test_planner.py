@@ -194,6 +194,7 @@ def test_paged_capacity_is_the_memory_left_in_tokens_and_the_concurrency_at_a_me
     per_device = two_hosts.kv_bytes_per_token // two_hosts.mesh.tp
     contiguous = two_hosts.kv_bytes_per_slot * two_hosts.slots // (two_hosts.mesh.ep * two_hosts.mesh.tp)
     left = two_hosts.usable_bytes - two_hosts.used_per_device + contiguous
-    assert two_hosts.kv_capacity_tokens == left // per_device > 0
+    # The pool is split over ep: each rank's devices hold their share's tokens.
+    assert two_hosts.kv_capacity_tokens == left // per_device * two_hosts.mesh.ep > 0
     assert two_hosts.paged_concurrency == two_hosts.kv_capacity_tokens // 1500
     assert "paged KV capacity" in two_hosts.format() and two_hosts.to_dict()["paged_concurrency"] > 0
