@@ -183,9 +183,9 @@ class PagedEngine(EngineSizes):
             return tables
         share, group = self.config.engine.kv_blocks // ranks, tables.shape[0] // ranks
         used = tables >= 0
-        owner = (np.arange(tables.shape[0]) // group)[:, None]
-        if np.any(used & (tables // share != owner)):
-            row = int(np.flatnonzero(np.any(used & (tables // share != owner), axis=1))[0])
+        foreign = used & (tables // share != (np.arange(tables.shape[0]) // group)[:, None])
+        if foreign.any():
+            row = int(np.flatnonzero(foreign.any(axis=1))[0])
             raise ValueError(f"block table row {row} (rank {row // group}) names blocks outside its rank's share "
                              f"[{row // group * share}, {(row // group + 1) * share})")
         return np.where(used, tables % share, -1).astype(np.int32).reshape(ranks, group, tables.shape[1])
@@ -206,9 +206,9 @@ class PagedEngine(EngineSizes):
 
     def _copy_blocks(self, copies) -> None:
         ranks, share = self.kv_ranks, self.config.engine.kv_blocks // self.kv_ranks
-        per_rank = [[(s % share, d % share) for s, d in copies if s // share == r] for r in range(ranks)]
         if any(s // share != d // share for s, d in copies):
             raise ValueError(f"a block copy across ranks' shares: {copies}")
+        per_rank = [[(s % share, d % share) for s, d in copies if s // share == r] for r in range(ranks)]
         size = 1 << (max(map(len, per_rank)) - 1).bit_length()  # a power of two of copies: few compiles
         sources = np.zeros((ranks, size), np.int32)
         destinations = np.full((ranks, size), share, np.int32)  # past the share: padding, dropped
