@@ -234,6 +234,7 @@ class Dispatch(NamedTuple):
     group_start: jax.Array  # [E] first buffer row of each expert's group (a multiple of block)
     group_blocks: jax.Array  # [E] blocks in each expert's group
     rows: int  # static buffer size
+    counts: jax.Array  # [E] assignments each expert computes (its group's first rows; the rest is zero padding)
 
 
 def plan_dispatch(expert_index, valid, num_experts: int, block: int) -> Dispatch:
@@ -255,33 +256,56 @@ def plan_dispatch(expert_index, valid, num_experts: int, block: int) -> Dispatch
     rows = (assignments + num_experts * (block - 1) + block - 1) // block * block
     sorted_slot = jnp.where(sorted_experts < num_experts, group_start[clipped] + rank_in_group, rows)
     slot = jnp.zeros(assignments, jnp.int32).at[order].set(sorted_slot.astype(jnp.int32))
-    return Dispatch(slot, group_start, group_blocks, rows)
+    return Dispatch(slot, group_start, group_blocks, rows, counts)
+
+
+def row_tiers(block: int) -> tuple[int, ...]:
+    """Row counts an expert's product runs over: powers of two from 2 below block, then block (looped).
+
+    Why: a decode step routes a few tokens to each expert (one at batch 1), and a [block, D] x [D, F] product
+    costs about block/2 times a [2, D] one on XLA:CPU (measured on grok-1-cpu's experts: [16, 512] x [512,
+    2736] 0.74 ms, [2, 512] x ... 0.34 ms), so padding one token to 16 rows made the experts most of a batch-1
+    step. Never one row: XLA:CPU's matrix-vector product is its slow path (see at_least_two_rows)."""
+    tiers, size = [], 2
+    while size < block:
+        tiers.append(size)
+        size *= 2
+    return (*tiers, block)
 
 
 def expert_ffn_grouped(x_sorted, dispatch: Dispatch, w_gelu, w_value, w_out, block: int):
-    """Run each expert only on its own blocks of the sorted buffer: `(gelu(x W) * (x V)) W1`.
+    """Run each expert only on its own rows of the sorted buffer: `(gelu(x W) * (x V)) W1`.
 
     x_sorted [R, D] bfloat16; returns [R, D] float32. Quantised weights stay int8 (see weight_matmul), and
-    experts without tokens are skipped, so the work is proportional to the tokens routed, not to E.
+    experts without tokens are skipped, so the work is proportional to the tokens routed, not to E. An expert
+    with at most t < block tokens runs one [t, D] product (t its row tier, `row_tiers`); more run in blocks.
+    Each row's result does not depend on the rows beside it (checked against one-row-at-a-time in the tests).
     """
     num_experts = dispatch.group_start.shape[0]
+    tiers = row_tiers(block)
 
     def one_expert(e, out):
-        def run(out):
-            wg, wv, wo = _index(w_gelu, e), _index(w_value, e), _index(w_out, e)  # [D, F], [D, F], [F, D]
+        count = dispatch.counts[e]
 
-            def one_block(i, out):
-                start = dispatch.group_start[e] + i * block
-                rows = jax.lax.dynamic_slice_in_dim(x_sorted, start, block)  # [block, D]
-                # The reference's one-hot einsum promotes to float32 after the bfloat16 matmuls: match it.
-                gelu_in = weight_matmul(rows, wg).astype(rows.dtype).astype(jnp.float32)
-                value_in = weight_matmul(rows, wv).astype(rows.dtype).astype(jnp.float32)
-                hidden = jax.nn.gelu(gelu_in, approximate=True) * value_in  # [block, F] float32
-                return jax.lax.dynamic_update_slice_in_dim(out, weight_matmul(hidden, wo), start, axis=0)
+        def in_blocks_of(size):
+            def run(out):
+                wg, wv, wo = _index(w_gelu, e), _index(w_value, e), _index(w_out, e)  # [D, F], [D, F], [F, D]
 
-            return jax.lax.fori_loop(0, dispatch.group_blocks[e], one_block, out)
+                def one_block(i, out):
+                    start = dispatch.group_start[e] + i * size
+                    rows = jax.lax.dynamic_slice_in_dim(x_sorted, start, size)  # [size, D], within the group
+                    # The reference's one-hot einsum promotes to float32 after the bfloat16 matmuls: match it.
+                    gelu_in = weight_matmul(rows, wg).astype(rows.dtype).astype(jnp.float32)
+                    value_in = weight_matmul(rows, wv).astype(rows.dtype).astype(jnp.float32)
+                    hidden = jax.nn.gelu(gelu_in, approximate=True) * value_in  # [size, F] float32
+                    return jax.lax.dynamic_update_slice_in_dim(out, weight_matmul(hidden, wo), start, axis=0)
 
-        return jax.lax.cond(dispatch.group_blocks[e] > 0, run, lambda out: out, out)
+                return jax.lax.fori_loop(0, (count + size - 1) // size, one_block, out)
+            return run
+
+        # 0: no tokens; then the smallest tier holding them all (the last, block, loops over the group).
+        which = jnp.where(count == 0, 0, 1 + jnp.sum(count > jnp.asarray(tiers[:-1], count.dtype)))
+        return jax.lax.switch(which, [lambda out: out] + [in_blocks_of(size) for size in tiers], out)
 
     out = jnp.zeros((x_sorted.shape[0], x_sorted.shape[1]), jnp.float32)
     return jax.lax.fori_loop(0, num_experts, one_expert, out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -289,6 +290,57 @@ def test_expert_ffn_grouped_matches_dense_one_hot():
 
 
 # ----------------------------------------------------------------------------------------------- model
+
+
+@functools.partial(jax.jit, static_argnames="block")
+def _grouped_rows(x, experts, layer, block):
+    """expert_ffn_grouped's output row of each assignment, in assignment order [N*k, D]."""
+    plan = model.plan_dispatch(experts, jnp.ones(experts.shape[0], bool), SMALL.num_experts, block)
+    token_of = jnp.repeat(jnp.arange(experts.shape[0]), experts.shape[1])
+    x_sorted = jnp.zeros((plan.rows + 1, SMALL.emb_size), x.dtype).at[plan.slot].set(x[token_of])[:-1]
+    y = model.expert_ffn_grouped(x_sorted, plan, layer["ffn_gelu_in"], layer["ffn_value_in"], layer["ffn_out"],
+                                 block)
+    return y[plan.slot]
+
+
+def test_row_tiers():
+    assert model.row_tiers(16) == (2, 4, 8, 16)
+    assert model.row_tiers(4) == (2, 4)
+    assert model.row_tiers(2) == (2,)
+
+
+def test_an_expert_result_is_the_same_in_every_row_tier():
+    """Experts holding 1, 2, 3, 5, 8, 9 and 17 tokens (every tier of block 8, and the looped block) give each
+    token what the same token gets alone, to float32 rounding of the product's summation order."""
+    layer = layer0(small_params(grouped=True))
+    rng = np.random.default_rng(11)
+    per_expert = [1, 2, 3, 5, 8, 9, 17, 0]
+    experts = np.concatenate([np.full(c, i) for i, c in enumerate(per_expert)]).astype(np.int32)
+    experts = experts[:, None]  # k = 1: each expert's count is exactly its tokens
+    n = len(experts)
+    x = jnp.asarray(random_bf16(rng, n, SMALL.emb_size))
+    together = np.asarray(_grouped_rows(x, jnp.asarray(experts), layer, block=8))
+    alone = np.concatenate([_grouped_rows(x[i:i + 1], jnp.asarray(experts[i:i + 1]), layer, block=8)
+                            for i in range(n)])
+    assert_close(together, alone, rtol=1e-5, atol=1e-5 * float(np.abs(alone).max()), name="tiered expert rows")
+
+
+def test_one_token_per_expert_runs_two_row_products_not_a_whole_block():
+    """A decode step at batch 1 sends one token to each of two experts: the compiled program must run that as
+    [2, D] products (the smallest tier), and no expert product may run over the whole block of 16 rows except
+    the looped one for crowded experts."""
+    layer = layer0(small_params(grouped=True))
+    block, n = 16, 3
+    experts = jnp.zeros((n, 2), jnp.int32)
+    plan = jax.jit(lambda e: model.plan_dispatch(e, jnp.ones(n, bool), SMALL.num_experts, block))(experts)
+
+    def ffn(x_sorted, plan):
+        return model.expert_ffn_grouped(x_sorted, plan, layer["ffn_gelu_in"], layer["ffn_value_in"],
+                                        layer["ffn_out"], block)
+    x_sorted = jnp.zeros((plan.rows, SMALL.emb_size), jnp.bfloat16)
+    hlo = jax.jit(ffn).lower(x_sorted, plan).compile().as_text()
+    product_rows = {int(m) for m in re.findall(r"= f32\[(\d+),\d+\]\{1,0\} (?:dot|fusion)\(", hlo)}
+    assert 2 in product_rows, f"no two-row expert product in the program (products over {sorted(product_rows)} rows)"
 
 
 def test_forward_batch_invariance():
