@@ -83,8 +83,10 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
     # The slot's counts restart from this request's own generated tokens (whatever the slot's last request left).
     replayed = valid & (positions >= (lengths - generated)[:, None])  # [n, T]
     counts = put(state.token_counts, 0).at[slots[:, None], tokens].add(replayed.astype(jnp.int32), mode="drop")
-    sampled = sample_scored(last, sampling, generated, counts[jnp.clip(slots, 0, counts.shape[0] - 1)],
-                            (mask_words, has_mask))
+    def slot_counts(counts=counts):  # [n, V], gathered only when a prompt has penalties (sample_scored)
+        return counts[jnp.clip(slots, 0, counts.shape[0] - 1)]
+
+    sampled = sample_scored(last, sampling, generated, slot_counts, (mask_words, has_mask))
     token = sampled.tokens
     counts = counts.at[slots, token].add(1, mode="drop")  # [B, V]
     state = DecodeState(
@@ -131,13 +133,15 @@ def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask
         return jnp.where(mask, default, jnp.take(all_slots, rows, axis=0, mode="clip"))
 
     sampling = jax.tree.map(row_settings, state.sampling, defaults)
-    counts = jnp.take(state.token_counts, rows, axis=0, mode="clip")  # [n, V]
+    def row_counts():  # [n, V], gathered only when a row has penalties (sample_scored)
+        return jnp.take(state.token_counts, rows, axis=0, mode="clip")
+
     generated = jnp.take(state.generated, rows, mode="clip")
     mask = None
     if mask_words is not None:
         row_has = jnp.take(has_mask & going, rows, mode="clip") & ~padding
         mask = (jnp.take(mask_words, rows, axis=0, mode="clip"), row_has)
-    out = sample_scored(logits, sampling, generated, counts, mask)
+    out = sample_scored(logits, sampling, generated, row_counts, mask)
     row_tokens = out.tokens
     tokens = jnp.full(slots, -1, jnp.int32).at[rows].set(row_tokens, mode="drop")
     logprobs = jnp.zeros(slots, jnp.float32).at[rows].set(out.logprobs, mode="drop")

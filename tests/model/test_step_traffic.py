@@ -70,3 +70,22 @@ def test_the_paged_decode_step_copies_no_expert_stack_and_no_float32_pool(config
     whole_pool = f"f32[{m.num_layers},{blocks},{block_size},{m.num_kv_heads},{m.key_size}]"
     assert whole_pool not in made, "the KV pool is converted to float32 around its update"
     assert not made & expert_stacks(config), "a layer's whole expert stack is copied every step"
+
+
+def entry_shapes_made(hlo: str) -> set[str]:
+    """The `dtype[dims]` the program's top level (its ENTRY computation) produces: what runs every call, not
+    inside a branch taken only sometimes."""
+    entry = hlo[hlo.index("\nENTRY "):]
+    return shapes_made(entry[: entry.index("\n}")])
+
+
+def test_a_greedy_step_without_penalties_does_not_gather_the_token_counts(config, params):
+    """The penalties read each row's generated-token counts [n, V]; gathering them for the step's rows is a pass
+    over 16 MB per step at 32 rows of Grok-1's vocabulary. It must happen only in the branch that applies them."""
+    engine = Engine(config, params)
+    rows = np.array([0, SLOTS], np.int32)  # one active slot and a padding row: n = 2, not the engine's SLOTS
+    _, h, _ = engine._decode_forward(engine.params, engine.state, None, kv_len=16)
+    hlo = engine._decode_sample.lower(engine.params, engine.state, h, rows).compile().as_text()
+    gathered = f"s32[{len(rows)},{config.model.vocab_size}]"
+    assert gathered in shapes_made(hlo), "the penalty branch no longer reads the counts: this test checks nothing"
+    assert gathered not in entry_shapes_made(hlo), "every step gathers the rows' token counts"
