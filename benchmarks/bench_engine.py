@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -35,6 +36,18 @@ CONCURRENCY = [1, 8, 32]
 ROOFLINE_AT = [1, 32]
 SLOTS = 32
 PROMPT_LEN = 16
+
+
+def cpu_model() -> str:
+    """The processor's model name: the sessions' machines differ (the same tree measured 87 and 2020 GFLOP/s of
+    matmul on two of them), so a figure is only comparable with figures of the same processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _fill(engine: Engine, count: int, rng) -> None:
@@ -104,7 +117,8 @@ def measure_config(path: str, machine, args, rng) -> dict:
 
 def print_tables(report: dict, prefill_len: int) -> None:
     machine = report["machine"]
-    print(f"\nengine on {report['platform']} ({report['devices']} JAX device), {SLOTS} decode slots; machine "
+    print(f"\nengine on {report['platform']} ({report.get('cpu', '?')}, {os.cpu_count()} cores; "
+          f"{report['devices']} JAX device), {SLOTS} decode slots; machine "
           f"under XLA: read {machine['read_GB_per_s']:.1f} GB/s, matmul {machine['matmul_GFLOP_per_s']:.1f} "
           "GFLOP/s\n")
     print("| config | params | " + " | ".join(f"step ms @{n}" for n in CONCURRENCY) + " | "
@@ -138,7 +152,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     machine = measure_machine()
-    report = {"platform": f"{platform.machine()} {jax.default_backend()}", "devices": jax.device_count(),
+    report = {"platform": f"{platform.machine()} {jax.default_backend()}", "cpu": cpu_model(),
+              "devices": jax.device_count(),
               "machine": machine.as_dict(), "configs": {}}
     for path in args.configs:
         report["configs"][load_config(path).name] = measure_config(path, machine, args, rng)

@@ -184,10 +184,12 @@ def sample_scored(logits, sampling: SlotSampling, step, counts=None, mask=None) 
 
         argmax, scaled = jax.lax.cond(jnp.any(has), constrain, lambda a, s: (a, s), argmax, scaled)
     needs_filter = jnp.any(~greedy & ((sampling.top_k > 0) | (sampling.top_p < 1.0)))
-    scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, sampling.top_k,
-                          sampling.top_p)
 
     def draw(scaled):
+        # The top-k/top-p filter only shapes the draw, so it sits inside it: a greedy step runs neither, and
+        # does not copy [B, V] through the filter's pass-through branch (XLA:CPU copies a cond's operand out).
+        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, sampling.top_k,
+                              sampling.top_p)
         keys = jax.vmap(lambda key, n: jax.random.fold_in(jax.random.wrap_key_data(key), n))(sampling.key, step)
         drawn = jax.vmap(categorical)(keys, scaled)
         return jnp.where(greedy, argmax, drawn)
