@@ -279,7 +279,7 @@ def expert_ffn_grouped(x_sorted, dispatch: Dispatch, w_gelu, w_value, w_out, blo
     x_sorted [R, D] bfloat16; returns [R, D] float32. Quantised weights stay int8 (see weight_matmul), and
     experts without tokens are skipped, so the work is proportional to the tokens routed, not to E. An expert
     with at most t < block tokens runs one [t, D] product (t its row tier, `row_tiers`); more run in blocks.
-    Each row's result does not depend on the rows beside it (checked against one-row-at-a-time in the tests).
+    A row's result is the one it gets alone, to float32 rounding (tests/model/test_model.py, every tier).
     """
     num_experts = dispatch.group_start.shape[0]
     tiers = row_tiers(block)

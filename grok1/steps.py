@@ -83,6 +83,7 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
     # The slot's counts restart from this request's own generated tokens (whatever the slot's last request left).
     replayed = valid & (positions >= (lengths - generated)[:, None])  # [n, T]
     counts = put(state.token_counts, 0).at[slots[:, None], tokens].add(replayed.astype(jnp.int32), mode="drop")
+
     def slot_counts(counts=counts):  # [n, V], gathered only when a prompt has penalties (sample_scored)
         return counts[jnp.clip(slots, 0, counts.shape[0] - 1)]
 
