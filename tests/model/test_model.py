@@ -326,9 +326,8 @@ def test_an_expert_result_is_the_same_in_every_row_tier():
 
 
 def test_one_token_per_expert_runs_two_row_products_not_a_whole_block():
-    """A decode step at batch 1 sends one token to each of two experts: the compiled program must run that as
-    [2, D] products (the smallest tier), and no expert product may run over the whole block of 16 rows except
-    the looped one for crowded experts."""
+    """A decode step at batch 1 sends one token to each of two experts: the compiled program must hold [2, D]
+    expert products (the smallest tier) for that, not only products over the whole block of 16 rows."""
     layer = layer0(small_params(grouped=True))
     block, n = 16, 3
     experts = jnp.zeros((n, 2), jnp.int32)
