@@ -214,7 +214,9 @@ class Engine(EngineSizes):
                 for slot in range(size):
                     self.release(slot)
         for kv_len in self.decode_kv_buckets():  # every decode bucket, with no slot active (nothing changes)
-            self.state = self._decode_forward(self.params, self.state, kv_len=kv_len)[0]
+            # `skip` passed as decode_buckets passes it: a call that leaves it out is another cache key, and the
+            # first real step at each bucket would trace and compile again (seconds each on a CPU).
+            self.state = self._decode_forward(self.params, self.state, None, kv_len=kv_len)[0]
         for rows in self.decode_row_buckets():
             self.decode_buckets(np.full(rows, self.max_slots, np.int32), self.decode_kv_buckets()[0])
         # The masked variant (requests under a grammar) at the smallest buckets; others compile on first use.

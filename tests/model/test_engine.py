@@ -664,3 +664,32 @@ def test_prefill_batches_never_take_more_prompts_than_there_are_slots(golden):
         sizes = small.prefill_batches(bucket)
         assert sizes[0] == 1 and max(sizes) <= 8 and list(sizes) == sorted(set(sizes))
     assert small.prefill_batches(16) == (1, 4, 8)
+
+
+def test_after_warmup_serving_steps_compile_nothing(golden):
+    """Warmup compiles what serving runs: prefills, then decode steps at every row and kv_len bucket, trace and
+    compile nothing. (A warmup call whose arguments differ in structure from the serving step's, for
+    example one that omits `skip`, is another cache key: the first real step at each bucket retraced and
+    recompiled, seconds each on a CPU.)"""
+    from jax import monitoring
+
+    config = golden.config.replace(engine={"max_slots": 2, "max_len": 64, "prefill_buckets": [16, 32, 64]})
+    small = Engine(config, golden.params)
+    small.warmup()
+    events: list[str] = []
+
+    def on_compile_event(name: str, seconds: float, **kwargs) -> None:
+        if name.startswith("/jax/core/compile/"):
+            events.append(name)
+
+    monitoring.register_event_duration_secs_listener(on_compile_event)
+    try:
+        small.prefill_many([0], [[5, 6, 7]], [Sampling()])
+        small.decode()  # one row, kv_len 16
+        small.prefill_many([1], [[8, 9]], [Sampling()])
+        while small._lengths.max() < config.engine.max_len - 1:  # two rows, over every kv_len bucket
+            small.decode()
+    finally:
+        monitoring.unregister_event_duration_listener(on_compile_event)
+        small.release(0), small.release(1)
+    assert not events, sorted(set(events))
