@@ -1,10 +1,13 @@
 """The router: one model replica's request queue, continuous batching, and the loop that drives its shards.
 
 Data flow, from request to last token:
-1. The ingress (or any Ray caller) calls `Router.generate(request)` as a Ray streaming generator. The router
+1. A Ray caller calls `Router.generate(request)` as a Ray streaming generator (one stream per request); an
+   ingress replica instead opens one `subscribe(subscriber)` stream and `submit`s each request to it
+   (cluster/channel.py), which is the same but one message per step for all its requests. The router
    checks it is serving (else `Unavailable`, retriable) and hands the request to the step thread through an
    inbox; the scheduler validates it (`InvalidRequest`) and queues it (`QueueFull` when the bounded queue is
-   full, retriable). Both errors reach the caller at its first read, before any token.
+   full, retriable). Both errors reach the caller before any token: at its first read of `generate`, or
+   raised by `submit`.
 2. The step thread (one per router; the asyncio loop stays free for callers) runs `Driver.step()` while any
    request is queued or running: requests past their deadline end; queued requests are prefilled into free
    decode slots (their first token comes from the prefill); then one decode step for all running slots.
@@ -16,7 +19,8 @@ Data flow, from request to last token:
 5. Each token becomes a `TokenEvent` in its request's outbox (cluster/streams.py); after each phase of a step
    the outbox is handed to the callers' event loop in one call, and `generate` yields everything its request
    got since the caller last read as one list: one Ray streaming item per request per step at most, fewer when
-   the caller falls behind (Ray's generator backpressure holds the next item until the last one is read).
+   the caller falls behind (Ray's generator backpressure holds the next item until the last one is read);
+   `subscribe` yields {request id: that list} for all of the subscriber's requests as one item.
    A request ends on EOS, a stop token, max_tokens, its deadline, or cancellation; its slot is released at
    once and the next queued request takes it at the next step. A caller that goes away cancels its request.
 6. Faults: a worker that dies or stops answering fails the step (`GroupFailure`); the whole group is torn
@@ -57,7 +61,7 @@ from cluster.ray_context import this_actor, this_node_id
 from cluster.replica_config import ReplicaConfig
 from cluster.request_stats import RequestStats
 from cluster.scheduler import Scheduler
-from cluster.streams import Outbox, Stream
+from cluster.streams import Channel, Outbox, Stream
 from grok1.config import Grok1Config
 from grok1.engine_api import FinishReason, InvalidRequest, Request, TokenEvent, Unavailable, valid_timeout
 from workers.group import GroupEngine, GroupFailure, GroupSpec, LocalShardGroup, RayShardGroup
@@ -91,7 +95,8 @@ class Router:
         self.group = None
         self.driver: Driver | None = None
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, Stream] = {}
+        self._streams: dict[str, Stream] = {}  # request id -> its Stream (generate) or its subscriber's entry
+        self._channels: dict[str, Channel] = {}  # subscriber id -> its open subscription
         self._outbox = Outbox(self._streams)  # the step thread's; flushed once per phase of a step
         self._items = 0  # streaming items yielded to the callers
         self._expert_counts = np.zeros((config.model.num_layers, config.model.num_experts), np.int64)
@@ -106,14 +111,7 @@ class Router:
     async def generate(self, request: Request, timeout_s: float | None = None):
         """Stream the request's TokenEvents in lists (each one: all the events since the caller's last read, in
         order); the last event of the last list has a finish_reason."""
-        if self._draining:
-            raise Unavailable("the replica is shutting down (draining); retry on another replica")
-        if self.state not in ("ready", "recovering"):  # while recovering it queues (bounded) and waits
-            raise Unavailable(f"the replica is {self.state}" + (f": {self.error}" if self.error else ""))
-        if request.request_id in self._streams:
-            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
-        if timeout_s is not None:
-            request.deadline = time.monotonic() + valid_timeout(timeout_s)
+        self._admissible(request, timeout_s)
         stream = Stream(asyncio.get_running_loop())
         self._streams[request.request_id] = stream
         accepted = concurrent.futures.Future()
@@ -130,6 +128,60 @@ class Router:
             self._streams.pop(request.request_id, None)
             if not finished:  # the caller went away (or cancelled): free its slot
                 self._inbox.put(("cancel", request.request_id, None))
+
+    @ray.method(_generator_backpressure_num_objects=1)
+    async def subscribe(self, subscriber: str):
+        """One stream for all the requests a caller submits with `submit(request, subscriber)`: each item is
+        {request id: its TokenEvents since the caller's last read} (a request's last list ends with its
+        finish), one item per step at most whatever the number of requests. The first item is {}: the
+        subscription is open. When the caller goes away, its unfinished requests are cancelled."""
+        if subscriber in self._channels:
+            raise InvalidRequest(f"subscriber id {subscriber!r} is already in use")
+        channel = Channel(asyncio.get_running_loop())
+        self._channels[subscriber] = channel
+        try:
+            yield {}
+            while True:
+                batch = await channel.next_batch()
+                for request_id, events in batch.items():
+                    if events[-1].finish_reason is not None:
+                        self._streams.pop(request_id, None)
+                self._items += 1
+                yield batch
+        finally:
+            self._channels.pop(subscriber, None)
+            for request_id in channel.requests:
+                self._streams.pop(request_id, None)
+                self._inbox.put(("cancel", request_id, None))
+
+    async def submit(self, request: Request, subscriber: str, timeout_s: float | None = None) -> None:
+        """Queue `request`; its events go to the open subscription `subscriber`. Returns once the step thread has
+        taken it; refusals raise here, as `generate` raises them at its first read."""
+        channel = self._channels.get(subscriber)
+        if channel is None:
+            raise Unavailable(f"no open subscription {subscriber!r} on this router; subscribe again")
+        self._admissible(request, timeout_s)
+        self._streams[request.request_id] = channel.entry(request.request_id)
+        accepted = concurrent.futures.Future()
+        self._inbox.put(("submit", request, accepted))
+        try:
+            await self._accepted(accepted)
+        except BaseException:  # refused (a cancel of it is a no-op), or the caller went away while it waited
+            self._streams.pop(request.request_id, None)
+            channel.requests.discard(request.request_id)
+            self._inbox.put(("cancel", request.request_id, None))
+            raise
+
+    def _admissible(self, request: Request, timeout_s: float | None) -> None:
+        """The checks before a request reaches the step thread (which validates the rest); sets its deadline."""
+        if self._draining:
+            raise Unavailable("the replica is shutting down (draining); retry on another replica")
+        if self.state not in ("ready", "recovering"):  # while recovering it queues (bounded) and waits
+            raise Unavailable(f"the replica is {self.state}" + (f": {self.error}" if self.error else ""))
+        if request.request_id in self._streams:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+        if timeout_s is not None:
+            request.deadline = time.monotonic() + valid_timeout(timeout_s)
 
     async def _accepted(self, accepted: concurrent.futures.Future) -> None:
         """Wait for the step thread to take the request; it may be rebuilding the group (minutes), but if it

@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.channel import RouterChannel
 from cluster.router import placement_name, start_router
 from grok1.tokenizer import Tokenizer
 from ingress import metrics, protocol, responses, tokenize
@@ -122,11 +123,21 @@ class Grok1Ingress(GrpcService):
         self.router_name = f"grok1-router-{self.replica}"  # names its placement group too (one per replica)
         self.router = start_router(config, self.options.replica(), checkpoint=config.checkpoint.path,
                                    name=self.router_name)
+        self._channels: dict[asyncio.AbstractEventLoop, RouterChannel] = {}
         try:
             wait_loaded(self.router, self.options.start_timeout_s, self.options.health_timeout_s)
         except BaseException:
             ray.kill(self.router)  # Serve retries this replica with a new router: this one must not linger
             raise
+
+    def _router_channel(self) -> RouterChannel:
+        """The subscription this replica's requests stream through: one per event loop (its asyncio objects
+        belong to one), in practice one, Serve's user-code loop."""
+        loop = asyncio.get_running_loop()
+        channel = self._channels.get(loop)
+        if channel is None:
+            channel = self._channels[loop] = RouterChannel(self.router)
+        return channel
 
     # ------------------------------------------------------------------------------------ Serve hooks
     async def check_health(self):
@@ -224,7 +235,8 @@ class Grok1Ingress(GrpcService):
             # Tokenising is CPU work: off the event loop, so other streams of this replica keep flowing.
             params = await asyncio.to_thread(parse, body, self.model, self.tokenizer)
             request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
-            generation = await Generation(self.router, self.tokenizer, params, request_id, self.metrics).start()
+            generation = await Generation(self.router, self.tokenizer, params, request_id, self.metrics,
+                                          self._router_channel()).start()
         except Exception as err:  # noqa: BLE001 - every failure becomes an OpenAI error with its status
             error = from_exception(err)
             self.counts["http", error.http_status] += 1

@@ -1,9 +1,10 @@
 """One client request carried out against the router; HTTP and gRPC both go through here.
 
 1. `start()` submits one router request per choice (n per prompt, seeds seed, seed+1, ...; choice index
-   prompt index * n + i) and waits for each
-   one's first event, so that refusals (InvalidRequest, QueueFull, Unavailable) arrive as an `ApiError`
-   before anything is sent to the client: HTTP can still answer 400 / 429 / 503, gRPC its status code.
+   prompt index * n + i; through the replica's one subscription to the router, cluster/channel.py, or each
+   with its own stream) and waits for each one's first event, so that refusals (InvalidRequest, QueueFull,
+   Unavailable) arrive as an `ApiError` before anything is sent to the client: HTTP can still answer
+   400 / 429 / 503, gRPC its status code.
 2. Iterating yields `Delta`s: new text (stop strings cut, partial characters held back: ingress/text.py),
    the new token ids, their logprobs and top logprobs (token texts), on the first one of each choice the
    prompt's logprobs when echo asked for them, and on the last one its finish_reason (a score-only request,
@@ -56,8 +57,10 @@ class _Choice:
         request = Request(self.request_id, list(self.prompt), protocol.router_max_tokens(params),
                           protocol.sampling(params, index % params.n), ignore_eos=params.ignore_eos,
                           grammar=generation.grammar)
-        self.refs = generation.router.generate.options(num_returns="streaming").remote(
-            request, timeout_s=params.timeout_s)
+        self.request = request
+        self.refs = None if generation.channel is not None else generation.router.generate.options(
+            num_returns="streaming").remote(request, timeout_s=params.timeout_s)
+        self.stream = None  # through the channel: this request's Stream, once submitted
         self.text = TextStream(generation.tokenizer, self.prompt, params.stop)
         self.first: list | None = None  # the first list of events, read by start()
         self.tokens = 0
@@ -66,6 +69,10 @@ class _Choice:
     async def next_batch(self) -> list:
         """The router's next list of TokenEvents for this choice."""
         try:
+            if self.refs is None:
+                if self.stream is None:
+                    self.stream = await self.generation.channel.submit(self.request, self.generation.params.timeout_s)
+                return await self.stream.next_batch()
             ref = await self.refs.__anext__()
             return await ref
         except StopAsyncIteration:
@@ -177,9 +184,12 @@ def compile_grammar(tokenizer, params: GenerationParams):
 
 
 class Generation:
-    def __init__(self, router, tokenizer, params: GenerationParams, request_id: str, metrics=None):
-        """`metrics` (ingress/metrics.py's ReplicaMetrics) times the request as it streams."""
+    def __init__(self, router, tokenizer, params: GenerationParams, request_id: str, metrics=None, channel=None):
+        """`metrics` (ingress/metrics.py's ReplicaMetrics) times the request as it streams. With `channel` (the
+        replica's cluster.channel.RouterChannel to `router`) the requests stream through its one subscription;
+        without, each through its own `Router.generate` stream."""
         self.router = router
+        self.channel = channel
         self.tokenizer = tokenizer
         self.params = params
         self.request_id = request_id
@@ -196,7 +206,10 @@ class Generation:
         return sum(c.tokens for c in self.choices)
 
     def cancel(self, request_id: str) -> None:
-        self.router.cancel.remote(request_id)  # fire and forget: the slot is freed within one step
+        if self.channel is not None:
+            self.channel.cancel(request_id)
+        else:
+            self.router.cancel.remote(request_id)  # fire and forget: the slot is freed within one step
 
     async def start(self) -> "Generation":
         if self.params.grammar is not None:

@@ -24,7 +24,8 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "presence_penalty", 
 
 class GrpcService:
     """gRPC methods over the ingress replica's state: `router`, `tokenizer`, `model` (protocol.ModelInfo),
-    `options` (ServingConfig), `keys` (auth.ApiKeys), `counts`, `metrics`, and `_health(probe)`."""
+    `options` (ServingConfig), `keys` (auth.ApiKeys), `counts`, `metrics`, `_health(probe)` and
+    `_router_channel()` (the subscription to the router requests stream through)."""
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         generation, params, request_id = await self._grpc_start(request, grpc_context)
@@ -93,7 +94,8 @@ class GrpcService:
         try:
             params = await asyncio.to_thread(self._grpc_params, request)
             request_id = request.request_id or protocol.new_id("gen")
-            generation = await Generation(self.router, self.tokenizer, params, request_id, self.metrics).start()
+            generation = await Generation(self.router, self.tokenizer, params, request_id, self.metrics,
+                                          self._router_channel()).start()
         except Exception as err:  # noqa: BLE001
             self._grpc_fail(grpc_context, err)
         return generation, params, request_id

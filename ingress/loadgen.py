@@ -230,28 +230,40 @@ def run_grpc(target: str, spec: LoadSpec) -> LoadResult:
 
 
 def run_router(router, spec: LoadSpec) -> LoadResult:
-    """The same load straight on a router actor (asyncio in this process): the baseline for the ingress."""
+    """The same load straight on a router actor (asyncio in this process), through one subscription as an
+    ingress replica sends it (cluster/channel.py): the baseline for the ingress."""
+    from cluster.channel import RouterChannel
     from cluster.scheduler import Request
 
     planned = spec.plan()
     tally = _Tally()
+    channels: list[RouterChannel] = []
 
     async def send(k: int, item: Planned, start: float) -> None:
         times, ok = [], True
         try:
-            refs = router.generate.options(num_returns="streaming").remote(
+            stream = await channels[0].submit(
                 Request(f"bench-{k}-{time.monotonic_ns()}", item.prompt, item.output_len, ignore_eos=True))
-            async for ref in refs:
-                for event in await ref:  # a list: the events since the last read
+            finished = False
+            while not finished:
+                for event in await stream.next_batch():  # a list: the events since the last read
                     if event.token is not None:
                         times.append(time.perf_counter())
                     if event.finish_reason and event.finish_reason not in ("stop", "length"):
                         ok = False
+                    finished = finished or event.finish_reason is not None
         except Exception:  # noqa: BLE001
             ok = False
         tally.add(start, times, ok, time.perf_counter())
 
     async def main(started: float):
+        channels.append(RouterChannel(router))
+        try:
+            await _send_all(started)
+        finally:
+            channels[0].close()
+
+    async def _send_all(started: float):
         if spec.rate is not None:
             tasks = []
             for k, item in enumerate(planned):

@@ -204,6 +204,13 @@ def remove_placement_group_named(name: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _Dispatched:
+    """A decode step an in-process engine has started and not yet read (Engine.decode_start's handle)."""
+
+    step: tuple
+
+
 class LocalShardGroup:
     """The same interface over an engine in this process: the router without Ray, and its tests."""
 
@@ -227,9 +234,15 @@ class LocalShardGroup:
         return cls(engine)
 
     def submit(self, method: str, *args):
+        if method == "decode" and hasattr(self.engine, "decode_start"):
+            # Dispatched only (JAX runs it asynchronously) and read in `collect`, as a Ray group's call is: the
+            # pipelined driver hands out the last step's tokens while this one computes.
+            return _Dispatched(self.engine.decode_start(*args))
         return [getattr(self.engine, method)(*args)]
 
     def collect(self, handle, timeout_s: float | None = None) -> list:
+        if isinstance(handle, _Dispatched):
+            return [self.engine.decode_finish(handle.step)]
         return handle
 
     def call(self, method: str, *args, timeout_s: float | None = None) -> list:

@@ -465,3 +465,100 @@ def test_queue_and_step_times_count_each_wait_and_each_engine_step(pipelined):
         await router.shutdown()
 
     run(main())
+
+
+# ------------------------------------------------------------------------------ one subscription per caller
+async def subscribed(router, subscriber: str, requests, timeout_s=None):
+    """Submit `requests` through one subscription and read it until all finish: (items read after the
+    opening one, {request id: its events in order})."""
+    stream = router.subscribe(subscriber)
+    assert await stream.__anext__() == {}  # open
+    for request in requests:
+        await router.submit(request, subscriber, timeout_s)
+    events: dict[str, list] = {r.request_id: [] for r in requests}
+    items, finished = 0, set()
+    while len(finished) < len(requests):
+        batch = await stream.__anext__()
+        items += 1
+        for request_id, got in batch.items():
+            assert request_id not in finished  # nothing of a request follows its finish
+            events[request_id] += got
+            if got[-1].finish_reason is not None:
+                finished.add(request_id)
+    await stream.aclose()
+    return items, events
+
+
+def test_a_subscription_carries_all_its_requests_in_one_message_per_step():
+    engine = SlowFakeEngine(step_s=0.01)
+    router = make_router([engine])
+
+    async def main():
+        await router.wait_ready(10)
+        requests = [Request(f"m{k}", [40 + k], 8, ignore_eos=True) for k in range(MAX_SLOTS)]
+        items, events = await subscribed(router, "ingress-1", requests)
+        for request in requests:
+            got = events[request.request_id]
+            assert [e.token for e in got] == expected(request.prompt, 8)
+            assert got[-1].finish_reason == "length" and all(e.finish_reason is None for e in got[:-1])
+        steps = engine.decodes + len(engine.prefills)
+        assert items <= steps < sum(len(got) for got in events.values())  # per step, not per request per step
+        stats = await router.stats()
+        assert stats["running"] == 0 and stats["requests_total"] == {"length": MAX_SLOTS}
+        assert [e.token for e in await collect(router, Request("m0", [4], 2, ignore_eos=True))] == [4, 5]  # id free
+        await router.shutdown()
+
+    run(main())
+
+
+def test_submit_refuses_before_any_token_and_the_subscription_keeps_serving():
+    router = make_router([SlowFakeEngine()])
+
+    async def main():
+        await router.wait_ready(10)
+        with pytest.raises(Unavailable, match="no open subscription"):
+            await router.submit(Request("x", [1], 1), "never-opened")
+        stream = router.subscribe("s")
+        assert await stream.__anext__() == {}
+        with pytest.raises(InvalidRequest, match="already in use"):
+            await router.subscribe("s").__anext__()
+        with pytest.raises(InvalidRequest, match="exceeds the context of 64"):
+            await router.submit(Request("too-long", [1] * 60, 10), "s")
+        with pytest.raises(InvalidRequest, match="timeout must be in"):
+            await router.submit(Request("t", [1], 1), "s", timeout_s=0)
+        await router.submit(Request("ok", [4], 2, ignore_eos=True), "s")
+        got = []
+        while not got or got[-1].finish_reason is None:
+            batch = await stream.__anext__()
+            assert set(batch) == {"ok"}  # the refused requests send nothing
+            got += batch["ok"]
+        assert [e.token for e in got] == [4, 5]
+        await stream.aclose()
+        await router.shutdown()
+
+    run(main())
+
+
+def test_a_subscriber_that_goes_away_frees_the_slots_of_its_requests():
+    engine = SlowFakeEngine(step_s=0.02)
+    router = make_router([engine])
+
+    async def main():
+        await router.wait_ready(10)
+        stream = router.subscribe("gone")
+        await stream.__anext__()
+        await router.submit(Request("a", [5], 50, ignore_eos=True), "gone")
+        await router.submit(Request("b", [6], 50, ignore_eos=True), "gone")
+        flowing: set[str] = set()
+        while flowing != {"a", "b"}:  # both decoding (a request still queued is cancelled without a slot)
+            flowing |= set(await stream.__anext__())
+        await stream.aclose()  # what Ray does when the caller drops a streaming generator
+        for _ in range(100):
+            if len(engine.releases) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(engine.releases) == [0, 1]
+        assert (await router.stats())["requests_total"] == {"cancelled": 2}
+        await router.shutdown()
+
+    run(main())
