@@ -562,3 +562,26 @@ def test_a_subscriber_that_goes_away_frees_the_slots_of_its_requests():
         await router.shutdown()
 
     run(main())
+
+
+def test_the_in_process_group_dispatches_a_decode_step_and_reads_it_at_collect():
+    """As a Ray group's call does, so the pipelined driver hands out step k while step k+1 computes."""
+    calls = []
+
+    class Engine:
+        def decode(self, *args):
+            calls.append("decode")
+            return "tokens"
+
+        def decode_start(self, *args):
+            calls.append("start")
+            return ("handle",)
+
+        def decode_finish(self, handle):
+            calls.append(("finish", handle))
+            return "tokens"
+
+    group = LocalShardGroup(Engine())
+    handle = group.submit("decode")
+    assert calls == ["start"]
+    assert group.collect(handle) == ["tokens"] and calls == ["start", ("finish", ("handle",))]
