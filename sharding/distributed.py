@@ -70,6 +70,11 @@ def configure_platform(platform: str, local_device_count: int | None = None) -> 
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if local_device_count:
             jax.config.update("jax_num_cpu_devices", local_device_count)
+        if (local_device_count or 1) > 1:
+            # Several devices in one process meet in XLA's in-process communicator, where the reordering below
+            # deadlocks instead: each device's thread waits in a different collective until the 40 s rendezvous
+            # timeout kills the process (seen in a one-process 4-device mesh on 2 cores).
+            serialise_cpu_collectives()
     else:
         # NCCL carries the collectives; keep XLA from grabbing 75% of a GPU before the weights are placed.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
