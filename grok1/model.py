@@ -452,11 +452,28 @@ def embed(params, tokens, config: ModelConfig):
     return scale_in_float32(params["embedding"][tokens].astype(FPROP_DTYPE), config.embedding_multiplier_scale)
 
 
-def unembed(params, h, config: ModelConfig):
-    """Final norm, tied output embedding, times the release's output multiplier: [B, T, V] bfloat16."""
+def round_to_bfloat16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), kept as float32: `x.astype(bf16).astype(f32)`,
+    bit for bit, NaN included, as integer operations XLA:CPU fuses into the loop around them (it runs each
+    float32 <-> bfloat16 conversion pair as passes of their own over the array)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+    return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, jnp.float32))
+
+
+def unembed(params, h, config: ModelConfig, dtype=FPROP_DTYPE):
+    """Final norm, tied output embedding, times the release's output multiplier: [B, T, V] bfloat16 values, held
+    as `dtype`. A sampler reads them as float32: asked for float32, the two bfloat16 roundings (the product's,
+    then the multiplier's: `matmul` and `scale_in_float32`) run in float32 in one pass (the same values), where
+    bfloat16 logits widened by the sampler cost three passes over [B, T, V] on XLA:CPU."""
     h = rms_norm(h, params["final_norm"])
-    logits = at_least_two_rows(lambda h: matmul("...d,vd->...v", h, params["embedding"].astype(h.dtype)), h)
-    return scale_in_float32(logits, config.output_multiplier_scale)
+    embedding = params["embedding"].astype(h.dtype)
+    if dtype != jnp.float32:
+        logits = at_least_two_rows(lambda h: matmul("...d,vd->...v", h, embedding), h)
+        return scale_in_float32(logits, config.output_multiplier_scale).astype(dtype)
+    product = at_least_two_rows(lambda h: jnp.einsum("...d,vd->...v", h, embedding,
+                                                     preferred_element_type=jnp.float32), h)
+    return round_to_bfloat16(round_to_bfloat16(product) * config.output_multiplier_scale)
 
 
 def run_layers(params, config: ModelConfig, tokens, positions, cache: KVCache, rows, *, kv_len: int, valid=None,

@@ -74,7 +74,7 @@ def finish_chunks(params, state: DecodeState, h, starts, lengths, final_slots, g
     their slots decoding; see paged_prefill_step. Returns (state, token [n], logprob [n])."""
     rows = h.shape[0]
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [n, 1, D]
-    token, logprob = sample(model.unembed(params, last, config.model)[:, 0], sampling, generated, counts)
+    token, logprob = sample(model.unembed(params, last, config.model, jnp.float32)[:, 0], sampling, generated, counts)
 
     def put(all_slots, new):
         return all_slots.at[final_slots].set(new, mode="drop")

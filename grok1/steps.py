@@ -126,7 +126,7 @@ def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask
     slots = state.active.shape[0]
     going = state.active if skip is None else state.active & ~skip  # [B]
     padding = rows >= slots  # [n]
-    logits = model.unembed(params, jnp.take(h, rows, axis=0, mode="clip")[:, None], config.model)[:, 0]
+    logits = model.unembed(params, jnp.take(h, rows, axis=0, mode="clip")[:, None], config.model, jnp.float32)[:, 0]
     defaults = SlotSampling.defaults(rows.shape[0])
 
     def row_settings(all_slots, default):  # padding rows sample greedily with no penalties

@@ -434,3 +434,35 @@ def test_weight_matmul_applies_the_scales_to_the_int8_product(groups):
     np.testing.assert_allclose(np.asarray(model.weight_matmul(jnp.asarray(x), jnp.asarray(plain))),
                                x.astype(np.float32) @ plain.astype(ml_dtypes.bfloat16).astype(np.float32),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_rounding_to_bfloat16_in_float32_equals_the_conversion_pair():
+    """Every float32 bit pattern class: ties either way, carries into the exponent, the largest values (which
+    round to infinity), subnormals, zeros of both signs, infinities, NaNs."""
+    rng = np.random.default_rng(0)
+    patterns = np.concatenate([
+        rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32),
+        np.asarray([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3FFFFFFF, 0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF,
+                    0x00000001, 0x00008000, 0x00018000, 0x807FFFFF, 0x00000000, 0x80000000, 0x7F800000,
+                    0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FBFFFFF], np.uint32)])
+    x = jnp.asarray(patterns.view(np.float32))
+    got = np.asarray(jax.jit(model.round_to_bfloat16)(x))
+    want = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32))
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_float32_unembedding_holds_the_bfloat16_logits():
+    """decode_sample asks unembed for float32: the same values as the bfloat16 logits, bit for bit."""
+    config = ModelConfig(vocab_size=4096, pad_token=0, eos_token=2, sequence_len=64, emb_size=64, key_size=16,
+                         num_q_heads=4, num_kv_heads=2, num_layers=1, widening_factor=2.0, num_experts=8,
+                         num_selected_experts=2, attn_output_multiplier=0.25, embedding_multiplier_scale=1.0,
+                         output_multiplier_scale=0.5773502691896257)
+    params = jax.tree.map(jnp.asarray, random_params(config))
+    for rows in (1, 5):
+        h = jax.random.normal(jax.random.PRNGKey(rows), (rows, 1, config.emb_size), jnp.bfloat16) * 4
+        wide = jax.jit(lambda p, h: model.unembed(p, h, config, jnp.float32))(params, h)
+        narrow = jax.jit(lambda p, h: model.unembed(p, h, config))(params, h)
+        assert wide.dtype == jnp.float32 and narrow.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(wide), np.asarray(narrow.astype(jnp.float32)))

@@ -14,7 +14,18 @@ import numpy as np
 import pytest
 
 from grok1.engine import Sampling
-from grok1.sampling import MAX_LOGIT_BIAS, LogitPenalties, SlotSampling, first_argmax, sample, seed_key_data
+from grok1.sampling import (
+    MAX_LOGIT_BIAS,
+    LogitPenalties,
+    SlotSampling,
+    argmax_chunk,
+    first_argmax,
+    logsumexp_given_max,
+    max_and_first_argmax,
+    sample,
+    sample_scored,
+    seed_key_data,
+)
 from grok1.slot_settings import slot_sampling
 
 _sample = jax.jit(sample)
@@ -78,6 +89,61 @@ def test_first_argmax_equals_jnp_argmax_on_ties_nan_and_infinities():
     for dtype in (jnp.float32, jnp.bfloat16):
         x = jnp.asarray(rows, dtype)
         np.testing.assert_array_equal(jax.jit(first_argmax)(x), jnp.argmax(x, axis=-1))
+
+
+def test_the_chunked_argmax_equals_jnp_argmax_at_the_vocabulary_size():
+    """At Grok-1's vocabulary the index is searched within the first chunk that reaches the maximum: ties in
+    other chunks, ties inside the chunk, a NaN after the maximum or in another chunk than it, infinities."""
+    vocab = 131072
+    assert argmax_chunk(vocab) == 128
+    rows = np.random.default_rng(2).normal(size=(10, vocab)).astype(np.float32)
+    rows[0, [300, 129, 70000]] = 50.0  # the same maximum in three chunks, the first not the lowest chunk seen
+    rows[1, [131, 130]] = 50.0  # a tie inside one chunk
+    rows[2, 5] = 50.0
+    rows[2, 9000] = np.nan  # NaN after the maximum: the NaN wins
+    rows[3, [128 * 7 + 3, 128 * 2 + 127]] = np.nan
+    rows[4, :] = -np.inf
+    rows[5, [vocab - 1, 4000]] = np.inf
+    rows[6, :] = 1.0  # all equal: index 0
+    rows[7, vocab - 1] = 50.0  # the last entry
+    rows[8, 127], rows[8, 128] = 50.0, 50.0  # across a chunk boundary
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rows, dtype)
+        top, index = jax.jit(max_and_first_argmax)(x)
+        np.testing.assert_array_equal(index, jnp.argmax(x, axis=-1))
+        # numpy's maximum: NaN where the row has one (XLA:CPU's own max reductions drop NaNs)
+        np.testing.assert_array_equal(np.asarray(top, np.float32), np.asarray(x, np.float32).max(axis=-1))
+
+
+@pytest.mark.parametrize("vocab", [40, 50, 127, 1024])
+def test_logsumexp_given_the_maximum_equals_jax_nn_logsumexp(vocab):
+    rows = np.random.default_rng(vocab).normal(0.0, 5.0, size=(6, vocab)).astype(np.float32)
+    rows[1, :] = -np.inf
+    rows[2, 3] = np.inf
+    rows[3, 7] = np.nan
+    rows[4, : vocab // 2] = -np.inf
+    x = jnp.asarray(rows)
+    got = jax.jit(lambda x: logsumexp_given_max(x, max_and_first_argmax(x)[0]))(x)
+    np.testing.assert_array_equal(got, jax.nn.logsumexp(x, axis=-1))
+
+
+def test_a_plain_greedy_batch_gets_the_bits_of_the_general_sampler():
+    """All rows greedy without extras take the plain path; the same rows beside one that wants top logprobs
+    (the general path) get the same tokens and logprobs, bit for bit, at Grok-1's vocabulary size."""
+    rows, vocab = 6, 131072
+    logits = jnp.asarray(np.random.default_rng(4).normal(0.0, 3.0, size=(rows, vocab)), jnp.bfloat16)
+    plain = settings(rows)._replace(top_logprobs=jnp.zeros(rows, jnp.int32))
+    general = plain._replace(top_logprobs=jnp.zeros(rows, jnp.int32).at[0].set(3))
+    steps = jnp.zeros(rows, jnp.int32)
+    want = jax.jit(sample_scored)(logits, general, steps)
+    got = jax.jit(sample_scored)(logits, plain, steps)
+    assert np.asarray(want.top_ids)[0, 0] == int(np.asarray(got.tokens)[0])  # the general path did run
+    np.testing.assert_array_equal(got.tokens, jnp.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.logprobs, want.logprobs)
+    expected = log_softmax(np.asarray(logits, np.float32))[np.arange(rows), np.asarray(got.tokens)]
+    np.testing.assert_allclose(got.logprobs, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got.top_ids, 0)
 
 
 def test_seeded_draws_equal_jax_random_categorical(random_logits):

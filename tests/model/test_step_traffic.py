@@ -89,3 +89,23 @@ def test_a_greedy_step_without_penalties_does_not_gather_the_token_counts(config
     gathered = f"s32[{len(rows)},{config.model.vocab_size}]"
     assert gathered in shapes_made(hlo), "the penalty branch no longer reads the counts: this test checks nothing"
     assert gathered not in entry_shapes_made(hlo), "every step gathers the rows' token counts"
+
+
+def entry_arrays_of_shape(hlo: str, dims: str) -> list[str]:
+    """The instructions of the program's top level that produce an array of exactly `dims` ("2,512")."""
+    entry = hlo[hlo.index("\nENTRY "):]
+    entry = entry[: entry.index("\n}")]
+    return [line.strip() for line in entry.splitlines() if re.search(rf"= [a-z0-9]+\[{dims}\]", line)]
+
+
+def test_a_plain_greedy_step_makes_only_the_logits_at_its_top_level(config, params):
+    """A greedy step without penalties, grammar or top logprobs (the common one) needs two passes over its
+    [n, V] logits: their maximum and their log-sum-exp. The general sampler's conds pass [n, V] operands and
+    results, which XLA:CPU copies (36 ms of a 32-row step over Grok-1's vocabulary, against ~6 for the plain
+    path). So the top level holds only the unembedding product and its rounding; the rest runs in a branch."""
+    engine = Engine(config, params)
+    rows = np.array([0, SLOTS], np.int32)
+    _, h, _ = engine._decode_forward(engine.params, engine.state, None, kv_len=16)
+    hlo = engine._decode_sample.lower(engine.params, engine.state, h, rows).compile().as_text()
+    made = entry_arrays_of_shape(hlo, f"{len(rows)},{config.model.vocab_size}")
+    assert len(made) <= 2, "the top level makes more [n, V] arrays than the logits:\n" + "\n".join(made)
