@@ -124,7 +124,7 @@ def max_and_first_argmax(x):
 
     Why not jnp.argmax: on XLA:CPU a pass that finds an index over [32, 131072] float32 costs 5-10x a plain max
     (measured 4.7-5.6 ms against 0.5 ms, AMD EPYC, jax 0.10.2), whichever way it is written. So one pass reads
-    the whole row: the maximum and the sum of each chunk of `argmax_chunk` entries (one loop). The first chunk
+    the whole row: the maximum and the sum of each chunk of `argmax_chunk` entries. The first chunk
     reaching the row's maximum holds its first occurrence, and the index search runs over the chunk maxima and
     that one chunk, each 1/128 of the row. The sums find NaNs, which those max reductions drop (testing for
     NaN inside them costs a pass of its own): a chunk's sum is NaN where it holds a NaN (or both infinities),
@@ -158,7 +158,7 @@ def logsumexp_given_max(x, top):
 def categorical(keys, logits):
     """`jax.vmap(jax.random.categorical)(keys, logits)` for rows [B, V], bit for bit (argmax(gumbel + logits)
     there), with `first_argmax` over the whole batch for the argmax (outside the vmap: under it, its cond for
-    +inf rows would become a select that always runs the whole-row search)."""
+    rows holding a NaN would become a select that always runs the whole-row search)."""
     gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
     return first_argmax(gumbel + logits)
 
@@ -252,7 +252,6 @@ def _sample_general(logits, sampling: SlotSampling, step, counts, mask, in_use, 
         argmax, adjusted = argmax_and(logits)
     else:
         penalties = sampling.penalties
-
         # Reading every count costs a pass over [B, V]: skip it when no row has penalties or a bias.
         def penalised(x):
             return argmax_and(apply_penalties(x, penalties, counts() if callable(counts) else counts))

@@ -1,10 +1,12 @@
 """What a compiled decode step moves through memory, read off the program XLA builds for this backend.
 
-Two defects a profile of grok-1-cpu's decode step found (docs/benchmarks.md), both invisible in the numbers:
+Defects profiles of the decode step found (docs/benchmarks.md), each invisible in the numbers:
 - the scan over layers sliced every layer's stacked expert weights, so XLA copied all E experts of a layer
   ([E, D, F] int8) every step to run the two a token picks (grok1.model.StackedWeight);
 - writing one token per row into the bfloat16 KV cache made XLA:CPU convert the whole [L, B, S, Hkv, K]
-  cache to float32 and back in every layer (grok1.paged_attention.kv_bits).
+  cache to float32 and back in every layer (grok1.paged_attention.kv_bits);
+- the sampler's conds passed the [n, V] logits in and out for steps that need none of their branches, and
+  XLA:CPU copies such operands and results (grok1.sampling.sample_scored).
 Each test here compiles the step and fails if any instruction still produces such an array.
 """
 
