@@ -205,8 +205,9 @@ class Driver:
         sampling = self.scheduler.request_in(slot).sampling
         token = int(out.tokens[row])
         self.grammars.delivered(slot, token)
-        event = self.scheduler.record(slot, token, float(out.logprobs[row]))
         k = getattr(sampling, "top_logprobs", 0)
+        wanted = k or getattr(sampling, "logprobs", True) is not False  # else the step skipped it: 0 there
+        event = self.scheduler.record(slot, token, float(out.logprobs[row]) if wanted else None)
         if k and getattr(out, "top_ids", None) is not None:
             event.top_logprobs = tuple(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))
         if getattr(out, "prompt_logprobs", None) is not None and isinstance(out.prompt_logprobs[row],

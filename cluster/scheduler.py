@@ -169,8 +169,9 @@ class Scheduler:
         self.queue.remove(request)
         self.resume.pop(request.request_id, None)
 
-    def record(self, slot: int, token: int, logprob: float) -> TokenEvent:
-        """A token produced for `slot`; says whether its request is now finished."""
+    def record(self, slot: int, token: int, logprob: float | None) -> TokenEvent:
+        """A token produced for `slot` (logprob None: its request asked for none); says whether its request is
+        now finished."""
         running = self.slots[slot]
         request = running.request
         running.generated += 1
@@ -180,7 +181,7 @@ class Scheduler:
             reason = FinishReason.STOP
         elif running.generated >= request.max_tokens:
             reason = FinishReason.LENGTH
-        return TokenEvent(request.request_id, int(token), float(logprob), reason)
+        return TokenEvent(request.request_id, int(token), None if logprob is None else float(logprob), reason)
 
     def expire(self, now: float | None = None) -> list[tuple[int | None, TokenEvent]]:
         """Requests past their deadline, queued (slot None) or running."""

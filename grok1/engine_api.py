@@ -81,6 +81,9 @@ class StepPlan:
 class Sampling:
     """A request's sampling settings (host side), OpenAI's meanings.
 
+    logprobs: whether each generated token's own logprob is reported; False lets the engine skip computing it
+    (a pass over the vocabulary per step when no row of the step wants it), and the token's event then carries
+    None. top_logprobs > 0 reports it whatever this says.
     top_logprobs: the k (<= MAX_TOP_LOGPROBS) most likely tokens and their logprobs at each generated position.
     prompt_logprobs: the logprob of every prompt token (and its top_logprobs) at prefill.
     presence_penalty / frequency_penalty: subtracted from a token's logit once it was generated / per time it
@@ -99,6 +102,7 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    logprobs: bool = True
 
     def __post_init__(self):
         pairs = self.logit_bias.items() if hasattr(self.logit_bias, "items") else self.logit_bias
@@ -235,6 +239,8 @@ def validate_request(request: Request, max_len: int, vocab_size: int) -> None:
         if not _finite_in(value, *PENALTY_RANGE):
             raise InvalidRequest(f"{name} must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}], got {value!r}",
                                  name)
+    if not isinstance(s.logprobs, bool):
+        raise InvalidRequest(f"logprobs must be true or false, got {s.logprobs!r:.60}", "logprobs")
     if not _is_int(s.top_logprobs) or not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
     bias = s.logit_bias

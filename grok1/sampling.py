@@ -59,7 +59,9 @@ class SlotSampling(NamedTuple):
     """Per-slot sampling settings, all [B]: temperature f32 (0 greedy), top_p f32 (1 off),
     top_k int32 (0 off), key uint32 [B, 2] (the request's seed); penalties None means none (a static choice:
     the engine's state always has them, hand-made settings in tests may leave them out); top_logprobs int32
-    [B]: how many of the most likely tokens each row reports (None: none, likewise static)."""
+    [B]: how many of the most likely tokens each row reports, -1 for a row that reports no logprob at all, not
+    even its sampled token's (None: every row reports its sampled token's and no more, likewise static). Empty
+    slots and padding rows (`defaults`) report none."""
 
     temperature: jax.Array
     top_p: jax.Array
@@ -72,7 +74,7 @@ class SlotSampling(NamedTuple):
     def defaults(batch: int) -> "SlotSampling":
         return SlotSampling(jnp.zeros(batch, jnp.float32), jnp.ones(batch, jnp.float32),
                             jnp.zeros(batch, jnp.int32), jnp.zeros((batch, 2), jnp.uint32),
-                            LogitPenalties.defaults(batch), jnp.zeros(batch, jnp.int32))
+                            LogitPenalties.defaults(batch), jnp.full(batch, -1, jnp.int32))
 
     @staticmethod
     def single(temperature: float, top_p: float, top_k: int, seed: int) -> "SlotSampling":
@@ -203,14 +205,21 @@ def _no_top_logprobs(rows: int, k: int = MAX_TOP_LOGPROBS):
     return jnp.zeros((rows, k), jnp.int32), jnp.zeros((rows, k), jnp.float32)
 
 
-def _greedy_plain(logits) -> Sampled:
+def _sampled_logprobs(scores, tokens, total, wanted):
+    """[B]: each token's score minus its row's log-sum-exp; 0 for rows that want no logprob (wanted -1)."""
+    chosen = jnp.take_along_axis(scores, tokens[:, None], axis=-1)[:, 0]
+    return jnp.where(wanted >= 0, chosen - total, 0.0)
+
+
+def _greedy_plain(logits, wanted) -> Sampled:
     """Every row greedy, without penalties, bias, grammar or top logprobs (the common decode step): the argmax
-    and its logprob, from one pass for the maximum and one for the log-sum-exp over [B, V]."""
+    from one pass over [B, V] for the maximum, and the logprobs from one for the log-sum-exp, skipped when no
+    row wants them (a `lax.cond` on float32 logits that the unembedding made: it adds no copy)."""
     logits = logits.astype(jnp.float32)
     top, tokens = max_and_first_argmax(logits)
-    total = logsumexp_given_max(logits, top)
-    logprobs = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - total
-    return Sampled(tokens, logprobs, *_no_top_logprobs(logits.shape[0]))
+    total = jax.lax.cond(jnp.any(wanted >= 0), logsumexp_given_max, lambda x, top: jnp.zeros_like(top),
+                         logits, top)
+    return Sampled(tokens, _sampled_logprobs(logits, tokens, total, wanted), *_no_top_logprobs(logits.shape[0]))
 
 
 def sample_scored(logits, sampling: SlotSampling, step, counts=None, mask=None) -> Sampled:
@@ -236,7 +245,7 @@ def sample_scored(logits, sampling: SlotSampling, step, counts=None, mask=None) 
     def general(logits):
         return _sample_general(logits.astype(jnp.float32), sampling, step, counts, mask, in_use, wanted)
 
-    return jax.lax.cond(plain, _greedy_plain, general, logits)
+    return jax.lax.cond(plain, lambda logits: _greedy_plain(logits, wanted), general, logits)
 
 
 def _sample_general(logits, sampling: SlotSampling, step, counts, mask, in_use, wanted) -> Sampled:
@@ -283,6 +292,6 @@ def _sample_general(logits, sampling: SlotSampling, step, counts, mask, in_use, 
     # Drawing costs a random number per vocabulary entry: skip it when every row is greedy.
     tokens = jax.lax.cond(jnp.all(greedy), lambda scaled: argmax, draw, scaled)
     total = logsumexp_given_max(tempered, jnp.max(tempered, axis=-1))  # [B], as _greedy_plain's
-    logprobs = jnp.take_along_axis(tempered, tokens[:, None], axis=-1)[:, 0] - total
+    logprobs = _sampled_logprobs(tempered, tokens, total, wanted)
     top_ids, top_values = top_logprobs(tempered, total, wanted, MAX_TOP_LOGPROBS)
     return Sampled(tokens, logprobs, top_ids, top_values)

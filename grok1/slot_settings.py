@@ -43,5 +43,11 @@ def slot_sampling(samplings: list[Sampling], vocab: int) -> SlotSampling:
                         np.asarray([s.top_p for s in samplings], np.float32),
                         np.asarray([min(max(int(s.top_k), 0), vocab) for s in samplings], np.int32),
                         np.stack([seed_key_data(s.seed) for s in samplings]), penalties,
-                        np.asarray([min(max(int(getattr(s, "top_logprobs", 0)), 0), MAX_TOP_LOGPROBS)
-                                    for s in samplings], np.int32))
+                        np.asarray([logprobs_wanted(s) for s in samplings], np.int32))
+
+
+def logprobs_wanted(s: Sampling) -> int:
+    """SlotSampling.top_logprobs of a request: its k clamped into [0, MAX_TOP_LOGPROBS], or -1 when it wants no
+    logprob at all (not even its sampled token's)."""
+    k = min(max(int(getattr(s, "top_logprobs", 0)), 0), MAX_TOP_LOGPROBS)
+    return k if k > 0 or getattr(s, "logprobs", True) is not False else -1

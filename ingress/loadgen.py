@@ -233,7 +233,7 @@ def run_router(router, spec: LoadSpec) -> LoadResult:
     """The same load straight on a router actor (asyncio in this process), through one subscription as an
     ingress replica sends it (cluster/channel.py): the baseline for the ingress."""
     from cluster.channel import RouterChannel
-    from cluster.scheduler import Request
+    from grok1.engine_api import Request, Sampling
 
     planned = spec.plan()
     tally = _Tally()
@@ -243,7 +243,9 @@ def run_router(router, spec: LoadSpec) -> LoadResult:
         times, ok = [], True
         try:
             stream = await channels[0].submit(
-                Request(f"bench-{k}-{time.monotonic_ns()}", item.prompt, item.output_len, ignore_eos=True))
+                # No logprobs, as the HTTP and gRPC paths' requests (which do not ask for them)
+                Request(f"bench-{k}-{time.monotonic_ns()}", item.prompt, item.output_len,
+                        sampling=Sampling(logprobs=False), ignore_eos=True))
             finished = False
             while not finished:
                 for event in await stream.next_batch():  # a list: the events since the last read

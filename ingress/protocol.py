@@ -222,7 +222,8 @@ def sampling(params: GenerationParams, index: int = 0):
     return Sampling(params.temperature, params.top_p, params.top_k, choice_seed(params.seed, index),
                     presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                     logit_bias=params.logit_bias, top_logprobs=params.logprobs or 0,
-                    prompt_logprobs=params.echo and params.logprobs is not None)
+                    prompt_logprobs=params.echo and params.logprobs is not None,
+                    logprobs=params.logprobs is not None)
 
 
 def router_max_tokens(params: GenerationParams) -> int:

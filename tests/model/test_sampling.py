@@ -146,6 +146,24 @@ def test_a_plain_greedy_batch_gets_the_bits_of_the_general_sampler():
     np.testing.assert_array_equal(got.top_ids, 0)
 
 
+def test_rows_that_want_no_logprob_get_zero_and_change_nothing_else():
+    """top_logprobs -1 (a request that asked for no logprobs): the sampled logprob is 0, skipped where no row
+    wants one; the tokens, and every other row's logprobs, are those of a batch that wants them all."""
+    rows, vocab = 4, 1024
+    logits = jnp.asarray(np.random.default_rng(5).normal(0.0, 3.0, size=(rows, vocab)), jnp.float32)
+    steps = jnp.arange(rows, dtype=jnp.int32)
+    run = jax.jit(sample_scored)
+    for temperature in (0.0, np.asarray([0.0, 0.8, 0.0, 1.3], np.float32)):  # the plain path, the general one
+        base = settings(rows, temperature=temperature, seed=np.arange(rows))
+        want = run(logits, base._replace(top_logprobs=jnp.zeros(rows, jnp.int32)), steps)
+        for wanted in ([-1, 0, -1, 0], [-1, -1, -1, -1]):
+            wanted = jnp.asarray(wanted, jnp.int32)
+            got = run(logits, base._replace(top_logprobs=wanted), steps)
+            np.testing.assert_array_equal(got.tokens, want.tokens)
+            np.testing.assert_array_equal(got.logprobs, jnp.where(wanted >= 0, want.logprobs, 0.0))
+            assert np.all(np.asarray(want.logprobs) < 0)
+
+
 def test_seeded_draws_equal_jax_random_categorical(random_logits):
     """The draw is jax.random.categorical's, bit for bit: a seed gives the same tokens as before first_argmax."""
     rows = random_logits.shape[0]

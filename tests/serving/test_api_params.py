@@ -106,3 +106,17 @@ def test_tokenize_and_detokenize_in_vllms_shapes():
         with pytest.raises(ApiError) as info:
             tokenize.detokenize(body, MODEL, TOK)
         assert info.value.param == "tokens"
+
+
+def test_the_engine_computes_logprobs_only_for_requests_that_ask():
+    """A request that asks for no logprobs lets the engine skip them (grok1.engine_api.Sampling.logprobs)."""
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    asked = [
+        (protocol.parse_completion({"prompt": "a"}, MODEL, TOK), False),
+        (protocol.parse_completion({"prompt": "a", "logprobs": 0}, MODEL, TOK), True),
+        (protocol.parse_completion({"prompt": "a", "logprobs": 2}, MODEL, TOK), True),
+        (protocol.parse_chat(chat, MODEL, TOK), False),
+        (protocol.parse_chat({**chat, "logprobs": False}, MODEL, TOK), False),
+        (protocol.parse_chat({**chat, "logprobs": True}, MODEL, TOK), True),
+    ]
+    assert [protocol.sampling(params).logprobs for params, _ in asked] == [want for _, want in asked]

@@ -117,6 +117,7 @@ def test_queue_bound_raises_queue_full_and_recovers():
     (dict(prompt=[1], sampling=Sampling(temperature=1.0, top_p=1.5)), "top_p"),
     (dict(prompt=[1], sampling=Sampling(temperature=1.0, top_p=-0.5)), "top_p"),
     (dict(prompt=[1], sampling=Sampling(top_k=-1)), "top_k"),
+    (dict(prompt=[1], sampling=Sampling(logprobs=1)), "logprobs"),
     # What the engine cannot represent stops here, before any shard worker sees it (issue: one request
     # crashing the whole shard group).
     (dict(prompt=[1], sampling=Sampling(top_k=2 ** 31)), "top_k"),
@@ -142,7 +143,7 @@ def test_queue_bound_raises_queue_full_and_recovers():
         "prompt-max_len", "temperature", "top_p-0", "top_p-above-1", "top_p-negative", "top_k",
         "top_k-int32", "seed-2**63", "seed-below-int64", "temperature-nan", "temperature-inf", "top_p-nan",
         "temperature-str", "top_k-float", "seed-bool", "presence-nan", "frequency-range", "bias-id", "bias-value",
-        "bias-twice", "bias-count", "prompt-float", "prompt-str", "max_tokens-float", "stop-id"])
+        "bias-twice", "bias-count", "prompt-float", "prompt-str", "max_tokens-float", "stop-id", "logprobs-int"])
 def test_invalid_requests_are_rejected_with_a_message(kwargs, message):
     driver, scheduler, engine = make()
     kwargs = {"max_tokens": 4, **kwargs}
@@ -370,3 +371,14 @@ def test_finished_request_frees_its_slot_at_once():
                                                                         (1, [5])]
     assert {rid: c.tokens for rid, c in driver.completions.items()} == {
         "a": [1], "b": [2, 3, 4], "c": [3, 4], "d": [4], "e": [5, 6]}
+
+
+def test_a_request_without_logprobs_gets_none_where_others_get_theirs():
+    """Sampling(logprobs=False): the engine may skip the sampled token's logprob, and the events say None rather
+    than the 0 the step leaves there; requests that keep the default, or ask for top logprobs, get theirs."""
+    events = []
+    driver, _, _ = make(on_event=events.append)
+    driver.generate([req("none", [1], 3, sampling=Sampling(logprobs=False)), req("plain", [2], 3),
+                     req("top", [3], 3, sampling=Sampling(logprobs=False, top_logprobs=1))])
+    by_request = {name: [e.logprob for e in events if e.request_id == name] for name in ("none", "plain", "top")}
+    assert by_request == {"none": [None] * 3, "plain": [-0.5, -0.25, -0.25], "top": [-0.5, -0.25, -0.25]}
