@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 2.0, 4.0],
                         help="open-loop request rates (requests/s) for the latency-vs-rate tables; none: skip")
     parser.add_argument("--rate-requests", type=int, default=32, help="requests per open-loop rate")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="the serving config's stream_interval: tokens per HTTP / gRPC chunk after the first")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
 
     config = load_config(args.config)
     app_args = {"config": args.config, "ep": args.ep, "tp": args.tp, "backend": args.backend,
-                "random_if_missing": True, "max_queue": max(256, args.requests)}
+                "random_if_missing": True, "max_queue": max(256, args.requests),
+                "stream_interval": args.stream_interval}
     if args.checkpoint:
         app_args["checkpoint"] = args.checkpoint
     http_port, grpc_port = _free_port(), _free_port()
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
     cpu = platform.processor() or platform.machine()
-    print(f"\n{config.name}, ep={args.ep} tp={args.tp}, backend {args.backend}, {cpu}"
+    print(f"\n{config.name}, ep={args.ep} tp={args.tp}, backend {args.backend}, "
+          f"stream_interval {args.stream_interval}, {cpu}"
           f": {args.concurrency} streams, {args.requests} requests, prompt {args.prompt_len}, output {args.output_len}")
     print(format_table(results, baseline))
     if open_loop:

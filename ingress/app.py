@@ -236,7 +236,7 @@ class Grok1Ingress(GrpcService):
             params = await asyncio.to_thread(parse, body, self.model, self.tokenizer)
             request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
             generation = await Generation(self.router, self.tokenizer, params, request_id, self.metrics,
-                                          self._router_channel()).start()
+                                          self._router_channel(), self.options.stream_interval).start()
         except Exception as err:  # noqa: BLE001 - every failure becomes an OpenAI error with its status
             error = from_exception(err)
             self.counts["http", error.http_status] += 1

@@ -11,7 +11,9 @@
    max_tokens 0, generates one token, which is dropped). The router
    streams each request's events in lists (all of a step's, or all since the last read when this replica
    falls behind); one list becomes one Delta, so a busy replica sends fewer, larger chunks rather than
-   falling further behind.
+   falling further behind. With a stream interval n > 1 (the serving config's `stream_interval`) a choice's
+   first token still goes out at once, and after it the Deltas are held until they carry n tokens (or the
+   choice ends), so each client chunk, and each message through Serve's proxy, carries n tokens.
 3. A stop string ends a choice early: the router is told to cancel it, which frees its slot at the next step.
    So does a client that goes away (the handler's task is cancelled and `close()` runs).
 4. Router-side endings that are not a normal finish become errors: "deadline" -> DEADLINE_EXCEEDED / 504,
@@ -43,6 +45,19 @@ class Delta:
     # per prompt token (echo): (token text, logprob or None, offset in the prompt's text, top logprobs, token id)
     prompt_pieces: list[tuple] | None = None
     finish_reason: str | None = None
+
+    def extend(self, later: "Delta") -> "Delta":
+        """This Delta followed by `later` (of the same choice) as one."""
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.token_texts += later.token_texts
+        self.text_offsets += later.text_offsets
+        self.top_logprobs += later.top_logprobs
+        if later.prompt_pieces is not None:
+            self.prompt_pieces = later.prompt_pieces
+        self.finish_reason = later.finish_reason or self.finish_reason
+        return self
 
 
 class _Choice:
@@ -91,11 +106,15 @@ class _Choice:
 
     async def deltas(self):
         batch, self.first = self.first, None
+        held = Delta(self.index)  # what the next chunk carries (see _due)
         try:
             while True:
                 delta, error = self._delta(batch)
-                if delta.finish_reason or delta.text or delta.token_ids or delta.prompt_pieces is not None:
-                    yield delta
+                held.extend(delta)
+                if error is not None or self._due(held):
+                    if held.finish_reason or held.text or held.token_ids or held.prompt_pieces is not None:
+                        yield held
+                    held = Delta(self.index)
                 if error is not None:  # after the tokens that came before it
                     raise error
                 if delta.finish_reason:
@@ -105,6 +124,16 @@ class _Choice:
             if not self.finished:
                 self.finished = True
                 self.generation.cancel(self.request_id)
+
+    def _due(self, held: Delta) -> bool:
+        """Whether the held Delta goes out now: the choice ended, it holds the choice's first token (sent at
+        once, for the time to first token), or it holds `stream_interval` tokens."""
+        if held.finish_reason or held.prompt_pieces is not None:
+            return True
+        if not held.token_ids:
+            return False
+        first = self.tokens == len(held.token_ids)  # no token of this choice went out before
+        return first or len(held.token_ids) >= self.generation.stream_interval
 
     def _delta(self, batch: list) -> tuple[Delta, ApiError | None]:
         """One Delta for a list of events, up to the one that ends the choice (and the error it ends with)."""
@@ -184,10 +213,15 @@ def compile_grammar(tokenizer, params: GenerationParams):
 
 
 class Generation:
-    def __init__(self, router, tokenizer, params: GenerationParams, request_id: str, metrics=None, channel=None):
+    def __init__(self, router, tokenizer, params: GenerationParams, request_id: str, metrics=None, channel=None,
+                 stream_interval: int = 1):
         """`metrics` (ingress/metrics.py's ReplicaMetrics) times the request as it streams. With `channel` (the
         replica's cluster.channel.RouterChannel to `router`) the requests stream through its one subscription;
-        without, each through its own `Router.generate` stream."""
+        without, each through its own `Router.generate` stream. `stream_interval`: tokens per Delta after a
+        choice's first (fewer when the choice ends)."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
+        self.stream_interval = stream_interval
         self.router = router
         self.channel = channel
         self.tokenizer = tokenizer
@@ -270,13 +304,5 @@ class Generation:
         """The whole completion: one merged Delta per choice."""
         merged = [Delta(i) for i in range(len(self.choices))]
         async for delta in self.deltas():
-            whole = merged[delta.index]
-            whole.text += delta.text
-            whole.token_ids += delta.token_ids
-            whole.logprobs += delta.logprobs
-            whole.token_texts += delta.token_texts
-            whole.text_offsets += delta.text_offsets
-            whole.top_logprobs += delta.top_logprobs
-            whole.prompt_pieces = delta.prompt_pieces if delta.prompt_pieces is not None else whole.prompt_pieces
-            whole.finish_reason = delta.finish_reason or whole.finish_reason
+            merged[delta.index].extend(delta)
         return merged

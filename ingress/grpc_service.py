@@ -95,7 +95,7 @@ class GrpcService:
             params = await asyncio.to_thread(self._grpc_params, request)
             request_id = request.request_id or protocol.new_id("gen")
             generation = await Generation(self.router, self.tokenizer, params, request_id, self.metrics,
-                                          self._router_channel()).start()
+                                          self._router_channel(), self.options.stream_interval).start()
         except Exception as err:  # noqa: BLE001
             self._grpc_fail(grpc_context, err)
         return generation, params, request_id

@@ -42,6 +42,11 @@ class ServingConfig(ReplicaConfig):
     auth_metrics: bool = Field(False, description="/metrics needs a key too")
     ray_metrics: bool = Field(True, description="also export the metrics through Ray's metrics agent on each "
                                                 "node (its metrics export port; names prefixed ray_)")
+    stream_interval: int = Field(1, ge=1, le=1024,
+                                 description="tokens per streamed chunk (SSE event, gRPC message) of a choice "
+                                             "after its first, which goes out at once: n > 1 cuts the "
+                                             "ingress's and Serve's proxy's work per token n-fold, for "
+                                             "burstier streams (as SGLang's and vLLM's --stream-interval)")
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="seconds a client has to send its whole "
                                                                    "request body (HTTP 408 after it)")
 

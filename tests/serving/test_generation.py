@@ -120,3 +120,43 @@ def test_tokens_before_a_deadline_or_an_error_in_the_same_list_still_go_out_firs
     with pytest.raises(ApiError) as err:
         asyncio.run(asyncio.wait_for(main(), 10))
     assert err.value.kind == kind and seen == ["a", "bc"]
+
+
+def test_a_stream_interval_sends_the_first_token_at_once_then_chunks_of_that_many_tokens():
+    router = ScriptedRouter([events(c) for c in "abcdefg"] + [events("h", "length")])
+    generation, out = deltas(router, max_tokens=8, logprobs=0)
+    assert [d.text for d in out] == list("abcdefgh")  # interval 1 (the default): as before
+    router = ScriptedRouter([events(c) for c in "abcdefg"] + [events("h", "length")])
+
+    async def main():
+        params = GenerationParams([ord(c) for c in "ab"], max_tokens=8, logprobs=0)
+        generation = await Generation(router, TOK, params, "id", stream_interval=3).start()
+        return [delta async for delta in generation.deltas()]
+
+    out = asyncio.run(asyncio.wait_for(main(), 10))
+    assert [d.text for d in out] == ["a", "bcd", "efg", "h"]  # the last chunk: whatever the finish leaves
+    assert [d.finish_reason for d in out] == [None, None, None, "length"]
+    assert [d.token_ids for d in out][1] == [ord(c) for c in "bcd"]
+    assert [d.text_offsets for d in out] == [[0], [1, 2, 3], [4, 5, 6], [7]]
+    assert [d.token_texts for d in out][2] == list("efg") and all(len(d.logprobs) == len(d.token_ids) for d in out)
+
+
+def test_a_stream_interval_keeps_lists_whole_and_lets_held_tokens_out_before_an_error():
+    router = ScriptedRouter([events("abcde"), events("f"), events("g", "error", error="shard failed")])
+    seen = []
+
+    async def main():
+        generation = await Generation(router, TOK, GenerationParams([1], max_tokens=9), "id",
+                                      stream_interval=4).start()
+        async for delta in generation.deltas():
+            seen.append(delta.text)
+
+    with pytest.raises(ApiError) as err:
+        asyncio.run(asyncio.wait_for(main(), 10))
+    # the first list goes out whole (it holds the first token); "f" and "g" are held, then sent before the error
+    assert err.value.kind == "unavailable" and seen == ["abcde", "fg"]
+
+
+def test_a_stream_interval_below_one_is_refused():
+    with pytest.raises(ValueError, match="stream_interval"):
+        Generation(ScriptedRouter(), TOK, GenerationParams([1], max_tokens=1), "id", stream_interval=0)

@@ -38,6 +38,8 @@ def test_build_app_strings_are_converted():
     ({"max_queue": -1}, "max_queue: Input should be greater than or equal to 0"),
     ({"step_timeout_s": "nan"}, "step_timeout_s"),
     ({"backend": "thread"}, "backend: Input should be 'ray' or 'local'"),
+    ({"stream_interval": "0"}, "stream_interval: Input should be greater than or equal to 1"),
+    ({"stream_interval": 1025}, "stream_interval: Input should be less than or equal to 1024"),
 ])
 def test_a_bad_build_app_argument_is_refused_by_name(args, words):
     from ingress.app import build_app
