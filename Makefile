@@ -34,7 +34,8 @@ test-fast: setup
 
 # Single-process engine; the expert-parallel engine as 1, 2, 4 processes over gloo; the Ray cluster (router +
 # 2-worker group on two nodes); the served endpoint (closed loop, then latency vs rate, open loop, with our
-# generator over gRPC and AIPerf over HTTP); start-up and rebuild with the compilation cache off, cold, warm.
+# generator over gRPC and AIPerf over HTTP), and again with clients straight to the replica (direct ingress);
+# start-up and rebuild with the compilation cache off, cold, warm.
 # Each prints a table of ratios measured side by side (docs/benchmarks.md).
 AIPERF_VENV ?= .venv-aiperf
 bench: setup $(AIPERF_VENV)/.installed
@@ -43,6 +44,7 @@ bench: setup $(AIPERF_VENV)/.installed
 	$(BIN)/python -m benchmarks.bench_multiprocess
 	$(BIN)/python -m benchmarks.bench_cluster
 	$(BIN)/python -m benchmarks.bench_serve
+	$(BIN)/python -m benchmarks.bench_serve --direct-ingress --rates
 	$(BIN)/python -m benchmarks.bench_startup
 
 # AIPerf pins its own prometheus-client (and brings transformers for its tokenizer): its own virtualenv.

@@ -123,16 +123,16 @@ def start_serve_on_cluster(config, checkpoint: str):
     import yaml
     from ray import serve
 
-    from benchmarks.bench_serve import _free_port
     from ingress.app import build_app, serve_options
+    from ingress.launch import free_port
 
     source = yaml.safe_load((ROOT / "configs" / f"{config.name}.yaml").read_text())
     source["engine"]["max_slots"] = config.engine.max_slots  # the Serve app reads its config from a file
     path = Path(tempfile.mkdtemp(prefix="bench-cluster-")) / "config.yaml"
     path.write_text(yaml.safe_dump(source))
-    http_port = _free_port()
+    http_port = free_port()
     # One proxy, on the head: the nodes of this cluster share one host, and so its ports.
-    serve.start(proxy_location="HeadOnly", **serve_options("127.0.0.1", http_port, _free_port()))
+    serve.start(proxy_location="HeadOnly", **serve_options("127.0.0.1", http_port, free_port()))
     app = build_app({"config": str(path), "checkpoint": checkpoint, "ep": 2, "placement_strategy": "STRICT_SPREAD",
                      "backend": "ray"})
     router = serve.run(app, name="bench", route_prefix="/", blocking=False).router_handle.remote().result()

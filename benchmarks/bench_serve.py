@@ -1,6 +1,6 @@
 """End-to-end serving throughput: the same load over HTTP, over gRPC, and straight on the router, in one run.
 
-    python -m benchmarks.bench_serve [--config configs/grok-1-tiny.yaml] [--ep 2] [--backend ray]
+    python -m benchmarks.bench_serve [--config configs/grok-1-tiny.yaml] [--ep 2] [--backend ray] [--direct-ingress]
                                      [--concurrency 32] [--requests 64] [--prompt-len 16] [--output-len 32]
 
 Starts a local Ray instance and the Serve application (random-weight checkpoint written on first use), waits
@@ -19,13 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:
@@ -44,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rate-requests", type=int, default=32, help="requests per open-loop rate")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="the serving config's stream_interval: tokens per HTTP / gRPC chunk after the first")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="the replica serves HTTP and gRPC itself, no Serve proxy (ingress/direct_ingress.py)")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -52,7 +47,7 @@ def main(argv=None) -> int:
 
     from benchmarks import external_load
     from grok1.config import load_config
-    from ingress.launch import start_serving
+    from ingress.launch import free_port, start_serving
     from ingress.loadgen import LoadSpec, format_table, run_grpc, run_http, run_router
 
     config = load_config(args.config)
@@ -61,9 +56,9 @@ def main(argv=None) -> int:
                 "stream_interval": args.stream_interval}
     if args.checkpoint:
         app_args["checkpoint"] = args.checkpoint
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     router = start_serving(app_args, http_port=http_port, grpc_port=grpc_port,
-                           num_cpus=args.num_cpus or max(4, 2 * args.ep))
+                           num_cpus=args.num_cpus or max(4, 2 * args.ep), direct_ingress=args.direct_ingress)
     http, grpc_target = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
     spec = LoadSpec(args.concurrency, args.requests, args.prompt_len, args.output_len, config.model.vocab_size)
     try:
@@ -81,7 +76,8 @@ def main(argv=None) -> int:
         serve.shutdown()
     cpu = platform.processor() or platform.machine()
     print(f"\n{config.name}, ep={args.ep} tp={args.tp}, backend {args.backend}, "
-          f"stream_interval {args.stream_interval}, {cpu}"
+          f"stream_interval {args.stream_interval}, "
+          f"{'direct ingress' if args.direct_ingress else 'through the proxy'}, {cpu}"
           f": {args.concurrency} streams, {args.requests} requests, prompt {args.prompt_len}, output {args.output_len}")
     print(format_table(results, baseline))
     if open_loop:

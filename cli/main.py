@@ -6,7 +6,8 @@
     grok1 checkpoint convert SRC DST --config C
     grok1 config show C
     grok1 plan --config C --hosts H --devices-per-host D --device-memory 80GiB [--slots S --max-len L] ...
-    grok1 serve --config C [--checkpoint DIR] [--ep N] [--tp N] [--http-port 8000] [--grpc-port 9000] ...
+    grok1 serve --config C [--checkpoint DIR] [--ep N] [--tp N] [--http-port 8000] [--grpc-port 9000]
+                [--direct-ingress] ...
     grok1 generate "prompt" --http URL | --grpc HOST:PORT [--stream]     (a running server instead)
     grok1 bench --http URL | --grpc HOST:PORT [--concurrency 32] [--requests 64] [--prompt-len L] [--output-len L]
 """
@@ -177,8 +178,16 @@ def cmd_serve(args) -> int:
     from ingress.launch import serve_forever
 
     serving = ServingConfig.from_overrides(flags.overrides(args, ServingConfig))
+    if args.direct_ingress:
+        from ingress.direct_ingress import DirectIngress
+
+        try:
+            DirectIngress(args.http_port, args.grpc_port, serving.num_replicas)
+        except ValueError as err:
+            print(f"grok1: error: --direct-ingress: {err}", file=sys.stderr)
+            return 2
     return serve_forever(serving, http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                         model=load_config(serving.config).name)
+                         model=load_config(serving.config).name, direct_ingress=args.direct_ingress)
 
 
 def cmd_bench(args) -> int:
@@ -223,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 for all)")
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--direct-ingress", action="store_true",
+                     help="the replica serves --http-port and --grpc-port itself, with no Serve proxy in between "
+                          "(Ray's direct ingress, experimental: ingress/direct_ingress.py); with --replicas N "
+                          "the replicas of a node take N consecutive ports")
     flags.add_model_flags(srv, ServingConfig, SERVE_FLAGS)
     srv.set_defaults(func=cmd_serve)
 

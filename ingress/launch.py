@@ -10,6 +10,7 @@ start ends it at once with status 1 and the reason. The gRPC proxy needs the stu
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -31,48 +32,70 @@ def ready_line(model: str, http_host: str, http_port: int, grpc_port: int, ep: i
 
 def start_serving(app_args: ServingConfig | Mapping, *, http_host: str = "127.0.0.1", http_port: int = 8000,
                   grpc_port: int = 9000, ray_address: str | None = None, ready_timeout_s: float = 1800,
-                  num_cpus: int | None = None):
+                  num_cpus: int | None = None, direct_ingress: bool = False):
     """Start Ray (or join `ray_address` / $RAY_ADDRESS) and Serve, run the app, wait until it serves.
 
-    `app_args`: the serving config, or overrides of it (build_app's arguments). Returns the router actor."""
+    `app_args`: the serving config, or overrides of it (build_app's arguments). `direct_ingress`: the replica
+    itself serves `http_port` and `grpc_port` (ingress/direct_ingress.py), and Serve's proxy takes two free
+    ports. Returns the router actor."""
     import ray
     from ray import serve
 
     from ingress.app import build_app, serve_options
+    from ingress.direct_ingress import DirectIngress, wait_listening
     from ingress.edge import apply_proxy_env
     from ingress.start_progress import StartFailed, deployment_failure, watch
 
+    serving = ServingConfig.of(app_args)
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    direct = DirectIngress(http_port, grpc_port, serving.num_replicas) if direct_ingress else None
     if address == "local":
         apply_proxy_env()  # an existing cluster's nodes need it in their own environment (docs/deploy.md)
+        if direct:
+            os.environ.update(direct.env())  # the same: before `ray start` on each node
     started = time.monotonic()
     if not ray.is_initialized():
         _say(f"starting Ray ({'a local instance' if address == 'local' else address}) ...")
         ray.init(address=address, num_cpus=num_cpus if address == "local" else None,
                  include_dashboard=False, log_to_driver=False)
-    serving = ServingConfig.of(app_args)
-    serve.start(**serve_options(http_host, http_port, grpc_port))
+    proxy_ports = (free_port(), free_port()) if direct else (http_port, grpc_port)
+    serve.start(**serve_options(http_host, *proxy_ports))
     _say(f"deploying {serving.num_replicas} replica(s) of ep={serving.ep} tp={serving.tp} ...")
     try:  # serve.run waits for the replicas' constructors: one that raises fails it with Serve's summary
         handle = serve.run(build_app(serving), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as err:
         raise StartFailed(deployment_failure(APP_NAME) or str(err)) from err
     router = watch(handle, APP_NAME, ready_timeout_s)
+    if direct:
+        try:
+            wait_listening(http_host, http_port, timeout_s=60)
+        except TimeoutError as err:
+            raise StartFailed(str(err)) from err
+        _say(f"direct ingress: the replica serves HTTP :{http_port} and gRPC :{grpc_port} itself; "
+             f"Serve's proxy: HTTP :{proxy_ports[0]}, gRPC :{proxy_ports[1]}")
     _say(f"started in {time.monotonic() - started:.1f}s")
     return router
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def serve_forever(serving: ServingConfig, *, http_host: str, http_port: int, grpc_port: int, model: str) -> int:
+def serve_forever(serving: ServingConfig, *, http_host: str, http_port: int, grpc_port: int, model: str,
+                  direct_ingress: bool = False) -> int:
     from ray import serve
 
     from ingress.start_progress import StartFailed
 
     try:
-        start_serving(serving, http_host=http_host, http_port=http_port, grpc_port=grpc_port)
+        start_serving(serving, http_host=http_host, http_port=http_port, grpc_port=grpc_port,
+                      direct_ingress=direct_ingress)
     except StartFailed as err:
         print(f"grok1: error: the replica cannot start: {err}", file=sys.stderr, flush=True)
         serve.shutdown()

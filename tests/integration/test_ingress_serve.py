@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import socket
 import threading
 import time
@@ -45,6 +46,7 @@ class Server:
     loading_http_status: int  # a request sent while the replica was loading
     loading_grpc_code: str  # gRPC Health right after serve.run
     ready_before_serve_run: bool  # the router was ready when the (blocking) serve.run returned
+    direct: bool  # clients reach the replica itself (Serve's direct ingress), not Serve's proxy
 
     def stats(self) -> dict:
         import ray
@@ -61,39 +63,55 @@ def golden_config_file(golden_dir, directory, engine: dict):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(golden_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["proxy", "direct"])
+def server(request, golden_dir, tmp_path_factory):
+    """The module runs twice: clients through Serve's proxy, then straight to the replica (Serve's direct
+    ingress, ingress/direct_ingress.py, as `grok1 serve --direct-ingress`)."""
     import ray
     from ray import serve
 
     from ingress.app import build_app, serve_options
     from ingress.client import GrpcClient
+    from ingress.direct_ingress import DirectIngress
     from ingress.edge import apply_proxy_env
 
+    direct = request.param == "direct"
     config_path = golden_config_file(golden_dir, tmp_path_factory.mktemp("ingress"), ENGINE)
     http_port, grpc_port = _free_port(), _free_port()
+    saved_env = dict(os.environ)
     apply_proxy_env()  # what `grok1 serve` does: the proxies' message bound and header stripping
+    if direct:  # before Ray starts: Serve's processes read it from their environment
+        os.environ.update(DirectIngress(http_port, grpc_port).env())
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(**serve_options("127.0.0.1", http_port, grpc_port))
+        serve.start(**serve_options("127.0.0.1", *((_free_port(), _free_port()) if direct else
+                                                   (http_port, grpc_port))))
         app = build_app({"config": str(config_path), "ep": 1, "backend": "local", "max_queue": MAX_QUEUE,
                          "body_timeout_s": BODY_TIMEOUT_S})
         http = f"http://127.0.0.1:{http_port}"
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             deploying = pool.submit(serve.run, app, name=APP, route_prefix="/")  # returns once RUNNING
-            time.sleep(1.0)  # the replica is loading now: these wait for it instead of getting 503
-            loading_http = pool.submit(requests.post, f"{http}/v1/completions",
-                                       json={"prompt": "hi", "max_tokens": 1}, timeout=600)
+            time.sleep(1.0)  # the replica is loading now: through the proxy these wait for it instead of
+            loading_http = pool.submit(_status_while_loading, f"{http}/v1/completions")  # getting 503
             handle = deploying.result(timeout=600)
             router = handle.router_handle.remote().result()
             ready = ray.get(router.stats.remote())["state"] == "ready"
-            loading_status = loading_http.result(timeout=600).status_code
+            loading_status = loading_http.result(timeout=600)
         loading_code = GrpcClient(f"127.0.0.1:{grpc_port}").health().state
         yield Server(http, f"127.0.0.1:{grpc_port}", router, "grok1-tiny", str(config_path), loading_status,
-                     loading_code, ready)
+                     loading_code, ready, direct)
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _status_while_loading(url: str) -> int | str:
+    try:
+        return requests.post(url, json={"prompt": "hi", "max_tokens": 1}, timeout=600).status_code
+    except requests.ConnectionError:
+        return "refused"
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +161,10 @@ def good_request(server):
 
 def test_no_traffic_until_loaded_then_healthy(server, grpc_client):
     """Readiness means loaded: the app is RUNNING only once the weights are loaded and a token was generated,
-    and a request sent while the replica was loading was served, not refused with 503."""
+    and a request sent while the replica was loading was served, not refused with 503 (through the proxy), or
+    found no listener (direct: the replica opens its ports once loaded)."""
     assert server.ready_before_serve_run
-    assert server.loading_http_status == 200
+    assert server.loading_http_status == ("refused" if server.direct else 200)
     assert server.loading_grpc_code == "ready"
     health = requests.get(f"{server.http}/health")
     assert health.status_code == 200 and health.json()["ok"]
