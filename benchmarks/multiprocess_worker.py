@@ -33,6 +33,7 @@ def time_decode(engine, prompt_len: int, steps: int, repeats: int, seed: int = 0
     if needed > engine.max_len:
         raise SystemExit(f"prompt {prompt_len} + {UNTIMED_STEPS + steps * repeats} steps exceeds max_len "
                          f"{engine.max_len}: use fewer --steps or --repeats")
+    engine.warmup()  # every kv_len bucket compiled now: the timed runs cross buckets as the sequences grow
     rng = np.random.default_rng(seed)
     for slot in range(engine.max_slots):
         engine.prefill(slot, [int(t) for t in rng.integers(3, 1000, prompt_len)], Sampling())

@@ -67,11 +67,12 @@ def start_serving(app_args: ServingConfig | Mapping, *, http_host: str = "127.0.
         raise StartFailed(deployment_failure(APP_NAME) or str(err)) from err
     router = watch(handle, APP_NAME, ready_timeout_s)
     if direct:
-        try:
-            wait_listening(http_host, http_port, timeout_s=60)
-        except TimeoutError as err:
-            raise StartFailed(str(err)) from err
-        _say(f"direct ingress: the replica serves HTTP :{http_port} and gRPC :{grpc_port} itself; "
+        if address == "local":  # on a cluster the replicas listen on their own nodes, wherever Ray put them
+            try:
+                wait_listening(http_host, http_port, timeout_s=60)
+            except TimeoutError as err:
+                raise StartFailed(str(err)) from err
+        _say(f"direct ingress: the replicas serve HTTP :{http_port} and gRPC :{grpc_port} on their nodes; "
              f"Serve's proxy: HTTP :{proxy_ports[0]}, gRPC :{proxy_ports[1]}")
     _say(f"started in {time.monotonic() - started:.1f}s")
     return router

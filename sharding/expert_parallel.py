@@ -4,7 +4,8 @@ Named steps, each run on every rank inside one `shard_map` (tokens split over `e
 1. gate      — the gate picks two experts per local token (float32 softmax, raw gates);
 2. dispatch  — each (token, expert) assignment is written into a send buffer [ep, C, D] at
                (owner rank, its rank among assignments to that owner); C is the per-pair capacity;
-3. exchange  — `all_to_all` over `ep`: every rank receives the rows for its own experts;
+3. exchange  — `all_to_all` over `ep`: every rank receives the rows for its own experts (with their expert
+               ids in one extra column: one collective, not two);
 4. experts   — the received rows run through the local experts (grouped, as the single-device path), each
                `tp` rank on its slice of the FFN, partial sums all-reduced over `tp`;
 5. return    — `all_to_all` back, then combine: sum over the two choices of gate x expert output.
@@ -61,10 +62,14 @@ def _local_moe(tokens, valid, override, gate, w_gelu, w_value, w_out, *, config,
     pos, kept, dropped = dispatch_positions(owner, ep, cap)  # 2. dispatch
     dest = jnp.where(kept, owner, ep)  # out of range: the scatter drops it
     token_of = jnp.repeat(jnp.arange(n), k)
-    send_x = jnp.zeros((ep, cap, dim), tokens.dtype).at[dest, pos].set(tokens[token_of], mode="drop")
-    send_e = jnp.full((ep, cap), -1, jnp.int32).at[dest, pos].set(local_expert, mode="drop")
-    recv_x = jax.lax.all_to_all(send_x, EP, 0, 0).reshape(ep * cap, dim)  # 3. exchange
-    recv_e = jax.lax.all_to_all(send_e, EP, 0, 0).reshape(ep * cap)
+    # Each row carries its local expert id in one extra column (a small integer: exact in the tokens' float
+    # dtype), so one all_to_all sends both: each collective costs a fixed latency across processes.
+    assert experts_per_rank <= 2 ** (jnp.finfo(tokens.dtype).nmant + 1), "expert ids must be exact floats"
+    rows = jnp.concatenate([tokens[token_of], local_expert[:, None].astype(tokens.dtype)], axis=1)
+    send = jnp.zeros((ep, cap, dim + 1), tokens.dtype).at[:, :, dim].set(-1)  # -1: an empty row
+    send = send.at[dest, pos].set(rows, mode="drop")
+    recv = jax.lax.all_to_all(send, EP, 0, 0).reshape(ep * cap, dim + 1)  # 3. exchange
+    recv_x, recv_e = recv[:, :dim], recv[:, dim].astype(jnp.int32)
     received = recv_e >= 0  # 4. experts
     plan = model.plan_dispatch(jnp.maximum(recv_e, 0)[:, None], received, experts_per_rank, block)
     x_sorted = jnp.zeros((plan.rows + 1, dim), tokens.dtype).at[plan.slot].set(recv_x)[:-1]

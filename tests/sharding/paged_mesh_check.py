@@ -4,7 +4,7 @@ For each ep x tp mesh the golden prompts are generated greedily (all at once, pr
 budget) through the paged engine laid out on the mesh, and through the contiguous engine on one device. Prints
 one JSON line: per mesh, both token lists (the paged engine runs the first prompt twice, the second a fork),
 how many pool blocks each device holds (the pool is split over ep: kv_blocks / ep) and whether its compiled
-decode step makes an array of the whole pool (it must not).
+decode step makes an array of the whole pool (it must not), and how many all-to-alls it holds.
 """
 
 import json
@@ -45,9 +45,18 @@ def gathers_the_pool(engine) -> bool:
     """Whether the compiled decode step makes any array of the whole pool's blocks (each device holds
     kv_blocks / ep: such an array means the shares were gathered across ranks)."""
     m = engine.config.model
-    tables = engine.by_rank(np.full((engine.max_slots, engine.table_width), -1, np.int32))
-    hlo = engine._decode_forward.lower(engine.params, engine.state, None, tables, kv_len=16).compile().as_text()
+    hlo = compiled_decode(engine)
     return bool(re.search(rf"\[{m.num_layers},{PAGED['kv_blocks']},{PAGED['kv_block_size']},", hlo))
+
+
+def compiled_decode(engine) -> str:
+    tables = engine.by_rank(np.full((engine.max_slots, engine.table_width), -1, np.int32))
+    return engine._decode_forward.lower(engine.params, engine.state, None, tables, kv_len=16).compile().as_text()
+
+
+def all_to_alls(engine) -> int:
+    """all-to-all ops in the compiled decode step: the layers run in one loop, whose body appears once."""
+    return len(re.findall(r" all-to-all(?:-start)?\(", compiled_decode(engine)))
 
 
 def main(golden_dir: Path) -> dict:
@@ -69,7 +78,8 @@ def main(golden_dir: Path) -> dict:
         shards = {tuple(shard.data.shape[1:2]) for shard in engine.state.cache.k.addressable_shards}
         results["meshes"].append({"ep": ep, "tp": tp, "tokens": tokens, "cached_tokens": cached,
                                   "blocks_per_device": sorted(shards),
-                                  "step_gathers_the_pool": gathers_the_pool(engine)})
+                                  "step_gathers_the_pool": gathers_the_pool(engine),
+                                  "all_to_alls": all_to_alls(engine)})
     return results
 
 

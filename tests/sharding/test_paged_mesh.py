@@ -25,3 +25,5 @@ def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_di
         assert mesh["blocks_per_device"] == [[48 // mesh["ep"]]], mesh  # each rank holds only its own share
         if mesh["ep"] > 1:
             assert not mesh["step_gathers_the_pool"], f"ep={mesh['ep']} tp={mesh['tp']}: the step gathers the pool"
+            # the MoE's exchange (rows with their expert ids in one buffer) and its return: two per layer
+            assert mesh["all_to_alls"] == 2, mesh
