@@ -53,8 +53,8 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def router(ray_cluster, config, golden_dir):
     handle = start_router(config, checkpoint=str(golden_dir), ep=2, placement_strategy="STRICT_SPREAD",
-                          backend="ray", start_timeout_s=300, step_timeout_s=60)
-    assert ray.get(handle.wait_ready.remote(300))
+                          backend="ray", start_timeout_s=600, step_timeout_s=60)
+    assert ray.get(handle.wait_ready.remote(600))
     yield handle
     ray.get(handle.shutdown.remote(), timeout=60)
     ray.kill(handle)
@@ -161,8 +161,8 @@ def test_a_paged_router_on_ray_workers_gives_the_contiguous_engines_tokens(ray_c
     try:
         ray_cluster.wait_for_nodes()
         handle = start_router(paged, checkpoint=str(golden_dir), ep=2, placement_strategy="STRICT_PACK",
-                              backend="ray", start_timeout_s=300, step_timeout_s=60)
-        assert ray.get(handle.wait_ready.remote(300))
+                              backend="ray", start_timeout_s=600, step_timeout_s=60)
+        assert ray.get(handle.wait_ready.remote(600))
         assert {w["node_id"] for w in stats(handle)["workers"]} == {node.node_id}
         base = [list(p) for p in golden.cases["prompt_ids"]]
         samplings = [Sampling(), Sampling(temperature=0.8, top_p=0.9, seed=3),

@@ -66,9 +66,9 @@ def test_killed_router_leaves_no_placement_group(local_ray, golden, golden_dir):
 
     def start(name):  # the replica's routers: each its own actor, one placement group name
         router = start_router(config, checkpoint=str(golden_dir), ep=2, placement_strategy="PACK", backend="ray",
-                              name=name, group_name=placement_name("faults"), start_timeout_s=300,
+                              name=name, group_name=placement_name("faults"), start_timeout_s=600,
                               step_timeout_s=60)
-        assert ray.get(router.wait_ready.remote(300), timeout=330)
+        assert ray.get(router.wait_ready.remote(600), timeout=630)
         return router
 
     first = start("faults-1")
@@ -101,8 +101,8 @@ def test_killed_worker_streams_resume_with_their_uninterrupted_tokens(local_ray,
     completes with exactly the tokens of the uninterrupted run (greedy and seeded), none lost or repeated."""
     config = golden.config.replace(engine=ENGINE)
     router = start_router(config, checkpoint=str(golden_dir), ep=2, placement_strategy="PACK", backend="ray",
-                          name="resume", start_timeout_s=300, step_timeout_s=60)
-    assert ray.get(router.wait_ready.remote(300), timeout=330)
+                          name="resume", start_timeout_s=600, step_timeout_s=60)
+    assert ray.get(router.wait_ready.remote(600), timeout=630)
     uninterrupted = {r.request_id: [e.token for e in events if e.token is not None]
                      for r, events in zip(sixteen(), run_all(router, sixteen()))}
     before = ray.get(router.stats.remote(), timeout=30)

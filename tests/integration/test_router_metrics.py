@@ -30,8 +30,8 @@ async def stream(router, request: Request) -> list:
 
 def test_loading_queue_and_step_figures_of_a_ray_shard_group(local_ray, golden, golden_dir):
     router = start_router(golden.config.replace(engine=ENGINE), checkpoint=str(golden_dir), ep=1, backend="ray",
-                          name="metrics", start_timeout_s=300)
-    assert ray.get(router.wait_ready.remote(300), timeout=330)
+                          name="metrics", start_timeout_s=600)
+    assert ray.get(router.wait_ready.remote(600), timeout=630)
     loading = ray.get(router.stats.remote(), timeout=30)["loading"]
     assert loading["processes"] == 1 and list(loading["tensors"]) == [0]
     done, total = loading["tensors"][0]
