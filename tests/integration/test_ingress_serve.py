@@ -78,10 +78,10 @@ def server(request, golden_dir, tmp_path_factory):
     direct = request.param == "direct"
     config_path = golden_config_file(golden_dir, tmp_path_factory.mktemp("ingress"), ENGINE)
     http_port, grpc_port = _free_port(), _free_port()
-    saved_env = dict(os.environ)
     apply_proxy_env()  # what `grok1 serve` does: the proxies' message bound and header stripping
-    if direct:  # before Ray starts: Serve's processes read it from their environment
-        os.environ.update(DirectIngress(http_port, grpc_port).env())
+    direct_env = DirectIngress(http_port, grpc_port).env() if direct else {}
+    saved_env = {name: os.environ.get(name) for name in direct_env}  # only these are undone afterwards
+    os.environ.update(direct_env)  # before Ray starts: Serve's processes read it from their environment
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(**serve_options("127.0.0.1", *((_free_port(), _free_port()) if direct else
@@ -103,8 +103,11 @@ def server(request, golden_dir, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved_env)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _status_while_loading(url: str) -> int | str:
