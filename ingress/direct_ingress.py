@@ -3,7 +3,7 @@ stream reach the replica with no Serve proxy in between.
 
 Through the proxy every streamed chunk crosses one more process (HTTP -> proxy -> Ray stream -> replica); on
 a small machine that hop costs as much CPU as the replica itself (docs/benchmarks.md, session 9: HTTP at 32
-streams keeps 57-66% of the router's tokens/s through the proxy, 85-89% direct).
+streams keeps 57-66% of the router's tokens/s through the proxy, 71-89% direct).
 
 Ray 2.60 marks direct ingress experimental and reads it, with its port ranges, from the environment of every
 Serve process: `DirectIngress.env()` must be in each node's environment before Ray starts there (`grok1 serve
