@@ -22,6 +22,11 @@ from grok1.limits import MAX_TOP_LOGPROBS
 from grok1.paged_attention import PagedRows
 from grok1.sampling import SlotSampling, sample_scored
 
+# Logical axes of the rows decode_sample unembeds (sharding.rules maps them): h [n, 1, D] and logits [n, V].
+SAMPLE_H_AXES = ("sample_rows", "sample_steps", "embed")
+SAMPLE_LOGITS_AXES = ("sample_rows", "vocab")
+SAMPLED_AXES = ("sampled_rows", "top_logprobs")  # the sampler's outputs [n] and [n, K], gathered
+
 
 @jax.tree_util.register_dataclass
 @dataclass
@@ -125,18 +130,28 @@ def logits_dtype(rows: int):
 
 
 def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask=None, skip=None, *,
-                  config: Grok1Config):
+                  config: Grok1Config, place=None):
     """Unembedding and sampling for the slots `rows` [n] only (a bucket of the active ones, padded with
     indices >= max_slots), then the state's bookkeeping for every active slot. h [B, D] from decode_forward.
     The masked variant takes the grammar masks (mask_words uint32 [B, W], has_mask [B]) and skip [B]: slots
     that sit this step out (no token, no change; `rows` leaves them out).
 
+    place(x, axes) (optional, a mesh layout's `constrain`): lays out an array whose dimensions are named
+    `axes` (SAMPLE_H_AXES, SAMPLE_LOGITS_AXES). On a mesh it splits the rows over ep, so that each rank
+    unembeds and samples its share of the rows: otherwise every rank of an expert-parallel group would
+    compute every row's [V] logits and sort, the step's largest cost on a small model, ep times over.
+
     Returns (state, (tokens [B], logprobs [B], top ids [B, K], top logprobs [B, K])); inactive slots: -1, 0."""
     slots = state.active.shape[0]
     going = state.active if skip is None else state.active & ~skip  # [B]
     padding = rows >= slots  # [n]
-    logits = model.unembed(params, jnp.take(h, rows, axis=0, mode="clip")[:, None], config.model,
-                           logits_dtype(rows.shape[0]))[:, 0]
+    place = place or (lambda x, axes: x)
+    # The row split ends at the sampler: the gather below splits its indices, and without this every later use
+    # of `rows` would be split too (the [B, V] counts' scatter then partitioned into a [B, V] all-reduce).
+    rows = place(rows, SAMPLED_AXES[:1])
+    h_rows = place(jnp.take(h, place(rows, SAMPLE_H_AXES[:1]), axis=0, mode="clip")[:, None], SAMPLE_H_AXES)
+    logits = place(model.unembed(params, h_rows, config.model, logits_dtype(rows.shape[0]))[:, 0],
+                   SAMPLE_LOGITS_AXES)
     defaults = SlotSampling.defaults(rows.shape[0])
 
     def row_settings(all_slots, default):  # padding rows sample greedily with no penalties
@@ -152,7 +167,9 @@ def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask
     if mask_words is not None:
         row_has = jnp.take(has_mask & going, rows, mode="clip") & ~padding
         mask = (jnp.take(mask_words, rows, axis=0, mode="clip"), row_has)
-    out = sample_scored(logits, sampling, generated, row_counts, mask)
+    # Every rank gets every row's result before the scatters below (the same [B, V] all-reduce otherwise).
+    out = jax.tree.map(lambda x: place(x, SAMPLED_AXES[:x.ndim]),
+                       sample_scored(logits, sampling, generated, row_counts, mask))
     row_tokens = out.tokens
     tokens = jnp.full(slots, -1, jnp.int32).at[rows].set(row_tokens, mode="drop")
     logprobs = jnp.zeros(slots, jnp.float32).at[rows].set(out.logprobs, mode="drop")
@@ -162,6 +179,7 @@ def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask
     step = going.astype(jnp.int32)
     # One entry per active row, in place: the state is donated.
     counted = jnp.where(padding, 0, jnp.take(going, rows, mode="clip").astype(jnp.int32))  # [n]
+    counted = place(counted, SAMPLED_AXES[:1])  # else XLA splits the scatter below over the ranks, then sums it
     counts = state.token_counts.at[rows, row_tokens].add(counted, mode="drop")  # [B, V]
     state = DecodeState(cache=state.cache, lengths=state.lengths + step,
                         next_token=jnp.where(going, tokens, state.next_token),
@@ -214,6 +232,7 @@ def jit_decode_halves(config: Grok1Config, layout, state, moe_fn):
     donating the state; the paged engine takes them too, with its block tables as the cache's rows."""
     forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn), static_argnames=("kv_len",),
                       donate_argnums=(1,), **step_outputs(layout, state, 2))
-    sample_step = jax.jit(functools.partial(decode_sample, config=config), donate_argnums=(1,),
+    place = None if layout is None else layout.constrain
+    sample_step = jax.jit(functools.partial(decode_sample, config=config, place=place), donate_argnums=(1,),
                           **step_outputs(layout, state, 1))
     return forward, sample_step

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from grok1.config import Grok1Config
 from sharding.expert_parallel import make_expert_parallel_moe
 from sharding.mesh import MeshShape, make_mesh
-from sharding.rules import named_shardings, param_shardings, state_specs
+from sharding.rules import logical_spec, named_shardings, param_shardings, state_specs
 
 
 class MeshLayout:
@@ -37,3 +37,12 @@ class MeshLayout:
     def state_shardings(self, state):
         """The decode state, laid out by sharding.rules.state_specs (the KV cache split, the rest replicated)."""
         return named_shardings(state_specs(state), self.mesh)
+
+    def constrain(self, x, axes: tuple):
+        """x (inside a jitted step) laid out by its logical `axes`; a dimension that a mesh axis splits must
+        divide evenly (a row bucket smaller than ep, e.g. one row, stays as XLA places it)."""
+        spec = logical_spec(axes, f"an array with axes {axes}")
+        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
+        if any(axis is not None and dim % sizes[axis] for dim, axis in zip(x.shape, spec)):
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))

@@ -46,6 +46,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("block_positions", None),
     ("moe_tokens", EP),  # inside the expert-parallel MoE, each ep rank gates and sends its share of tokens
     ("moe_choices", None),  # the k experts chosen per token
+    # A decode step's unembedding and sampling (grok1.steps.decode_sample): its rows split over ep, as the
+    # attention's slots are, so no rank computes another's [V] logits; the vocabulary stays split over tp.
+    ("sample_rows", EP),
+    ("sample_steps", None),
+    ("sampled_rows", None),  # its results, gathered: every rank updates the replicated state with them
+    ("top_logprobs", None),
 )
 
 

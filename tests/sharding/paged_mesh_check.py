@@ -4,7 +4,9 @@ For each ep x tp mesh the golden prompts are generated greedily (all at once, pr
 budget) through the paged engine laid out on the mesh, and through the contiguous engine on one device. Prints
 one JSON line: per mesh, both token lists (the paged engine runs the first prompt twice, the second a fork),
 how many pool blocks each device holds (the pool is split over ep: kv_blocks / ep) and whether its compiled
-decode step makes an array of the whole pool (it must not), and how many all-to-alls it holds.
+decode step makes an array of the whole pool (it must not), and how many all-to-alls it holds; and, of its
+compiled unembedding and sampling at every slot, how many rows each device unembeds and which collectives
+move vocabulary-wide arrays outside the sampler's optional branches.
 """
 
 import json
@@ -59,6 +61,26 @@ def all_to_alls(engine) -> int:
     return len(re.findall(r" all-to-all(?:-start)?\(", compiled_decode(engine)))
 
 
+def compiled_sample(engine) -> str:
+    h = jax.numpy.zeros((engine.max_slots, engine.config.model.emb_size), jax.numpy.bfloat16)
+    rows = np.arange(engine.max_slots, dtype=np.int32)
+    return engine._decode_sample.lower(engine.params, engine.state, h, rows).compile().as_text()
+
+
+def sample_split(engine) -> dict:
+    """Rows of the unembedding's matmul on one device (max_slots / ep when the rows are split over ep) and the
+    shapes of the entry computation's collectives over [*, V/tp] arrays (the counts' [B, V] all-reduce, say;
+    a branch taken only for top logprobs is a nested computation and not counted)."""
+    hlo = compiled_sample(engine)
+    vocab = engine.config.model.vocab_size // engine.layout.shape.tp
+    dots = re.findall(r"= \w+\[(\d+),(?:1,)?" + str(vocab) + r"\]\{[^}]*\} dot\(", hlo)
+    entry = hlo[hlo.index("ENTRY"):]
+    entry = entry[: entry.index("\n}\n")]
+    wide = re.findall(r"= (\w+\[[\d,]*" + str(vocab) + r"\])\{[^}]*\} (?:all-reduce|all-gather)(?:-start)?\(",
+                      entry)
+    return {"unembed_rows": sorted({int(rows) for rows in dots}), "vocab_collectives": wide}
+
+
 def main(golden_dir: Path) -> dict:
     config = load_config(golden_dir / "config.json")
     params = load_checkpoint(golden_dir, config.model)
@@ -79,7 +101,7 @@ def main(golden_dir: Path) -> dict:
         results["meshes"].append({"ep": ep, "tp": tp, "tokens": tokens, "cached_tokens": cached,
                                   "blocks_per_device": sorted(shards),
                                   "step_gathers_the_pool": gathers_the_pool(engine),
-                                  "all_to_alls": all_to_alls(engine)})
+                                  "all_to_alls": all_to_alls(engine), **sample_split(engine)})
     return results
 
 

@@ -23,6 +23,9 @@ def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_di
         if mesh["ep"] < 8:  # the repeated prompt forked (at ep = 8 a rank has one slot: it runs on another)
             assert mesh["cached_tokens"] > 0, mesh
         assert mesh["blocks_per_device"] == [[48 // mesh["ep"]]], mesh  # each rank holds only its own share
+        # each rank unembeds and samples only its share of the rows, and gathers no vocabulary-wide array
+        assert mesh["unembed_rows"] == [8 // mesh["ep"]], mesh
+        assert mesh["vocab_collectives"] == [], mesh
         if mesh["ep"] > 1:
             assert not mesh["step_gathers_the_pool"], f"ep={mesh['ep']} tp={mesh['tp']}: the step gathers the pool"
             # the MoE's exchange (rows with their expert ids in one buffer) and its return: two per layer
