@@ -139,7 +139,8 @@ def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask
     place(x, axes) (optional, a mesh layout's `constrain`): lays out an array whose dimensions are named
     `axes` (SAMPLE_H_AXES, SAMPLE_LOGITS_AXES). On a mesh it splits the rows over ep, so that each rank
     unembeds and samples its share of the rows: otherwise every rank of an expert-parallel group would
-    compute every row's [V] logits and sort, the step's largest cost on a small model, ep times over.
+    compute every row's [V] logits and the sampler's passes over them, the largest cost of a small model's
+    step, ep times over.
 
     Returns (state, (tokens [B], logprobs [B], top ids [B, K], top logprobs [B, K])); inactive slots: -1, 0."""
     slots = state.active.shape[0]
