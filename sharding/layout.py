@@ -42,7 +42,6 @@ class MeshLayout:
         """x (inside a jitted step) laid out by its logical `axes`; a dimension that a mesh axis splits must
         divide evenly (a row bucket smaller than ep, e.g. one row, stays as XLA places it)."""
         spec = logical_spec(axes, f"an array with axes {axes}")
-        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
-        if any(axis is not None and dim % sizes[axis] for dim, axis in zip(x.shape, spec)):
+        if any(axis is not None and dim % self.mesh.shape[axis] for dim, axis in zip(x.shape, spec)):
             return x
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
