@@ -15,10 +15,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# Jobs that run the engine in this process run it under tcmalloc where installed, as the workers do
+# (workers/allocator.py: XLA:CPU's per-step buffers; GROK1_ALLOCATOR=system to opt out).
+WITH_ALLOCATOR := $(BIN)/python -m workers.allocator
+
 # The main job until the HTTP/gRPC service lands: greedy generation in one process, on a random-weight
 # checkpoint of the tiny config written on first use (a real checkpoint: CONFIG=... or --checkpoint DIR).
 run: setup
-	$(BIN)/grok1 generate "$(PROMPT)" --config $(CONFIG) --random-if-missing --max-tokens 24 --stream
+	$(WITH_ALLOCATOR) $(BIN)/grok1 generate "$(PROMPT)" --config $(CONFIG) --random-if-missing --max-tokens 24 --stream
 
 checkpoint: setup
 	$(BIN)/grok1 checkpoint random --config $(CONFIG)
@@ -32,17 +36,19 @@ lint: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Single-process engine; the expert-parallel engine as 1, 2, 4 processes over gloo; the Ray cluster (router +
-# 2-worker group on two nodes); the served endpoint (closed loop, then latency vs rate, open loop, with our
-# generator over gRPC and AIPerf over HTTP), and again with clients straight to the replica (direct ingress);
-# start-up and rebuild with the compilation cache off, cold, warm.
+# The decode step with glibc's malloc vs tcmalloc; the single-process engine; the expert-parallel engine as
+# 1, 2, 4 processes over gloo; the Ray cluster (router + 2-worker group on two nodes); the served endpoint
+# (closed loop, then latency vs rate, open loop, with our generator over gRPC and AIPerf over HTTP), and again
+# with clients straight to the replica (direct ingress); start-up and rebuild with the compilation cache off,
+# cold, warm.
 # Each prints a table of ratios measured side by side (docs/benchmarks.md).
 AIPERF_VENV ?= .venv-aiperf
 bench: setup $(AIPERF_VENV)/.installed
-	$(BIN)/python -m benchmarks.bench_engine
-	$(BIN)/python -m benchmarks.bench_paged
-	$(BIN)/python -m benchmarks.bench_multiprocess
-	$(BIN)/python -m benchmarks.bench_cluster
+	$(BIN)/python -m benchmarks.bench_allocator
+	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.bench_engine
+	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.bench_paged
+	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.bench_multiprocess
+	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.bench_cluster
 	$(BIN)/python -m benchmarks.bench_serve
 	$(BIN)/python -m benchmarks.bench_serve --direct-ingress --rates
 	$(BIN)/python -m benchmarks.bench_startup

@@ -17,6 +17,7 @@ import ray
 from grok1.engine_api import ENGINE_VERBS, PAGED_ENGINE_VERBS
 from sharding.distributed import ProcessGroup, node_ip, pick_free_port
 from sharding.mesh_shape import MeshShape
+from workers.allocator import allocator_in_use
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -29,7 +30,7 @@ class ShardWorker:
     def location(self) -> dict:
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "ip": node_ip(), "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "allocator": allocator_in_use()}
 
     def free_port(self) -> int:
         return pick_free_port()

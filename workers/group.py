@@ -17,6 +17,7 @@ builds a new one.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 from grok1.config import Grok1Config
 from sharding.distributed import ProcessGroup
 from sharding.mesh_shape import MeshShape
+from workers.allocator import allocator_env
 
 
 class GroupFailure(RuntimeError):
@@ -99,6 +101,10 @@ class RayShardGroup:
                 raise GroupStartError(f"no room for {n} workers of {bundle} with strategy {spec.strategy} "
                                       f"(cluster resources: {ray.cluster_resources()})") from None
             options = {"num_gpus": spec.devices_per_process} if spec.use_gpus else {"num_cpus": 1}
+            if not spec.use_gpus:  # XLA:CPU's per-step buffers come from malloc (workers/allocator.py)
+                malloc_env = allocator_env({**os.environ, **dict(spec.env)})
+                if malloc_env:
+                    options["runtime_env"] = {"env_vars": malloc_env}
             self.workers = [ShardWorker.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
                                                                      placement_group_bundle_index=k),
@@ -156,7 +162,7 @@ class RayShardGroup:
         return self.collect(self.submit(method, *args), timeout_s)
 
     def members(self) -> list[dict]:
-        """Where each worker runs: node_id, ip, pid, gpu_ids."""
+        """Where each worker runs: node_id, ip, pid, gpu_ids, and the malloc library it runs with."""
         return list(self.locations)
 
     def timings(self) -> list[dict] | None:

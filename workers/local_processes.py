@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sharding.distributed import pick_free_port
+from workers.allocator import allocator_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,7 @@ def run_local_group(module: str, args: list[str], num_processes: int, *, local_d
     """
     coordinator = f"127.0.0.1:{pick_free_port('127.0.0.1')}"
     environment = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    environment.update(allocator_env(environment))  # CPU processes: XLA's per-step buffers (workers/allocator.py)
     procs = [subprocess.Popen(
         [sys.executable, "-m", module, *args, "--process-id", str(k), "--num-processes", str(num_processes),
          "--coordinator", coordinator, "--local-devices", str(local_devices)],

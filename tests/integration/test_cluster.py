@@ -26,6 +26,7 @@ from cluster.driver import Driver  # noqa: E402
 from cluster.router import start_router  # noqa: E402
 from cluster.scheduler import Request, Scheduler  # noqa: E402
 from grok1.engine import Engine, Sampling  # noqa: E402
+from workers.allocator import find_tcmalloc  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +112,9 @@ def test_shards_on_different_nodes_and_golden_greedy_equals_the_engine(router, r
     assert len(workers) == 2 and workers[0]["node_id"] != workers[1]["node_id"]
     worker_node_ids = {node.node_id for node in ray_cluster.worker_nodes_list}
     assert {w["node_id"] for w in workers} == worker_node_ids
+    # CPU workers run with tcmalloc where the host has it (workers/allocator.py), and still match the engine below.
+    expected = "libtcmalloc" if find_tcmalloc() else "system"
+    assert all(w["allocator"].startswith(expected) for w in workers), workers
     requests = [Request(f"golden{k}", list(p), 16, ignore_eos=True) for k, p in enumerate(golden.cases["prompt_ids"])]
     results = run_all(router, requests)
     for request, events in zip(requests, results):
