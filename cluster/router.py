@@ -64,7 +64,7 @@ from cluster.scheduler import Scheduler
 from cluster.streams import Channel, Outbox, Stream
 from grok1.config import Grok1Config
 from grok1.engine_api import FinishReason, InvalidRequest, Request, TokenEvent, Unavailable, valid_timeout
-from workers.allocator import allocator_env
+from workers.allocator import allocator_actor_options
 from workers.group import GroupEngine, GroupFailure, GroupSpec, LocalShardGroup, RayShardGroup
 
 IDLE_PING_S = 2.0  # how often an idle router checks that its workers are alive
@@ -443,10 +443,8 @@ def start_router(config: Grok1Config, settings: ReplicaConfig | None = None, *, 
     # The router sits next to its caller (the head node or the ingress replica), not on a shard's node: it has
     # to outlive the loss of any shard's node to rebuild the group.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    options = {}
-    if settings.backend == "local":  # the engine runs in the router's process: XLA:CPU's buffers (workers.allocator)
-        malloc_env = allocator_env({**os.environ, **(env or {})})
-        options = {"runtime_env": {"env_vars": malloc_env}} if malloc_env else {}
+    # With backend local the engine runs in the router's process: XLA:CPU's buffers (workers/allocator.py).
+    options = allocator_actor_options(env) if settings.backend == "local" else {}
     actor = ray.remote(Router).options(name=name, num_cpus=0, max_concurrency=1000, max_restarts=0,
                                        scheduling_strategy=here, **options)
     return actor.remote(spec, settings)

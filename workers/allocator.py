@@ -67,6 +67,13 @@ def allocator_env(environ=None, library_dirs=LIBRARY_DIRS) -> dict[str, str]:
     return env
 
 
+def allocator_actor_options(extra_env=None) -> dict:
+    """Ray actor options that start a CPU actor with the allocator: {"runtime_env": ...}, or {} for malloc as it
+    is. `extra_env`: the environment the actor is given besides this process's (it may set GROK1_ALLOCATOR)."""
+    env = allocator_env({**os.environ, **(extra_env or {})})
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def allocator_in_use(maps: str = "/proc/self/maps") -> str:
     """The file name of the preloaded malloc library this process runs with, or "system"."""
     try:
@@ -74,9 +81,10 @@ def allocator_in_use(maps: str = "/proc/self/maps") -> str:
     except OSError:
         return "unknown"
     for line in text.splitlines():
-        path = line.split()[-1] if len(line.split()) >= 6 else ""
-        if any(name in Path(path).name for name in KNOWN_ALLOCATORS):
-            return Path(path).name
+        fields = line.split()  # address perms offset dev inode [path]
+        name = Path(fields[5]).name if len(fields) >= 6 else ""
+        if any(allocator in name for allocator in KNOWN_ALLOCATORS):
+            return name
     return "system"
 
 

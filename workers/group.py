@@ -17,7 +17,6 @@ builds a new one.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 from grok1.config import Grok1Config
 from sharding.distributed import ProcessGroup
 from sharding.mesh_shape import MeshShape
-from workers.allocator import allocator_env
+from workers.allocator import allocator_actor_options, allocator_in_use
 
 
 class GroupFailure(RuntimeError):
@@ -102,9 +101,7 @@ class RayShardGroup:
                                       f"(cluster resources: {ray.cluster_resources()})") from None
             options = {"num_gpus": spec.devices_per_process} if spec.use_gpus else {"num_cpus": 1}
             if not spec.use_gpus:  # XLA:CPU's per-step buffers come from malloc (workers/allocator.py)
-                malloc_env = allocator_env({**os.environ, **dict(spec.env)})
-                if malloc_env:
-                    options["runtime_env"] = {"env_vars": malloc_env}
+                options.update(allocator_actor_options(dict(spec.env)))
             self.workers = [ShardWorker.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
                                                                      placement_group_bundle_index=k),
@@ -257,7 +254,8 @@ class LocalShardGroup:
     def members(self) -> list[dict]:
         import os
 
-        return [{"node_id": "local", "ip": "127.0.0.1", "pid": os.getpid(), "gpu_ids": []}]
+        return [{"node_id": "local", "ip": "127.0.0.1", "pid": os.getpid(), "gpu_ids": [],
+                 "allocator": allocator_in_use()}]
 
     def timings(self) -> None:
         """None: in this process a step's time inside the engine is the router's step time."""
