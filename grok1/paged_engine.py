@@ -38,7 +38,7 @@ from grok1.config import Grok1Config
 from grok1.engine import Engine, EngineSizes
 from grok1.engine_api import Sampling, StepOutput, StepPlan
 from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len, copy_pool_blocks
-from grok1.sampling import SlotSampling, sample
+from grok1.sampling import SlotSampling, sample_scored
 from grok1.slot_settings import slot_sampling
 from grok1.steps import DecodeState, count_expert_tokens, jit_decode_halves, on_layout, release_slot, step_outputs
 
@@ -71,10 +71,12 @@ def chunk_rows(tables, starts, lengths, write_from, steps: int):
 def finish_chunks(params, state: DecodeState, h, starts, lengths, final_slots, generated, counts,
                   sampling: SlotSampling, config: Grok1Config):
     """Sample the next token of the chunk rows that end their context (h [n, T, D] after the layers) and start
-    their slots decoding; see paged_prefill_step. Returns (state, token [n], logprob [n])."""
+    their slots decoding; see paged_prefill_step. Returns (state, grok1.sampling.Sampled of the rows: the token,
+    its logprob and the top logprobs, as the contiguous engine's prefill reports them)."""
     rows = h.shape[0]
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [n, 1, D]
-    token, logprob = sample(model.unembed(params, last, config.model, jnp.float32)[:, 0], sampling, generated, counts)
+    sampled = sample_scored(model.unembed(params, last, config.model, jnp.float32)[:, 0], sampling, generated, counts)
+    token = sampled.tokens
 
     def put(all_slots, new):
         return all_slots.at[final_slots].set(new, mode="drop")
@@ -83,7 +85,7 @@ def finish_chunks(params, state: DecodeState, h, starts, lengths, final_slots, g
     state = DecodeState(state.cache, put(state.lengths, starts + lengths), put(state.next_token, token),
                         put(state.generated, generated + 1), put(state.active, jnp.ones(rows, bool)),
                         jax.tree.map(put, state.sampling, sampling), put(state.token_counts, counts))
-    return state, token, logprob
+    return state, sampled
 
 
 def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengths, write_from, final_slots,
@@ -98,9 +100,9 @@ def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengt
     h, cache, expert_index = model.run_layers(params, config.model, tokens, positions, state.cache, rows,
                                               kv_len=kv_len, valid=valid, block=config.engine.moe_block_size,
                                               moe_fn=moe_fn)
-    state, token, logprob = finish_chunks(params, _with_cache(state, cache),
-                                          h, starts, lengths, final_slots, generated, counts, sampling, config)
-    return state, token, logprob, count_expert_tokens(expert_index, valid, config.model.num_experts)
+    state, sampled = finish_chunks(params, _with_cache(state, cache),
+                                   h, starts, lengths, final_slots, generated, counts, sampling, config)
+    return state, sampled, count_expert_tokens(expert_index, valid, config.model.num_experts)
 
 
 def mixed_step(params, state: DecodeState, decode_tables, tables, tokens, starts, lengths, write_from, final_slots,
@@ -109,8 +111,8 @@ def mixed_step(params, state: DecodeState, decode_tables, tables, tokens, starts
     """One forward pass for a decode token of every active slot (through decode_tables [B, M], attending over
     decode_kv_len) and the prefill chunks (arguments as paged_prefill_step's), so the experts' weights are
     read once for both: a step that carries a chunk costs a decode step plus the chunk's own compute, not two
-    passes over the model. Returns (state, h [B, D] of the decode rows for decode_sample, token [n],
-    logprob [n], expert counts [L, E] of both). The chunks' final slots start decoding in the returned state;
+    passes over the model. Returns (state, h [B, D] of the decode rows for decode_sample, the chunks' Sampled
+    (finish_chunks), expert counts [L, E] of both). The chunks' final slots start decoding in the returned state;
     the caller's decode_sample skips them this step (they decode from the next one)."""
     going = state.active
     decode = model.RowGroup(state.lengths[:, None], PagedRows(decode_tables, going[:, None]), decode_kv_len,
@@ -120,11 +122,11 @@ def mixed_step(params, state: DecodeState, decode_tables, tables, tokens, starts
     (h_decode, h_chunks), cache, (decode_experts, chunk_experts) = model.run_layers_groups(
         params, config.model, (state.next_token[:, None], tokens), (decode, chunks), state.cache,
         block=config.engine.moe_block_size, moe_fn=moe_fn)
-    state, token, logprob = finish_chunks(params, _with_cache(state, cache), h_chunks, starts, lengths, final_slots,
-                                          generated, counts, sampling, config)
+    state, sampled = finish_chunks(params, _with_cache(state, cache), h_chunks, starts, lengths, final_slots,
+                                   generated, counts, sampling, config)
     experts = (count_expert_tokens(decode_experts, going[:, None], config.model.num_experts)
                + count_expert_tokens(chunk_experts, valid, config.model.num_experts))
-    return state, h_decode[:, 0], token, logprob, experts
+    return state, h_decode[:, 0], sampled, experts
 
 
 def _with_cache(state: DecodeState, cache) -> DecodeState:
@@ -150,10 +152,10 @@ class PagedEngine(EngineSizes):
         self._decode_forward, self._decode_sample = jit_decode_halves(config, layout, self.state, moe_fn)
         self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn),
                                 static_argnames=("kv_len",), donate_argnums=(1,),
-                                **step_outputs(layout, self.state, 3))
+                                **step_outputs(layout, self.state, 2))
         self._mixed = jax.jit(functools.partial(mixed_step, config=config, moe_fn=moe_fn),
                               static_argnames=("decode_kv_len", "kv_len"), donate_argnums=(1,),
-                              **step_outputs(layout, self.state, 4))
+                              **step_outputs(layout, self.state, 3))
         keep = step_outputs(layout, self.state, 0)
         self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **keep)
         self._release = jax.jit(release_slot, donate_argnums=(0,), **keep)
@@ -276,29 +278,30 @@ class PagedEngine(EngineSizes):
         """Every chunk in one call, padded to the longest one's bucket (a fork's chunk reads what its parent's
         chunk writes in the same call: each layer writes every row's KV before any row reads)."""
         inputs, kv_len, row_of = self._chunk_inputs(plan)
-        self.state, token, logprob, expert_counts = self._prefill(self.params, self.state, *inputs, kv_len=kv_len)
-        return self._started(plan, row_of, token, logprob, expert_counts)
+        self.state, sampled, expert_counts = self._prefill(self.params, self.state, *inputs, kv_len=kv_len)
+        return self._started(plan, row_of, sampled, expert_counts)
 
     def _mixed_step(self, plan: StepPlan) -> tuple[StepOutput, StepOutput]:
         """Decode and prefill chunks in one forward pass (mixed_step); the decode half's counts are the step's
         (both groups'), the prefill half reports zeros, so /metrics counts every token once."""
         rows, decode_kv_len = self._decode_rows()
         inputs, kv_len, row_of = self._chunk_inputs(plan)
-        self.state, h, token, logprob, expert_counts = self._mixed(
+        self.state, h, sampled, expert_counts = self._mixed(
             self.params, self.state, self.by_rank(plan.tables), *inputs, decode_kv_len=decode_kv_len, kv_len=kv_len)
         starting = np.zeros(self.max_slots, bool)
         starting[[chunk.slot for chunk in plan.chunks if chunk.final]] = True
         decoded = self._sample_decoded(h, rows, expert_counts, starting)
-        return decoded, self._started(plan, row_of, token, logprob, np.zeros_like(decoded.expert_counts))
+        return decoded, self._started(plan, row_of, sampled, np.zeros_like(decoded.expert_counts))
 
-    def _started(self, plan: StepPlan, row_of, token, logprob, expert_counts) -> StepOutput:
+    def _started(self, plan: StepPlan, row_of, sampled, expert_counts) -> StepOutput:
         """The prefill half's output (the final chunks' tokens, in the plan's order); the slots whose context
         the chunks completed start decoding."""
         finals = [row for row, chunk in zip(row_of, plan.chunks) if chunk.final]
         for chunk in plan.chunks:
             if chunk.final:
                 self._active[chunk.slot], self._lengths[chunk.slot] = True, chunk.start + len(chunk.tokens)
-        return StepOutput(np.asarray(token)[finals], np.asarray(logprob)[finals], np.asarray(expert_counts))
+        tokens, logprobs, top_ids, top_logprobs = (np.asarray(x)[finals] for x in sampled)
+        return StepOutput(tokens, logprobs, np.asarray(expert_counts), top_ids, top_logprobs)
 
     def release(self, slot: int) -> None:
         self.state = self._release(self.state, jnp.int32(slot))

@@ -211,14 +211,42 @@ def _sampled_logprobs(scores, tokens, total, wanted):
     return jnp.where(wanted >= 0, chosen - total, 0.0)
 
 
-def _greedy_plain(logits, wanted) -> Sampled:
+class Branches(NamedTuple):
+    """Which of the sampler's optional passes a batch of rows needs: bool scalars, each a `lax.cond` predicate.
+    They are taken once, at the sampler's top level, from the rows' settings. On a mesh that splits the rows
+    (grok1.steps.decode_sample), the settings are replicated there, so every rank decides on its own; the same
+    reduction inside a branch, over operands laid out like the split logits, was an all-reduce across the group
+    per predicate (a round trip over gloo or NCCL each)."""
+
+    penalties: jax.Array  # some row has a presence or frequency penalty or a logit bias
+    grammar: jax.Array  # some row has a grammar mask
+    filter: jax.Array  # some row that draws has top-k or top-p
+    all_greedy: jax.Array  # no row draws
+    logprobs: jax.Array  # some row reports its token's logprob
+    top_logprobs: jax.Array  # some row reports top logprobs
+
+    @staticmethod
+    def of(sampling: SlotSampling, wanted, mask=None) -> "Branches":
+        greedy = sampling.temperature <= 0
+        return Branches(
+            penalties=_penalties_in_use(sampling),
+            grammar=jnp.asarray(False) if mask is None else jnp.any(mask[1]),
+            filter=jnp.any(~greedy & ((sampling.top_k > 0) | (sampling.top_p < 1.0))),
+            all_greedy=jnp.all(greedy), logprobs=jnp.any(wanted >= 0), top_logprobs=jnp.any(wanted > 0))
+
+    @property
+    def plain(self):
+        """Every row greedy, with no penalty, bias, grammar or top logprobs: `_greedy_plain` serves them."""
+        return self.all_greedy & ~self.penalties & ~self.grammar & ~self.top_logprobs
+
+
+def _greedy_plain(logits, wanted, any_logprobs) -> Sampled:
     """Every row greedy, without penalties, bias, grammar or top logprobs (the common decode step): the argmax
     from one pass over [B, V] for the maximum, and the logprobs from one for the log-sum-exp, skipped when no
     row wants them (a `lax.cond` on float32 logits that the unembedding made: it adds no copy)."""
     logits = logits.astype(jnp.float32)
     top, tokens = max_and_first_argmax(logits)
-    total = jax.lax.cond(jnp.any(wanted >= 0), logsumexp_given_max, lambda x, top: jnp.zeros_like(top),
-                         logits, top)
+    total = jax.lax.cond(any_logprobs, logsumexp_given_max, lambda x, top: jnp.zeros_like(top), logits, top)
     return Sampled(tokens, _sampled_logprobs(logits, tokens, total, wanted), *_no_top_logprobs(logits.shape[0]))
 
 
@@ -236,19 +264,17 @@ def sample_scored(logits, sampling: SlotSampling, step, counts=None, mask=None) 
     copies (measured: the general path took 36 ms over [32, 131072] for what the plain one does in ~6).
     Both give the same bits for a plain greedy row.
     """
-    in_use = _penalties_in_use(sampling)
     wanted = jnp.zeros(logits.shape[0], jnp.int32) if sampling.top_logprobs is None else sampling.top_logprobs
-    plain = jnp.all(sampling.temperature <= 0) & ~in_use & ~jnp.any(wanted > 0)
-    if mask is not None:
-        plain &= ~jnp.any(mask[1])
+    branches = Branches.of(sampling, wanted, mask)
 
     def general(logits):
-        return _sample_general(logits.astype(jnp.float32), sampling, step, counts, mask, in_use, wanted)
+        return _sample_general(logits.astype(jnp.float32), sampling, step, counts, mask, branches, wanted)
 
-    return jax.lax.cond(plain, lambda logits: _greedy_plain(logits, wanted), general, logits)
+    return jax.lax.cond(branches.plain, lambda logits: _greedy_plain(logits, wanted, branches.logprobs), general,
+                        logits)
 
 
-def _sample_general(logits, sampling: SlotSampling, step, counts, mask, in_use, wanted) -> Sampled:
+def _sample_general(logits, sampling: SlotSampling, step, counts, mask, branches: Branches, wanted) -> Sampled:
     """sample_scored for any rows: penalties and bias, temperature, the grammar mask, top-k / top-p and the
     draw, each skipped by `lax.cond` when no row asks for it; the top logprobs when some row wants them."""
     greedy = sampling.temperature <= 0
@@ -265,7 +291,7 @@ def _sample_general(logits, sampling: SlotSampling, step, counts, mask, in_use, 
         def penalised(x):
             return argmax_and(apply_penalties(x, penalties, counts() if callable(counts) else counts))
 
-        argmax, adjusted = jax.lax.cond(in_use, penalised, argmax_and, logits)
+        argmax, adjusted = jax.lax.cond(branches.penalties, penalised, argmax_and, logits)
     # Scaled outside the branches: the logprobs below read it, and a row without penalties must get the very
     # bits it gets from a sampler without the penalty step.
     scaled = adjusted / divisor
@@ -277,21 +303,20 @@ def _sample_general(logits, sampling: SlotSampling, step, counts, mask, in_use, 
             masked = apply_token_mask(scaled, words, has)
             return jnp.where(has, first_argmax(masked), argmax), masked
 
-        argmax, scaled = jax.lax.cond(jnp.any(has), constrain, lambda a, s: (a, s), argmax, scaled)
-    needs_filter = jnp.any(~greedy & ((sampling.top_k > 0) | (sampling.top_p < 1.0)))
+        argmax, scaled = jax.lax.cond(branches.grammar, constrain, lambda a, s: (a, s), argmax, scaled)
 
     def draw(scaled):
         # The top-k/top-p filter only shapes the draw, so it sits inside it: a greedy step runs neither, and
         # does not copy [B, V] through the filter's pass-through branch (XLA:CPU copies a cond's operand out).
-        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, sampling.top_k,
+        scaled = jax.lax.cond(branches.filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, sampling.top_k,
                               sampling.top_p)
         keys = jax.vmap(lambda key, n: jax.random.fold_in(jax.random.wrap_key_data(key), n))(sampling.key, step)
         drawn = categorical(keys, scaled)
         return jnp.where(greedy, argmax, drawn)
 
     # Drawing costs a random number per vocabulary entry: skip it when every row is greedy.
-    tokens = jax.lax.cond(jnp.all(greedy), lambda scaled: argmax, draw, scaled)
+    tokens = jax.lax.cond(branches.all_greedy, lambda scaled: argmax, draw, scaled)
     total = logsumexp_given_max(tempered, jnp.max(tempered, axis=-1))  # [B], as _greedy_plain's
     logprobs = _sampled_logprobs(tempered, tokens, total, wanted)
-    top_ids, top_values = top_logprobs(tempered, total, wanted, MAX_TOP_LOGPROBS)
+    top_ids, top_values = top_logprobs(tempered, total, wanted, MAX_TOP_LOGPROBS, asked=branches.top_logprobs)
     return Sampled(tokens, logprobs, top_ids, top_values)

@@ -20,12 +20,14 @@ from grok1 import model, token_scores
 from grok1.config import Grok1Config
 from grok1.limits import MAX_TOP_LOGPROBS
 from grok1.paged_attention import PagedRows
-from grok1.sampling import SlotSampling, sample_scored
+from grok1.sampling import Sampled, SlotSampling, sample_scored
 
 # Logical axes of the rows decode_sample unembeds (sharding.rules maps them): h [n, 1, D] and logits [n, V].
 SAMPLE_H_AXES = ("sample_rows", "sample_steps", "embed")
 SAMPLE_LOGITS_AXES = ("sample_rows", "vocab")
 SAMPLED_AXES = ("sampled_rows", "top_logprobs")  # the sampler's outputs [n] and [n, K], gathered
+# The rows' sampling settings [n] and [n, ...] (the key's words, the logit bias entries), replicated.
+SETTINGS_AXES = ("sampled_rows", "setting_entries")
 
 
 @jax.tree_util.register_dataclass
@@ -159,18 +161,21 @@ def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask
         mask = padding.reshape(-1, *([1] * (default.ndim - 1)))
         return jnp.where(mask, default, jnp.take(all_slots, rows, axis=0, mode="clip"))
 
-    sampling = jax.tree.map(row_settings, state.sampling, defaults)
+    # Replicated, so that every rank takes the sampler's branches (plain greedy? penalties? top logprobs?) from
+    # the same settings on its own: laid out like the row-split logits, each `lax.cond` predicate became an
+    # all-reduce across the group (three per greedy step, each a round trip over gloo or NCCL).
+    sampling = jax.tree.map(lambda all_slots, default: place(row_settings(all_slots, default),
+                                                            SETTINGS_AXES[:default.ndim]), state.sampling, defaults)
     def row_counts():  # [n, V], gathered only when a row has penalties (sample_scored)
         return jnp.take(state.token_counts, rows, axis=0, mode="clip")
 
     generated = jnp.take(state.generated, rows, mode="clip")
     mask = None
     if mask_words is not None:
-        row_has = jnp.take(has_mask & going, rows, mode="clip") & ~padding
+        row_has = place(jnp.take(has_mask & going, rows, mode="clip") & ~padding, SETTINGS_AXES[:1])
         mask = (jnp.take(mask_words, rows, axis=0, mode="clip"), row_has)
     # Every rank gets every row's result before the scatters below (the same [B, V] all-reduce otherwise).
-    out = jax.tree.map(lambda x: place(x, SAMPLED_AXES[:x.ndim]),
-                       sample_scored(logits, sampling, generated, row_counts, mask))
+    out = gathered(sample_scored(logits, sampling, generated, row_counts, mask), place)
     row_tokens = out.tokens
     tokens = jnp.full(slots, -1, jnp.int32).at[rows].set(row_tokens, mode="drop")
     logprobs = jnp.zeros(slots, jnp.float32).at[rows].set(out.logprobs, mode="drop")
@@ -187,6 +192,18 @@ def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask
                         generated=state.generated + step, active=state.active, sampling=state.sampling,
                         token_counts=counts)
     return state, (tokens, jnp.where(going, logprobs, 0.0), top_ids, top_values)
+
+
+def gathered(out: Sampled, place) -> Sampled:
+    """The sampler's row-split results on every rank, in one all-gather: each of the four is a collective of its
+    own otherwise. The float32 results travel as their int32 bits beside the token ids."""
+    floats = jax.lax.bitcast_convert_type
+    packed = jnp.concatenate([out.tokens[:, None], floats(out.logprobs, jnp.int32)[:, None], out.top_ids,
+                              floats(out.top_logprobs, jnp.int32)], axis=1)  # [n, 2 + 2K]
+    packed = place(packed, SAMPLED_AXES)
+    k = out.top_ids.shape[1]
+    return Sampled(packed[:, 0], floats(packed[:, 1], jnp.float32), packed[:, 2:2 + k],
+                   floats(packed[:, 2 + k:], jnp.float32))
 
 
 def decode_step(params, state: DecodeState, rows, *, config: Grok1Config, kv_len: int, moe_fn=model.moe):

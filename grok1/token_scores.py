@@ -17,10 +17,11 @@ from grok1.grammar import MASK_WORD_BITS
 from grok1.limits import MAX_TOP_LOGPROBS
 
 
-def top_logprobs(scores, total, wanted, k: int = MAX_TOP_LOGPROBS):
+def top_logprobs(scores, total, wanted, k: int = MAX_TOP_LOGPROBS, asked=None):
     """ids int32 [B, k] and logprobs f32 [B, k] of each row's k most likely tokens (largest first), where a
     token's logprob is scores [B, V] - total [B] (total: the row's logsumexp, so no [B, V] log-softmax is
-    built); zeros when no row wants any (wanted [B] int32: each row's k, 0 none)."""
+    built); zeros when no row wants any (wanted [B] int32: each row's k, 0 none; asked: whether some row does,
+    when the caller has decided it already, see grok1.sampling.Branches)."""
     def compute(scores, total):
         values, ids = jax.lax.top_k(scores, min(k, scores.shape[-1]))  # a vocabulary under k: padded
         pad = ((0, 0), (0, k - ids.shape[-1]))
@@ -31,7 +32,7 @@ def top_logprobs(scores, total, wanted, k: int = MAX_TOP_LOGPROBS):
         rows = scores.shape[0]
         return jnp.zeros((rows, k), jnp.int32), jnp.zeros((rows, k), jnp.float32)
 
-    return jax.lax.cond(jnp.any(wanted > 0), compute, skip, scores, total)
+    return jax.lax.cond(jnp.any(wanted > 0) if asked is None else asked, compute, skip, scores, total)
 
 
 def prompt_logprobs(logits, tokens, k: int = MAX_TOP_LOGPROBS):

@@ -51,6 +51,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("sample_rows", EP),
     ("sample_steps", None),
     ("sampled_rows", None),  # its results, gathered: every rank updates the replicated state with them
+    ("setting_entries", None),  # and the rows' sampling settings, replicated: every rank takes the same branches
     ("top_logprobs", None),
 )
 

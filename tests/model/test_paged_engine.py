@@ -92,6 +92,28 @@ def test_seeded_tokens_equal_the_contiguous_engine(engines, prompts, plain):
     assert [tokens for tokens, _ in plain[SEEDED]] == [tokens for tokens, _ in expected]
 
 
+def top_logprobs_of(engine, driver_of, prompts, k=3) -> list[list[tuple]]:
+    """Per request, the top logprobs its events carry, in order (the first: the prefill's token)."""
+    events = {}
+    driver = driver_of(engine, lambda event: events.setdefault(event.request_id, []).append(event.top_logprobs))
+    driver.generate(requests(prompts, Sampling(top_logprobs=k), tokens=3))
+    return [events[f"r{n}"] for n in range(len(prompts))]
+
+
+def test_every_token_carries_the_top_logprobs_the_contiguous_engine_reports(engines, prompts):
+    """The first token too: it comes from the paged engine's prefill, which sampled it without them."""
+    contiguous, paged = engines
+    scheduler = Scheduler(ENGINE["max_slots"], ENGINE["max_len"], contiguous.config.model.vocab_size,
+                          contiguous.config.model.eos_token)
+    want = top_logprobs_of(contiguous, lambda engine, on_event: Driver(engine, scheduler, on_event), prompts)
+    got = top_logprobs_of(paged, lambda engine, on_event: Driver(engine, paged_driver(engine)[1], on_event), prompts)
+    for request, expected in zip(got, want):
+        assert [len(top) for top in request] == [3] * len(expected)
+        for top, expected_top in zip(request, expected):
+            assert [i for i, _ in top] == [i for i, _ in expected_top]
+            np.testing.assert_allclose([v for _, v in top], [v for _, v in expected_top], atol=1e-4)
+
+
 @pytest.mark.parametrize("sampling", [Sampling(), SEEDED], ids=["greedy", "seeded"])
 def test_chunked_prefill_gives_the_same_tokens_and_logprobs(engines, prompts, plain, sampling):
     _, paged = engines

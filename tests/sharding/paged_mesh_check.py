@@ -5,8 +5,9 @@ budget) through the paged engine laid out on the mesh, and through the contiguou
 one JSON line: per mesh, both token lists (the paged engine runs the first prompt twice, the second a fork),
 how many pool blocks each device holds (the pool is split over ep: kv_blocks / ep) and whether its compiled
 decode step makes an array of the whole pool (it must not), and how many all-to-alls it holds; and, of its
-compiled unembedding and sampling at every slot, how many rows each device unembeds and which collectives
-move vocabulary-wide arrays outside the sampler's optional branches.
+compiled unembedding and sampling at every slot, how many rows each device unembeds, which collectives
+move vocabulary-wide arrays outside the sampler's optional branches and which collectives run at every step;
+and the tokens, logprobs and top logprobs of a batch of rows that take the sampler's optional branches.
 """
 
 import json
@@ -25,6 +26,7 @@ from cluster.scheduler import Request, Scheduler  # noqa: E402
 from grok1.checkpoint import load_checkpoint  # noqa: E402
 from grok1.config import load_config  # noqa: E402
 from grok1.engine import Engine  # noqa: E402
+from grok1.engine_api import Sampling  # noqa: E402
 from grok1.paged_engine import PagedEngine  # noqa: E402
 from sharding.layout import MeshLayout  # noqa: E402
 from sharding.mesh import MeshShape  # noqa: E402
@@ -41,6 +43,35 @@ def generate(engine, prompts):
     done = Driver(engine, scheduler).generate(
         [Request(f"g{k}", p, TOKENS, ignore_eos=True) for k, p in enumerate(prompts)])
     return [c.tokens for c in done], scheduler.cached_tokens
+
+
+FORCED = 1000  # a token id a logit bias of +100 forces
+
+
+def mixed_requests(prompts) -> list[Request]:
+    """Rows that take the sampler's optional branches, in one batch: top logprobs on a greedy row, a logit bias,
+    and a draw (temperature, top-k, a presence penalty) that reports its top 5."""
+    return [Request("top", prompts[0], TOKENS, Sampling(top_logprobs=3), ignore_eos=True),
+            Request("forced", prompts[1], TOKENS, Sampling(logit_bias=((FORCED, 100.0),)), ignore_eos=True),
+            Request("drawn", prompts[0], TOKENS, Sampling(temperature=1.0, top_k=5, seed=11, presence_penalty=0.5,
+                                                          top_logprobs=5), ignore_eos=True)]
+
+
+def generate_mixed(engine, prompts) -> dict:
+    """{request id: {"tokens", "logprobs", "top_ids"}} of mixed_requests, with their decode steps' top logprobs."""
+    scheduler = Scheduler.for_config(engine.config, kv_ranks=getattr(engine, "kv_ranks", 1))
+    out = {r.request_id: {"tokens": [], "logprobs": [], "top_ids": [], "top_values": []}
+           for r in mixed_requests(prompts)}
+
+    def on_event(event):
+        row = out[event.request_id]
+        row["tokens"].append(event.token)
+        row["logprobs"].append(event.logprob)
+        row["top_ids"].append([i for i, _ in event.top_logprobs])
+        row["top_values"].append([v for _, v in event.top_logprobs])
+
+    Driver(engine, scheduler, on_event).generate(mixed_requests(prompts))
+    return out
 
 
 def gathers_the_pool(engine) -> bool:
@@ -78,7 +109,10 @@ def sample_split(engine) -> dict:
     entry = entry[: entry.index("\n}\n")]
     wide = re.findall(r"= (\w+\[[\d,]*" + str(vocab) + r"\])\{[^}]*\} (?:all-reduce|all-gather)(?:-start)?\(",
                       entry)
-    return {"unembed_rows": sorted({int(rows) for rows in dots}), "vocab_collectives": wide}
+    collectives = re.findall(r"= (\(?\w+\[[\d,]*\].*?) (all-reduce|all-gather|all-to-all|collective-permute)"
+                             r"(?:-start)?\(", entry)
+    return {"unembed_rows": sorted({int(rows) for rows in dots}), "vocab_collectives": wide,
+            "step_collectives": [f"{kind} {shape.split('{')[0]}" for shape, kind in collectives]}
 
 
 def main(golden_dir: Path) -> dict:
@@ -86,8 +120,10 @@ def main(golden_dir: Path) -> dict:
     params = load_checkpoint(golden_dir, config.model)
     cases = json.loads((golden_dir / "golden.json").read_text())
     prompts = [list(p) for p in cases["prompt_ids"]]
-    contiguous, _ = generate(Engine(config.replace(engine=ENGINE), jax.tree.map(jax.numpy.asarray, params)), prompts)
-    results = {"contiguous": contiguous, "meshes": []}
+    single = Engine(config.replace(engine=ENGINE), jax.tree.map(jax.numpy.asarray, params))
+    contiguous, _ = generate(single, prompts)
+    results = {"contiguous": contiguous, "contiguous_mixed": generate_mixed(single, prompts), "forced": FORCED,
+               "meshes": []}
     paged_config = config.replace(engine=PAGED)
     for ep, tp in MESHES:
         if config.model.num_experts % ep or config.model.num_kv_heads % tp:
@@ -101,7 +137,8 @@ def main(golden_dir: Path) -> dict:
         results["meshes"].append({"ep": ep, "tp": tp, "tokens": tokens, "cached_tokens": cached,
                                   "blocks_per_device": sorted(shards),
                                   "step_gathers_the_pool": gathers_the_pool(engine),
-                                  "all_to_alls": all_to_alls(engine), **sample_split(engine)})
+                                  "all_to_alls": all_to_alls(engine), **sample_split(engine),
+                                  "mixed": generate_mixed(engine, prompts)})
     return results
 
 

@@ -9,6 +9,23 @@ import sys
 
 import pytest
 
+from grok1.limits import MAX_TOP_LOGPROBS
+
+
+def check_mixed(mesh: dict, single: dict, forced: int) -> None:
+    """A batch whose rows take the sampler's optional branches gives on the mesh what it gives on one device: the
+    greedy row's tokens, its token's logprob as the first of its top logprobs, the forced token, and a top-k draw
+    among its row's top k."""
+    label = f"ep={mesh['ep']} tp={mesh['tp']}"
+    top, drawn = mesh["mixed"]["top"], mesh["mixed"]["drawn"]
+    assert top["tokens"] == single["top"]["tokens"], label
+    for token, logprob, ids, values, expected in zip(top["tokens"], top["logprobs"], top["top_ids"],
+                                                     top["top_values"], single["top"]["logprobs"]):
+        assert len(ids) == 3 and ids[0] == token and values[0] == pytest.approx(logprob, abs=1e-6), label
+        assert logprob == pytest.approx(expected, abs=0.05), label
+    assert mesh["mixed"]["forced"]["tokens"] == [forced] * len(single["forced"]["tokens"]), label
+    assert all(token in ids for token, ids in zip(drawn["tokens"][1:], drawn["top_ids"][1:])), label
+
 
 @pytest.mark.slow
 def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_dir):
@@ -26,7 +43,13 @@ def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_di
         # each rank unembeds and samples only its share of the rows, and gathers no vocabulary-wide array
         assert mesh["unembed_rows"] == [8 // mesh["ep"]], mesh
         assert mesh["vocab_collectives"] == [], mesh
+        check_mixed(mesh, results["contiguous_mixed"], results["forced"])
         if mesh["ep"] > 1:
             assert not mesh["step_gathers_the_pool"], f"ep={mesh['ep']} tp={mesh['tp']}: the step gathers the pool"
+            # The sampler's results come back to every rank in one all-gather, and its branch decisions cost
+            # none: every rank takes them from the replicated settings (before: 2 all-reduces of predicates and
+            # 5 all-gathers every step, each a round trip over gloo).
+            packed = f"all-gather s32[8,{2 + 2 * MAX_TOP_LOGPROBS}]"
+            assert mesh["step_collectives"] == [packed], mesh["step_collectives"]
             # the MoE's exchange (rows with their expert ids in one buffer) and its return: two per layer
             assert mesh["all_to_alls"] == 2, mesh
