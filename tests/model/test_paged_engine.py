@@ -38,13 +38,13 @@ def prompts(golden):
 
 
 def paged_driver(engine: PagedEngine, num_blocks: int | None = None, token_budget: int | None = None,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, on_event=None):
     config = engine.config
     pool = BlockPool(num_blocks or config.engine.kv_blocks, config.engine.kv_block_size,
                      prefix_caching=prefix_caching)
     scheduler = Scheduler(config.engine.max_slots, config.engine.max_len, config.model.vocab_size,
                           config.model.eos_token, kv=pool, token_budget=token_budget)
-    return Driver(engine, scheduler), scheduler
+    return Driver(engine, scheduler, on_event), scheduler
 
 
 def requests(prompts, sampling=GREEDY, tokens=TOKENS):
@@ -92,10 +92,11 @@ def test_seeded_tokens_equal_the_contiguous_engine(engines, prompts, plain):
     assert [tokens for tokens, _ in plain[SEEDED]] == [tokens for tokens, _ in expected]
 
 
-def top_logprobs_of(engine, driver_of, prompts, k=3) -> list[list[tuple]]:
-    """Per request, the top logprobs its events carry, in order (the first: the prefill's token)."""
+def top_logprobs_of(driver_of, prompts, k=3) -> list[list[tuple]]:
+    """Per request, the top logprobs its events carry, in order (the first: the prefill's token). driver_of:
+    on_event -> a Driver."""
     events = {}
-    driver = driver_of(engine, lambda event: events.setdefault(event.request_id, []).append(event.top_logprobs))
+    driver = driver_of(lambda event: events.setdefault(event.request_id, []).append(event.top_logprobs))
     driver.generate(requests(prompts, Sampling(top_logprobs=k), tokens=3))
     return [events[f"r{n}"] for n in range(len(prompts))]
 
@@ -105,8 +106,8 @@ def test_every_token_carries_the_top_logprobs_the_contiguous_engine_reports(engi
     contiguous, paged = engines
     scheduler = Scheduler(ENGINE["max_slots"], ENGINE["max_len"], contiguous.config.model.vocab_size,
                           contiguous.config.model.eos_token)
-    want = top_logprobs_of(contiguous, lambda engine, on_event: Driver(engine, scheduler, on_event), prompts)
-    got = top_logprobs_of(paged, lambda engine, on_event: Driver(engine, paged_driver(engine)[1], on_event), prompts)
+    want = top_logprobs_of(lambda on_event: Driver(contiguous, scheduler, on_event), prompts)
+    got = top_logprobs_of(lambda on_event: paged_driver(paged, on_event=on_event)[0], prompts)
     for request, expected in zip(got, want):
         assert [len(top) for top in request] == [3] * len(expected)
         for top, expected_top in zip(request, expected):
