@@ -28,6 +28,9 @@ SAMPLE_LOGITS_AXES = ("sample_rows", "vocab")
 SAMPLED_AXES = ("sampled_rows", "top_logprobs")  # the sampler's outputs [n] and [n, K], gathered
 # The rows' sampling settings [n] and [n, ...] (the key's words, the logit bias entries), replicated.
 SETTINGS_AXES = ("sampled_rows", "setting_entries")
+# decode_forward's results by ep rank [ep, rows, D]: each rank's share of h and its expert counts, then gathered.
+FORWARD_SHARE_AXES = ("rank_shares", "share_rows", "embed")
+FORWARD_GATHERED_AXES = ("gathered_shares", "share_rows", "embed")
 
 
 @jax.tree_util.register_dataclass
@@ -106,11 +109,13 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
 
 
 def decode_forward(params, state: DecodeState, skip=None, tables=None, *, config: Grok1Config, kv_len: int,
-                   moe_fn=model.moe):
+                   moe_fn=model.moe, place=None, ranks: int = 1):
     """The decoder layers of one decode step for every slot: the new cache, the final hidden states h [B, D]
     and the expert counts. kv_len (static): a bucket longer than every active slot's sequence (see Engine).
     skip [B] (optional): slots that sit this step out (their experts skip them; nothing of theirs changes).
-    tables [B, M]: the slots' block tables when the cache is a paged pool (grok1/paged_engine.py)."""
+    tables [B, M]: the slots' block tables when the cache is a paged pool (grok1/paged_engine.py).
+    place, ranks: a mesh layout's `constrain` and its ep size; with ep > 1 each rank holds the h of its own
+    slots, and both results reach every rank in one all-gather (gathered_forward)."""
     going = state.active if skip is None else state.active & ~skip
     valid = going[:, None]
     rows = None if tables is None else PagedRows(tables, valid)
@@ -119,7 +124,31 @@ def decode_forward(params, state: DecodeState, skip=None, tables=None, *, config
                                               valid=valid, block=config.engine.moe_block_size, moe_fn=moe_fn)
     state = DecodeState(cache=cache, lengths=state.lengths, next_token=state.next_token, generated=state.generated,
                         active=state.active, sampling=state.sampling, token_counts=state.token_counts)
-    return state, h[:, 0], count_expert_tokens(expert_index, valid, config.model.num_experts)
+    if place is None or ranks == 1 or h.shape[0] % ranks:
+        return state, h[:, 0], count_expert_tokens(expert_index, valid, config.model.num_experts)
+    return state, *gathered_forward(h[:, 0], expert_index, valid, config.model.num_experts, place, ranks)
+
+
+def gathered_forward(h, expert_index, valid, num_experts: int, place, ranks: int):
+    """h [B, D] and the [L, E] expert counts on every rank, in one all-gather of each rank's share.
+
+    The slots are split over ep, so each rank counts its own slots' experts; left to XLA, the counts' sum over
+    the slots is an all-reduce of its own beside h's all-gather, and each collective between processes costs a
+    round trip in which both wait for the slower. The counts travel as float32 bits in rows of h's width."""
+    slots, dim = h.shape
+    layers, _, steps, k = expert_index.shape
+    share = slots // ranks
+    choices = jax.nn.one_hot(expert_index.reshape(layers, ranks, share, steps, k), num_experts, dtype=jnp.int32)
+    mine = valid.reshape(1, ranks, share, steps, 1, 1)
+    counts = jnp.sum(choices * mine, axis=(2, 3, 4)).transpose(1, 0, 2)  # [ep, L, E]
+    count_words = counts.reshape(ranks, -1)
+    count_words = jnp.pad(count_words, ((0, 0), (0, (-count_words.shape[1]) % dim)))
+    count_rows = jax.lax.bitcast_convert_type(count_words, jnp.float32).reshape(ranks, -1, dim)
+    packed = jnp.concatenate([h.astype(jnp.float32).reshape(ranks, share, dim), count_rows], axis=1)
+    packed = place(place(packed, FORWARD_SHARE_AXES), FORWARD_GATHERED_AXES)
+    h = packed[:, :share].reshape(slots, dim).astype(h.dtype)
+    words = jax.lax.bitcast_convert_type(packed[:, share:].reshape(ranks, -1), jnp.int32)
+    return h, jnp.sum(words[:, : layers * num_experts], axis=0).reshape(layers, num_experts)
 
 
 def logits_dtype(rows: int):
@@ -248,9 +277,10 @@ def step_outputs(layout, state, replicated: int) -> dict:
 def jit_decode_halves(config: Grok1Config, layout, state, moe_fn):
     """The two jitted halves of a decode step (decode_forward per kv_len bucket, decode_sample per row bucket),
     donating the state; the paged engine takes them too, with its block tables as the cache's rows."""
-    forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn), static_argnames=("kv_len",),
-                      donate_argnums=(1,), **step_outputs(layout, state, 2))
     place = None if layout is None else layout.constrain
+    ranks = 1 if layout is None else layout.shape.ep
+    forward = jax.jit(functools.partial(decode_forward, config=config, moe_fn=moe_fn, place=place, ranks=ranks),
+                      static_argnames=("kv_len",), donate_argnums=(1,), **step_outputs(layout, state, 2))
     sample_step = jax.jit(functools.partial(decode_sample, config=config, place=place), donate_argnums=(1,),
                           **step_outputs(layout, state, 1))
     return forward, sample_step

@@ -51,7 +51,7 @@ def dispatch_positions(owner, ep: int, cap: int):
     return pos, sent & (pos < cap), sent & (pos >= cap)
 
 
-def _local_moe(tokens, valid, override, gate, w_gelu, w_value, w_out, *, config, ep, cap, block):
+def _local_moe(tokens, valid, override, gate, w_gelu, w_value, w_out, *, config, ep, tp, cap, block):
     """Steps 1-5 on one rank. tokens [n, D] local; weights hold this rank's experts and FFN slice."""
     n, dim = tokens.shape
     k = config.num_selected_experts
@@ -74,7 +74,8 @@ def _local_moe(tokens, valid, override, gate, w_gelu, w_value, w_out, *, config,
     plan = model.plan_dispatch(jnp.maximum(recv_e, 0)[:, None], received, experts_per_rank, block)
     x_sorted = jnp.zeros((plan.rows + 1, dim), tokens.dtype).at[plan.slot].set(recv_x)[:-1]
     y_sorted = model.expert_ffn_grouped(x_sorted, plan, w_gelu, w_value, w_out, block)
-    y_sorted = jax.lax.psum(y_sorted, TP)  # float32 partial sums over the FFN slices, as the reference
+    if tp > 1:  # a psum over one device is still a collective in the compiled step, inside the layer loop
+        y_sorted = jax.lax.psum(y_sorted, TP)  # float32 partial sums over the FFN slices, as the reference
     y_rows = jnp.take(y_sorted, plan.slot, axis=0, mode="fill", fill_value=0)  # [ep*cap, D]
     back = jax.lax.all_to_all(y_rows.reshape(ep, cap, dim), EP, 0, 0)  # 5. return
     y = jnp.where(kept[:, None], back[jnp.minimum(dest, ep - 1), jnp.minimum(pos, cap - 1)], 0.0)
@@ -99,7 +100,7 @@ def shard_map_specs(weights: dict, forced: bool):
 
 def make_expert_parallel_moe(mesh, *, capacity_factor: float | None = None):
     """An `moe` function for grok1.model.forward that runs experts in parallel over the mesh's `ep` axis."""
-    ep = mesh.shape[EP]
+    ep, tp = mesh.shape[EP], mesh.shape[TP]
 
     def moe(x, layer, config, valid, block, override=None):
         batch, steps, dim = x.shape
@@ -121,8 +122,8 @@ def make_expert_parallel_moe(mesh, *, capacity_factor: float | None = None):
 
         def local(tokens, valid, *rest):
             forced_here = rest[0] if forced else None
-            return _local_moe(tokens, valid, forced_here, *rest[len(forced):], config=config, ep=ep, cap=cap,
-                              block=block)
+            return _local_moe(tokens, valid, forced_here, *rest[len(forced):], config=config, ep=ep, tp=tp,
+                              cap=cap, block=block)
 
         run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
         out, used = run(tokens, valid, *forced, *weights.values())

@@ -53,6 +53,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("sampled_rows", None),  # its results, gathered: every rank updates the replicated state with them
     ("setting_entries", None),  # and the rows' sampling settings, replicated: every rank takes the same branches
     ("top_logprobs", None),
+    # A decode step's layer results by ep rank (grok1.steps.gathered_forward): each rank's share of the slots'
+    # h and its expert counts, then gathered in one collective.
+    ("rank_shares", EP),
+    ("gathered_shares", None),
+    ("share_rows", None),
 )
 
 

@@ -53,8 +53,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def router(ray_cluster, config, golden_dir):
+    # resume_timeout_s: the rebuilds below are bounds, not speed checks (the default 120 s was passed once on a
+    # machine that also ran another test's 8 virtual devices, and the paused requests then ended retriable).
     handle = start_router(config, checkpoint=str(golden_dir), ep=2, placement_strategy="STRICT_SPREAD",
-                          backend="ray", start_timeout_s=600, step_timeout_s=60)
+                          backend="ray", start_timeout_s=600, step_timeout_s=60, resume_timeout_s=500)
     assert ray.get(handle.wait_ready.remote(600))
     yield handle
     ray.get(handle.shutdown.remote(), timeout=60)

@@ -4,12 +4,16 @@ For each ep x tp mesh the golden prompts are generated greedily (all at once, pr
 budget) through the paged engine laid out on the mesh, and through the contiguous engine on one device. Prints
 one JSON line: per mesh, both token lists (the paged engine runs the first prompt twice, the second a fork),
 how many pool blocks each device holds (the pool is split over ep: kv_blocks / ep) and whether its compiled
-decode step makes an array of the whole pool (it must not), and how many all-to-alls it holds; and, of its
+decode step makes an array of the whole pool (it must not), how many all-to-alls it holds, which collectives
+follow its layers, and whether its h and expert counts equal those of the same step with XLA's own collectives;
+and, of its
 compiled unembedding and sampling at every slot, how many rows each device unembeds, which collectives
 move vocabulary-wide arrays outside the sampler's optional branches and which collectives run at every step;
 and the tokens, logprobs and top logprobs of a batch of rows that take the sampler's optional branches.
 """
 
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -92,6 +96,40 @@ def all_to_alls(engine) -> int:
     return len(re.findall(r" all-to-all(?:-start)?\(", compiled_decode(engine)))
 
 
+def forward_collectives(engine) -> list[str]:
+    """The compiled decode forward's collectives outside its layer loop (the loop's all-to-alls: all_to_alls)."""
+    return entry_collectives(compiled_decode(engine))
+
+
+def forward_packing_is_lossless(engine) -> bool:
+    """Whether the decode forward, run for every slot, gives the h and expert counts that the same forward gives
+    with XLA's own collectives (steps.gathered_forward off: an all-reduce of the counts beside h's all-gather)."""
+    from grok1.steps import decode_forward, step_outputs
+
+    state = dataclasses.replace(engine.state, active=np.ones(engine.max_slots, bool),
+                                next_token=np.arange(engine.max_slots, dtype=np.int32) * 97)
+    tables = engine.by_rank(np.full((engine.max_slots, engine.table_width), -1, np.int32))
+    plain = jax.jit(functools.partial(decode_forward, config=engine.config, moe_fn=engine.layout.moe_fn),
+                    static_argnames=("kv_len",), **step_outputs(engine.layout, engine.state, 2))
+    packed = jax.jit(functools.partial(decode_forward, config=engine.config, moe_fn=engine.layout.moe_fn,
+                                       place=engine.layout.constrain, ranks=engine.layout.shape.ep),
+                     static_argnames=("kv_len",), **step_outputs(engine.layout, engine.state, 2))
+    (_, h_plain, counts_plain), (_, h_packed, counts_packed) = (
+        step(engine.params, state, None, tables, kv_len=16) for step in (plain, packed))
+    return bool(np.array_equal(np.asarray(h_plain, np.float32), np.asarray(h_packed, np.float32))
+                and np.array_equal(counts_plain, counts_packed) and int(np.sum(counts_packed)) == 2 * engine.max_slots
+                * engine.config.model.num_layers)
+
+
+def entry_collectives(hlo: str) -> list[str]:
+    """'kind shape' of each collective in the ENTRY computation of a compiled program."""
+    entry = hlo[hlo.index("ENTRY"):]
+    entry = entry[: entry.index("\n}\n")]
+    collectives = re.findall(r"= (\(?\w+\[[\d,]*\].*?) (all-reduce|all-gather|all-to-all|collective-permute)"
+                             r"(?:-start)?\(", entry)
+    return [f"{kind} {shape.split('{')[0]}" for shape, kind in collectives]
+
+
 def compiled_sample(engine) -> str:
     h = jax.numpy.zeros((engine.max_slots, engine.config.model.emb_size), jax.numpy.bfloat16)
     rows = np.arange(engine.max_slots, dtype=np.int32)
@@ -109,10 +147,8 @@ def sample_split(engine) -> dict:
     entry = entry[: entry.index("\n}\n")]
     wide = re.findall(r"= (\w+\[[\d,]*" + str(vocab) + r"\])\{[^}]*\} (?:all-reduce|all-gather)(?:-start)?\(",
                       entry)
-    collectives = re.findall(r"= (\(?\w+\[[\d,]*\].*?) (all-reduce|all-gather|all-to-all|collective-permute)"
-                             r"(?:-start)?\(", entry)
     return {"unembed_rows": sorted({int(rows) for rows in dots}), "vocab_collectives": wide,
-            "step_collectives": [f"{kind} {shape.split('{')[0]}" for shape, kind in collectives]}
+            "step_collectives": entry_collectives(hlo)}
 
 
 def main(golden_dir: Path) -> dict:
@@ -123,6 +159,7 @@ def main(golden_dir: Path) -> dict:
     single = Engine(config.replace(engine=ENGINE), jax.tree.map(jax.numpy.asarray, params))
     contiguous, _ = generate(single, prompts)
     results = {"contiguous": contiguous, "contiguous_mixed": generate_mixed(single, prompts), "forced": FORCED,
+               "emb_size": config.model.emb_size, "expert_counts": config.model.num_layers * config.model.num_experts,
                "meshes": []}
     paged_config = config.replace(engine=PAGED)
     for ep, tp in MESHES:
@@ -138,6 +175,8 @@ def main(golden_dir: Path) -> dict:
                                   "blocks_per_device": sorted(shards),
                                   "step_gathers_the_pool": gathers_the_pool(engine),
                                   "all_to_alls": all_to_alls(engine), **sample_split(engine),
+                                  "forward_collectives": forward_collectives(engine),
+                                  "forward_lossless": ep == 1 or forward_packing_is_lossless(engine),
                                   "mixed": generate_mixed(engine, prompts)})
     return results
 

@@ -53,3 +53,11 @@ def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_di
             assert mesh["step_collectives"] == [packed], mesh["step_collectives"]
             # the MoE's exchange (rows with their expert ids in one buffer) and its return: two per layer
             assert mesh["all_to_alls"] == 2, mesh
+            # and after the layers, h and the expert counts in one all-gather of each rank's share (its 8 / ep slots'
+            # h, then its [L, E] counts in rows of h's width): before, an all-reduce of the counts beside it
+            width, count_words = results["emb_size"], results["expert_counts"]
+            share = f"all-gather f32[{mesh['ep']},{8 // mesh['ep'] + -(-count_words // width)},{width}]"
+            # (with tp > 1 the embedding's vocabulary is split: each rank's lookup of its share is summed over tp)
+            lookup = [f"all-reduce f32[{8 // mesh['ep']},1,{width}]"] if mesh["tp"] > 1 else []
+            assert mesh["forward_collectives"] == lookup + [share], mesh["forward_collectives"]
+            assert mesh["forward_lossless"], mesh

@@ -21,7 +21,15 @@ from grok1.model import KV_CACHE_AXES, KVCache
 from grok1.paged_attention import PAGED_KV_AXES
 from grok1.params import LAYER_AXES, TOP_AXES, QuantizedWeight, dequantize, param_axes, scale_axes
 from grok1.random_weights import random_params
-from grok1.steps import SAMPLE_H_AXES, SAMPLE_LOGITS_AXES, SAMPLED_AXES, SETTINGS_AXES, init_state
+from grok1.steps import (
+    FORWARD_GATHERED_AXES,
+    FORWARD_SHARE_AXES,
+    SAMPLE_H_AXES,
+    SAMPLE_LOGITS_AXES,
+    SAMPLED_AXES,
+    SETTINGS_AXES,
+    init_state,
+)
 from sharding.expert_parallel import (
     CHOICE_AXES,
     MOE_PARAMS,
@@ -102,7 +110,8 @@ def test_every_parameter_names_as_many_axes_as_it_has_dimensions():
 
 def test_the_rules_name_exactly_the_axes_in_use_once_each():
     used = {"scale_groups", *KV_CACHE_AXES, *PAGED_KV_AXES, *TOKEN_AXES, *VALID_AXES, *CHOICE_AXES,
-            *SAMPLE_H_AXES, *SAMPLE_LOGITS_AXES, *SAMPLED_AXES, *SETTINGS_AXES}
+            *SAMPLE_H_AXES, *SAMPLE_LOGITS_AXES, *SAMPLED_AXES, *SETTINGS_AXES, *FORWARD_SHARE_AXES,
+            *FORWARD_GATHERED_AXES}
     for axes in [*LAYER_AXES.values(), *TOP_AXES.values()]:
         used |= {part for dim in axes for part in (dim if isinstance(dim, tuple) else (dim,))}
     names = [name for name, _ in LOGICAL_AXIS_RULES]
