@@ -28,7 +28,7 @@ checkpoint: setup
 	$(BIN)/grok1 checkpoint random --config $(CONFIG)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25  # the slowest 25: where CI's time goes
 
 lint: setup
 	$(BIN)/ruff check .
