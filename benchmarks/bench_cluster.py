@@ -8,7 +8,8 @@ One run, on this machine, measures side by side:
 2. the router actor (cluster.router.start_router, ep=2, STRICT_SPREAD), pipelined and not (two routers, each
    with its own group), streaming TokenEvents to this process; the pipelined one is the router of the Serve
    application (ingress/app.py, on the same cluster), so the same router is also measured over HTTP
-   (streaming completions through Serve's proxy, ingress/loadgen.py's client);
+   (streaming completions through Serve's proxy, ingress/loadgen.py's client) and read through one subscription
+   (cluster.channel.RouterChannel, the ingress's own way: one Ray item per step for all its requests);
 3. a third 2-worker ep=2 group (workers.group.RayShardGroup, STRICT_SPREAD) driven by the same Driver from this
    process, without the router actor or streaming; on it, the step breakdown: the decode step's wall time,
    the time each worker spends inside it (ShardWorker.timings), the round trip of a no-op call (`ping`);
@@ -107,6 +108,38 @@ def router_tokens_per_s(router, streams: int, tokens: int, prompt_len: int) -> f
 
     async def run():
         return await asyncio.gather(*[stream_tokens(router, r) for r in requests])
+
+    started = time.perf_counter()
+    counts = asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    assert counts == [tokens] * streams, counts
+    return streams * tokens / elapsed
+
+
+def subscribed_tokens_per_s(router, streams: int, tokens: int, prompt_len: int) -> float:
+    """The same load read through one subscription (cluster.channel.RouterChannel, as the Serve ingress reads its
+    router): one Ray streaming item per step for all the requests, where `generate` makes one per request."""
+    from cluster.channel import RouterChannel
+
+    requests = _requests(streams, tokens, prompt_len, seed=streams)
+
+    async def one(channel, request) -> int:
+        stream, count = await channel.submit(request), 0
+        while True:
+            batch = await stream.next_batch()
+            for event in batch:
+                if event.error:
+                    raise RuntimeError(f"{request.request_id}: {event.error}")
+                count += event.token is not None
+            if batch[-1].finish_reason is not None:
+                return count
+
+    async def run():
+        channel = RouterChannel(router)
+        try:
+            return await asyncio.gather(*[one(channel, r) for r in requests])
+        finally:
+            channel.close()
 
     started = time.perf_counter()
     counts = asyncio.run(run())
@@ -248,6 +281,7 @@ def main(argv=None) -> None:
             for n in CONCURRENCY:
                 record(("engine", n, True), driver_tokens_per_s(engine, config, n, pipelined=True, **workload))
                 record(("router", n, True), router_tokens_per_s(routers[True], n, **workload))
+                record(("subscribed", n, True), subscribed_tokens_per_s(routers[True], n, **workload))
                 record(("http", n, True), http_tokens_per_s(url, config, n, **workload))
                 record(("group", n, True), driver_tokens_per_s(group_engine, config, n, pipelined=True, **workload))
             record(("engine", 32, False), driver_tokens_per_s(engine, config, 32, pipelined=False, **workload))
@@ -329,6 +363,14 @@ def print_router_overhead(median) -> None:
         print(f"| {n} | {engine:.1f} | {router:.1f} | {http:.1f} | {router / engine:.0%} | {http / router:.0%} | "
               f"{http / engine:.0%} | {' / '.join(f'{s:.1f}' for s in steps)} | "
               f"{steps[2] - steps[1]:.1f} ms ({steps[2] / steps[1] - 1:+.0%}) |")
+    print("\nthe same router read through one subscription (cluster.channel.RouterChannel, as the Serve ingress reads "
+          "it: one Ray item per step for every request) and through a stream per request (`generate`)\n")
+    print("| streams | engine tok/s | router, a stream per request | router, one subscription | "
+          "subscription / engine |")
+    print("|---|---|---|---|---|")
+    for n in CONCURRENCY:
+        engine, router, subscribed = (median((what, n, True)) for what in ("engine", "router", "subscribed"))
+        print(f"| {n} | {engine:.1f} | {router:.1f} | {subscribed:.1f} | {subscribed / engine:.0%} |")
 
 if __name__ == "__main__":
     main()

@@ -86,6 +86,7 @@ def gathers_the_pool(engine) -> bool:
     return bool(re.search(rf"\[{m.num_layers},{PAGED['kv_blocks']},{PAGED['kv_block_size']},", hlo))
 
 
+@functools.cache  # one compile per engine for the three questions asked of it
 def compiled_decode(engine) -> str:
     tables = engine.by_rank(np.full((engine.max_slots, engine.table_width), -1, np.int32))
     return engine._decode_forward.lower(engine.params, engine.state, None, tables, kv_len=16).compile().as_text()
