@@ -6,10 +6,10 @@ one JSON line: per mesh, both token lists (the paged engine runs the first promp
 how many pool blocks each device holds (the pool is split over ep: kv_blocks / ep) and whether its compiled
 decode step makes an array of the whole pool (it must not), how many all-to-alls it holds, which collectives
 follow its layers, and whether its h and expert counts equal those of the same step with XLA's own collectives;
-and, of its
-compiled unembedding and sampling at every slot, how many rows each device unembeds, which collectives
-move vocabulary-wide arrays outside the sampler's optional branches and which collectives run at every step;
-and the tokens, logprobs and top logprobs of a batch of rows that take the sampler's optional branches.
+and, of its compiled unembedding and sampling at every slot, how many rows each device unembeds, which
+collectives move vocabulary-wide arrays outside the sampler's optional branches and which collectives run at
+every step; and the tokens, logprobs and top logprobs of a batch of rows that take the sampler's optional
+branches.
 """
 
 import dataclasses
