@@ -88,7 +88,8 @@ def prefill_tokens_per_s(engine: Engine, prompt_len: int, repeats: int, rng) -> 
     return prompt_len * repeats / (time.perf_counter() - started)
 
 
-def measure_config(path: str, machine, args, rng) -> dict:
+def measure_config(path: str, args, rng) -> dict:
+    """The config's figures; each roofline entry keeps its StepCost under "cost" until `add_fractions`."""
     config = load_config(path).replace(engine={"max_slots": SLOTS})
     params = load_params(config, ensure_random_checkpoint(config, Path(config.checkpoint.path)))
     engine = Engine(config, params)
@@ -102,7 +103,7 @@ def measure_config(path: str, machine, args, rng) -> dict:
             live = np.full(n, PROMPT_LEN + 2 + args.steps // 2)
             cost = decode_step_cost(params, config.model, live, (expert_counts > 0).sum(axis=1))
             full_s, _ = step_seconds(engine, n, args.steps, args.rounds, rng, full_width=True)
-            entry.update(cost.as_dict(), **cost.fractions(seconds, machine), full_width_step_ms=1e3 * full_s,
+            entry.update(cost.as_dict(), cost=cost, full_width_step_ms=1e3 * full_s,
                          full_width_over_step=full_s / seconds)
         result["decode"][str(n)] = entry
     result["prefill_tok_per_s"] = prefill_tokens_per_s(engine, args.prefill_len, 5, rng)
@@ -113,6 +114,14 @@ def measure_config(path: str, machine, args, rng) -> dict:
     result["one_slot_engine_step_ms"] = 1e3 * one_s
     result["one_of_32_over_one_slot"] = result["decode"]["1"]["step_ms"] / result["one_slot_engine_step_ms"]
     return result
+
+
+def add_fractions(report: dict, machine) -> None:
+    """Each roofline entry's floors and fractions against `machine` (replacing its StepCost)."""
+    for result in report["configs"].values():
+        for entry in result["decode"].values():
+            if "cost" in entry:
+                entry.update(entry.pop("cost").fractions(entry["step_ms"] / 1e3, machine))
 
 
 def print_tables(report: dict, prefill_len: int) -> None:
@@ -151,12 +160,17 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
+    # The machine is measured before each config and after the last, and the floors use the best of each figure:
+    # this VM's bandwidth moves by ~2x within minutes, and the step a floor is compared with may have run in
+    # either phase.
     machine = measure_machine()
     report = {"platform": f"{platform.machine()} {jax.default_backend()}", "cpu": cpu_model(),
-              "devices": jax.device_count(),
-              "machine": machine.as_dict(), "configs": {}}
+              "devices": jax.device_count(), "configs": {}}
     for path in args.configs:
-        report["configs"][load_config(path).name] = measure_config(path, machine, args, rng)
+        report["configs"][load_config(path).name] = measure_config(path, args, rng)
+        machine = machine.best(measure_machine())
+    report["machine"] = machine.as_dict()
+    add_fractions(report, machine)
     if args.json:
         print(json.dumps(report))
     else:
