@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok1.buckets import KV_BUCKET_MIN, PREFILL_BATCH_GROWTH, power_of_two_buckets, smallest_bucket
+from grok1.buckets import KV_BUCKET_MIN, PREFILL_BATCH_GROWTH, decode_row_buckets, power_of_two_buckets, smallest_bucket
 from grok1.config import Grok1Config
 from grok1.engine_api import PromptLogprobs, Sampling, StepOutput
 from grok1.grammar import mask_words
 from grok1.limits import MAX_TOP_LOGPROBS
 from grok1.slot_settings import slot_sampling
-from grok1.steps import init_state, jit_decode_halves, on_layout, prefill_step, release_slot, step_outputs
+from grok1.steps import init_state, jit_decode_halves, on_layout, prefill_step, release_slot, row_shares, step_outputs
 
 
 def _prompt_scores(scores, row: int, length: int, k: int) -> PromptLogprobs:
@@ -54,6 +54,10 @@ class EngineSizes:
     @property
     def max_len(self) -> int:
         return self.config.engine.max_len
+
+    def decode_row_buckets(self) -> tuple[int, ...]:
+        """Row counts the unembedding and sampling of a decode step compile for (buckets.decode_row_buckets)."""
+        return decode_row_buckets(self.max_slots, row_shares(self.layout))
 
 
 class Engine(EngineSizes):
@@ -79,10 +83,6 @@ class Engine(EngineSizes):
         # of this class (prefill, decode, release), so it is exact, and equal in every process of a mesh.
         self._active = np.zeros(self.max_slots, bool)
         self._lengths = np.zeros(self.max_slots, np.int64)
-
-    def decode_row_buckets(self) -> tuple[int, ...]:
-        """Row counts the unembedding and sampling of a decode step compile for: powers of two, then max_slots."""
-        return power_of_two_buckets(1, self.max_slots)
 
     def decode_kv_buckets(self) -> tuple[int, ...]:
         """Cache lengths a decode step attends over (one compile each): powers of two from KV_BUCKET_MIN, then
@@ -221,7 +221,8 @@ class Engine(EngineSizes):
             self.decode_buckets(np.full(rows, self.max_slots, np.int32), self.decode_kv_buckets()[0])
         # The masked variant (requests under a grammar) at the smallest buckets; others compile on first use.
         none = np.zeros(self.max_slots, bool)
-        self.decode_buckets(np.full(1, self.max_slots, np.int32), self.decode_kv_buckets()[0],
+        smallest = np.full(self.decode_row_buckets()[0], self.max_slots, np.int32)
+        self.decode_buckets(smallest, self.decode_kv_buckets()[0],
                             (np.zeros((self.max_slots, self._words), np.uint32), none, none))
 
     def check_health(self) -> bool:

@@ -224,7 +224,7 @@ class PagedEngine(EngineSizes):
     def _decode_rows(self) -> tuple[np.ndarray, int]:
         """(a power-of-two bucket of the active slots, padded with max_slots; the decode kv_len bucket)."""
         active = np.flatnonzero(self._active)
-        rows = np.full(smallest_bucket(len(active), power_of_two_buckets(1, self.max_slots)), self.max_slots, np.int32)
+        rows = np.full(smallest_bucket(len(active), self.decode_row_buckets()), self.max_slots, np.int32)
         rows[: len(active)] = active  # the rest is padding: out of range
         return rows, self.kv_len_for(int(self._lengths[self._active].max()) + 1)
 

@@ -274,6 +274,11 @@ def step_outputs(layout, state, replicated: int) -> dict:
     return {"out_shardings": (shardings, *[layout.replicated] * replicated) if replicated else shardings}
 
 
+def row_shares(layout) -> int:
+    """How many ranks decode_sample splits its rows over (SAMPLE_H_AXES' rows: a mesh's ep); 1 without a mesh."""
+    return 1 if layout is None else layout.shape.ep
+
+
 def jit_decode_halves(config: Grok1Config, layout, state, moe_fn):
     """The two jitted halves of a decode step (decode_forward per kv_len bucket, decode_sample per row bucket),
     donating the state; the paged engine takes them too, with its block tables as the cache's rows."""

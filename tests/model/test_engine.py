@@ -27,7 +27,7 @@ import pytest
 from cluster.driver import Driver
 from cluster.scheduler import InvalidRequest, Request, Scheduler
 from grok1 import model
-from grok1.buckets import power_of_two_buckets
+from grok1.buckets import decode_row_buckets, power_of_two_buckets
 from grok1.config import ModelConfig
 from grok1.engine import Engine, Sampling
 from grok1.steps import decode_step
@@ -606,6 +606,14 @@ def test_buckets_are_powers_of_two_up_to_the_limit():
     assert power_of_two_buckets(1, 12) == (1, 2, 4, 8, 12)
     assert power_of_two_buckets(16, 128) == (16, 32, 64, 128)
     assert power_of_two_buckets(16, 16) == (16,) and power_of_two_buckets(1, 1) == (1,)
+
+
+def test_decode_row_buckets_never_leave_a_rank_one_row():
+    """Rows split over ep ranks: after the unsplit 1, every bucket gives each rank at least two rows."""
+    assert decode_row_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert decode_row_buckets(32, 2) == (1, 4, 8, 16, 32)
+    assert decode_row_buckets(32, 4) == (1, 8, 16, 32)
+    assert decode_row_buckets(8, 8) == (1, 16)  # fewer slots than two rows a rank: padded up
 
 
 def test_host_copy_of_active_slots_and_lengths_follows_the_device(engine):

@@ -131,10 +131,23 @@ def entry_collectives(hlo: str) -> list[str]:
     return [f"{kind} {shape.split('{')[0]}" for shape, kind in collectives]
 
 
-def compiled_sample(engine) -> str:
+def compiled_sample(engine, rows: int | None = None) -> str:
+    """The decode step's sampler compiled for `rows` rows (default: every slot)."""
     h = jax.numpy.zeros((engine.max_slots, engine.config.model.emb_size), jax.numpy.bfloat16)
-    rows = np.arange(engine.max_slots, dtype=np.int32)
+    rows = np.arange(rows or engine.max_slots, dtype=np.int32) % engine.max_slots
     return engine._decode_sample.lower(engine.params, engine.state, h, rows).compile().as_text()
+
+
+def unembed_rows(hlo: str, vocab: int) -> list[int]:
+    """The row counts of the unembedding's matmuls ([rows, vocab] dots) in a compiled program, on one device."""
+    return sorted({int(rows) for rows in re.findall(r"= \w+\[(\d+),(?:1,)?" + str(vocab) + r"\]\{[^}]*\} dot\(", hlo)})
+
+
+def smallest_buckets_unembed_rows(engine) -> dict[str, list[int]]:
+    """Per device, the unembedding's rows at the two smallest decode row buckets (where a bucket split over ep can
+    leave a rank one row: XLA:CPU's matrix-vector slow path)."""
+    vocab = engine.config.model.vocab_size // engine.layout.shape.tp
+    return {str(rows): unembed_rows(compiled_sample(engine, rows), vocab) for rows in engine.decode_row_buckets()[:2]}
 
 
 def sample_split(engine) -> dict:
@@ -143,12 +156,11 @@ def sample_split(engine) -> dict:
     a branch taken only for top logprobs is a nested computation and not counted)."""
     hlo = compiled_sample(engine)
     vocab = engine.config.model.vocab_size // engine.layout.shape.tp
-    dots = re.findall(r"= \w+\[(\d+),(?:1,)?" + str(vocab) + r"\]\{[^}]*\} dot\(", hlo)
     entry = hlo[hlo.index("ENTRY"):]
     entry = entry[: entry.index("\n}\n")]
     wide = re.findall(r"= (\w+\[[\d,]*" + str(vocab) + r"\])\{[^}]*\} (?:all-reduce|all-gather)(?:-start)?\(",
                       entry)
-    return {"unembed_rows": sorted({int(rows) for rows in dots}), "vocab_collectives": wide,
+    return {"unembed_rows": unembed_rows(hlo, vocab), "vocab_collectives": wide,
             "step_collectives": entry_collectives(hlo)}
 
 
@@ -176,6 +188,7 @@ def main(golden_dir: Path) -> dict:
                                   "blocks_per_device": sorted(shards),
                                   "step_gathers_the_pool": gathers_the_pool(engine),
                                   "all_to_alls": all_to_alls(engine), **sample_split(engine),
+                                  "smallest_buckets_unembed_rows": smallest_buckets_unembed_rows(engine),
                                   "forward_collectives": forward_collectives(engine),
                                   "forward_lossless": ep == 1 or forward_packing_is_lossless(engine),
                                   "mixed": generate_mixed(engine, prompts)})

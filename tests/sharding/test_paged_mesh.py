@@ -42,6 +42,9 @@ def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_di
         assert mesh["blocks_per_device"] == [[48 // mesh["ep"]]], mesh  # each rank holds only its own share
         # each rank unembeds and samples only its share of the rows, and gathers no vocabulary-wide array
         assert mesh["unembed_rows"] == [8 // mesh["ep"]], mesh
+        # and never one row at the smallest buckets (the slow matrix-vector path: a bucket of 2 rows over ep=2
+        # gave each rank one, 21 ms steps where 13 with two)
+        assert all(min(rows) >= 2 for rows in mesh["smallest_buckets_unembed_rows"].values()), mesh
         assert mesh["vocab_collectives"] == [], mesh
         check_mixed(mesh, results["contiguous_mixed"], results["forced"])
         if mesh["ep"] > 1:
