@@ -43,9 +43,10 @@ def _prompt_scores(scores, row: int, length: int, k: int) -> PromptLogprobs:
 
 
 class EngineSizes:
-    """The sizes both engines (this one and grok1.paged_engine's) take from their config."""
+    """The sizes both engines (this one and grok1.paged_engine's) take from their config and layout."""
 
     config: Grok1Config
+    layout: object  # sharding.layout.MeshLayout or None
 
     @property
     def max_slots(self) -> int:
