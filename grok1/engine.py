@@ -73,9 +73,10 @@ class Engine(EngineSizes):
         self.layout = layout
         moe_fn, self.params, self.state = on_layout(layout, params, init_state(config))
         outputs = step_outputs(layout, self.state, 1)
-        self._prefill = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn),
+        place = None if layout is None else layout.constrain
+        self._prefill = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn, place=place),
                                 donate_argnums=(1,), **outputs)
-        self._prefill_scored = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn,
+        self._prefill_scored = jax.jit(functools.partial(prefill_step, config=config, moe_fn=moe_fn, place=place,
                                                          score_prompt=True), donate_argnums=(1,), **outputs)
         self._decode_forward, self._decode_sample = jit_decode_halves(config, layout, self.state, moe_fn)
         self._words = mask_words(config.model.vocab_size)

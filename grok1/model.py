@@ -516,18 +516,22 @@ def run_layers_groups(params, config: ModelConfig, tokens, groups, cache, *, blo
 
 
 def forward(params, config: ModelConfig, tokens, positions, cache: KVCache, rows, *, kv_len: int,
-            valid=None, block: int = 16, routing_override=None, logits_at=None, moe_fn=moe) -> ForwardOutput:
+            valid=None, block: int = 16, routing_override=None, logits_at=None, moe_fn=moe,
+            place_h=None) -> ForwardOutput:
     """Run the model on tokens [B, T] at positions [B, T], reading and writing cache rows `rows` [B].
 
     kv_len (static): cache positions attention may see. valid [B, T]: tokens that count (others are
     skipped by the experts). routing_override [L, B, T, 2]: force the experts per layer. logits_at [B]:
     if given, logits only at that step of each row ([B, 1, V]), which is all that sampling needs.
     moe_fn: the mixture-of-experts implementation (`moe` here; sharding/ passes an expert-parallel one).
+    place_h: applied to the h that is unembedded (a mesh layout's constraint; None: nothing).
     """
     h, cache, expert_index = run_layers(params, config, tokens, positions, cache, rows, kv_len=kv_len, valid=valid,
                                         block=block, routing_override=routing_override, moe_fn=moe_fn)
     if logits_at is not None:
         h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
+    if place_h is not None:
+        h = place_h(h)
     return ForwardOutput(unembed(params, h, config), cache, expert_index)
 
 

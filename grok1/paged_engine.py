@@ -38,9 +38,19 @@ from grok1.config import Grok1Config
 from grok1.engine import Engine, EngineSizes
 from grok1.engine_api import Sampling, StepOutput, StepPlan
 from grok1.paged_attention import PagedKV, PagedRows, bucket_kv_len, copy_pool_blocks
-from grok1.sampling import SlotSampling, sample_scored
+from grok1.sampling import SlotSampling
 from grok1.slot_settings import slot_sampling
-from grok1.steps import DecodeState, count_expert_tokens, jit_decode_halves, on_layout, release_slot, step_outputs
+from grok1.steps import (
+    PREFILL_H_AXES,
+    SETTINGS_AXES,
+    DecodeState,
+    count_expert_tokens,
+    jit_decode_halves,
+    on_layout,
+    release_slot,
+    replicated_sampling,
+    step_outputs,
+)
 
 
 def init_paged_state(config: Grok1Config) -> DecodeState:
@@ -69,13 +79,19 @@ def chunk_rows(tables, starts, lengths, write_from, steps: int):
 
 
 def finish_chunks(params, state: DecodeState, h, starts, lengths, final_slots, generated, counts,
-                  sampling: SlotSampling, config: Grok1Config):
+                  sampling: SlotSampling, config: Grok1Config, place=None):
     """Sample the next token of the chunk rows that end their context (h [n, T, D] after the layers) and start
     their slots decoding; see paged_prefill_step. Returns (state, grok1.sampling.Sampled of the rows: the token,
-    its logprob and the top logprobs, as the contiguous engine's prefill reports them)."""
+    its logprob and the top logprobs, as the contiguous engine's prefill reports them). place: a mesh layout's
+    `constrain`, which samples every row on every rank (the chunks' rows are split over ep by their KV's rank):
+    the contiguous prefill's reasons (grok1.steps.replicated_sampling)."""
     rows = h.shape[0]
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [n, 1, D]
-    sampled = sample_scored(model.unembed(params, last, config.model, jnp.float32)[:, 0], sampling, generated, counts)
+    if place is not None:
+        last = place(last, PREFILL_H_AXES)
+        final_slots = place(final_slots, SETTINGS_AXES[:1])
+    sampled = replicated_sampling(place, model.unembed(params, last, config.model, jnp.float32)[:, 0], sampling,
+                                  generated, counts)
     token = sampled.tokens
 
     def put(all_slots, new):
@@ -90,7 +106,7 @@ def finish_chunks(params, state: DecodeState, h, starts, lengths, final_slots, g
 
 def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengths, write_from, final_slots,
                        generated, counts, sampling: SlotSampling, *, config: Grok1Config, kv_len: int,
-                       moe_fn=model.moe):
+                       moe_fn=model.moe, place=None):
     """Prefill chunks tokens [n, T] (lengths [n] of them real) at positions starts + 0..T-1 through tables
     [n, M]; tokens at positions >= write_from [n] write their KV. Rows whose final_slots [n] is a slot end
     their context there: their next token is sampled as number generated [n] with counts [n, V] (the tokens
@@ -101,13 +117,13 @@ def paged_prefill_step(params, state: DecodeState, tables, tokens, starts, lengt
                                               kv_len=kv_len, valid=valid, block=config.engine.moe_block_size,
                                               moe_fn=moe_fn)
     state, sampled = finish_chunks(params, _with_cache(state, cache),
-                                   h, starts, lengths, final_slots, generated, counts, sampling, config)
+                                   h, starts, lengths, final_slots, generated, counts, sampling, config, place)
     return state, sampled, count_expert_tokens(expert_index, valid, config.model.num_experts)
 
 
 def mixed_step(params, state: DecodeState, decode_tables, tables, tokens, starts, lengths, write_from, final_slots,
                generated, counts, sampling: SlotSampling, *, config: Grok1Config, decode_kv_len: int, kv_len: int,
-               moe_fn=model.moe):
+               moe_fn=model.moe, place=None):
     """One forward pass for a decode token of every active slot (through decode_tables [B, M], attending over
     decode_kv_len) and the prefill chunks (arguments as paged_prefill_step's), so the experts' weights are
     read once for both: a step that carries a chunk costs a decode step plus the chunk's own compute, not two
@@ -123,7 +139,7 @@ def mixed_step(params, state: DecodeState, decode_tables, tables, tokens, starts
         params, config.model, (state.next_token[:, None], tokens), (decode, chunks), state.cache,
         block=config.engine.moe_block_size, moe_fn=moe_fn)
     state, sampled = finish_chunks(params, _with_cache(state, cache), h_chunks, starts, lengths, final_slots,
-                                   generated, counts, sampling, config)
+                                   generated, counts, sampling, config, place)
     experts = (count_expert_tokens(decode_experts, going[:, None], config.model.num_experts)
                + count_expert_tokens(chunk_experts, valid, config.model.num_experts))
     return state, h_decode[:, 0], sampled, experts
@@ -150,10 +166,11 @@ class PagedEngine(EngineSizes):
         # Decode as the contiguous engine does (its two halves: the layers for all slots, then unembedding and
         # sampling of a bucket of the active ones), with the block tables as the cache's rows.
         self._decode_forward, self._decode_sample = jit_decode_halves(config, layout, self.state, moe_fn)
-        self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn),
+        place = None if layout is None else layout.constrain
+        self._prefill = jax.jit(functools.partial(paged_prefill_step, config=config, moe_fn=moe_fn, place=place),
                                 static_argnames=("kv_len",), donate_argnums=(1,),
                                 **step_outputs(layout, self.state, 2))
-        self._mixed = jax.jit(functools.partial(mixed_step, config=config, moe_fn=moe_fn),
+        self._mixed = jax.jit(functools.partial(mixed_step, config=config, moe_fn=moe_fn, place=place),
                               static_argnames=("decode_kv_len", "kv_len"), donate_argnums=(1,),
                               **step_outputs(layout, self.state, 3))
         keep = step_outputs(layout, self.state, 0)

@@ -26,6 +26,8 @@ from grok1.sampling import Sampled, SlotSampling, sample_scored
 SAMPLE_H_AXES = ("sample_rows", "sample_steps", "embed")
 SAMPLE_LOGITS_AXES = ("sample_rows", "vocab")
 SAMPLED_AXES = ("sampled_rows", "top_logprobs")  # the sampler's outputs [n] and [n, K], gathered
+# A prefill's unembedded h [n, T, D], replicated: every rank samples every prompt's token (prefill_step).
+PREFILL_H_AXES = ("sampled_rows", "sample_steps", "embed")
 # The rows' sampling settings [n] and [n, ...] (the key's words, the logit bias entries), replicated.
 SETTINGS_AXES = ("sampled_rows", "setting_entries")
 # decode_forward's results by ep rank [ep, rows, D]: each rank's share of h and its expert counts, then gathered.
@@ -64,7 +66,7 @@ def count_expert_tokens(expert_index, valid, num_experts):
 
 
 def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: SlotSampling, generated, mask_words,
-                 has_mask, *, config: Grok1Config, moe_fn=model.moe, score_prompt: bool = False):
+                 has_mask, *, config: Grok1Config, moe_fn=model.moe, score_prompt: bool = False, place=None):
     """Run n prompts (each padded to one bucket: tokens [n, T]) into `slots` [n] and sample their next tokens
     (under the grammar masks mask_words uint32 [n, W] of the rows with has_mask [n]).
 
@@ -73,6 +75,8 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
     `generated` (its random stream's index), and those tokens count for the penalties, as if never interrupted.
     Rows whose slot is out of range (>= max_slots) are padding: every write of theirs is dropped. With
     score_prompt (static) the logits of every position are kept and the prompt logprobs returned as well.
+    place: a mesh layout's `constrain` (see decode_sample), which keeps the sampler's decisions and results
+    replicated (`replicated_sampling`).
     Returns (state, (token, logprob, expert counts, top ids, top logprobs, prompt scores or None)).
     """
     rows, steps = tokens.shape
@@ -80,7 +84,8 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
     valid = positions < lengths[:, None]  # [n, T]
     out = model.forward(params, config.model, tokens, positions, state.cache, slots, kv_len=steps,
                         valid=valid, block=config.engine.moe_block_size,
-                        logits_at=None if score_prompt else lengths - 1, moe_fn=moe_fn)
+                        logits_at=None if score_prompt else lengths - 1, moe_fn=moe_fn,
+                        place_h=None if place is None else lambda h: place(h, PREFILL_H_AXES))
     if score_prompt:
         scores = token_scores.prompt_logprobs(out.logits, tokens, MAX_TOP_LOGPROBS)
         last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, V]
@@ -91,13 +96,16 @@ def prefill_step(params, state: DecodeState, slots, tokens, lengths, sampling: S
         return all_slots.at[slots].set(new, mode="drop")
 
     # The slot's counts restart from this request's own generated tokens (whatever the slot's last request left).
-    replayed = valid & (positions >= (lengths - generated)[:, None])  # [n, T]
-    counts = put(state.token_counts, 0).at[slots[:, None], tokens].add(replayed.astype(jnp.int32), mode="drop")
+    replayed = (valid & (positions >= (lengths - generated)[:, None])).astype(jnp.int32)  # [n, T]
+    if place is not None:  # replicated, else XLA splits the scatters over the ranks and sums them (see below)
+        slots = place(slots, SETTINGS_AXES[:1])
+        tokens, replayed = place(tokens, SETTINGS_AXES), place(replayed, SETTINGS_AXES)
+    counts = put(state.token_counts, 0).at[slots[:, None], tokens].add(replayed, mode="drop")
 
     def slot_counts(counts=counts):  # [n, V], gathered only when a prompt has penalties (sample_scored)
         return counts[jnp.clip(slots, 0, counts.shape[0] - 1)]
 
-    sampled = sample_scored(last, sampling, generated, slot_counts, (mask_words, has_mask))
+    sampled = replicated_sampling(place, last, sampling, generated, slot_counts, (mask_words, has_mask))
     token = sampled.tokens
     counts = counts.at[slots, token].add(1, mode="drop")  # [B, V]
     state = DecodeState(
@@ -221,6 +229,21 @@ def decode_sample(params, state: DecodeState, h, rows, mask_words=None, has_mask
                         generated=state.generated + step, active=state.active, sampling=state.sampling,
                         token_counts=counts)
     return state, (tokens, jnp.where(going, logprobs, 0.0), top_ids, top_values)
+
+
+def replicated_sampling(place, logits, sampling: SlotSampling, step, counts=None, mask=None) -> Sampled:
+    """sample_scored for a prefill's rows, with its inputs that decide the branches and its results replicated
+    on a mesh (place: a layout's `constrain`; None: no mesh). Left to XLA's sharding propagation, a prefill
+    on an ep=2 mesh computed each of the sampler's `lax.cond` predicates from split rows (7 pred[] all-reduces)
+    and the [B, V] token counts' scatter from split tokens (a 16 MB all-reduce at 32 slots), found in its
+    compiled program; decode_sample keeps them replicated the same way."""
+    if place is None:
+        return sample_scored(logits, sampling, step, counts, mask)
+    sampling = jax.tree.map(lambda x: place(x, SETTINGS_AXES[:x.ndim]), sampling)
+    step = place(step, SETTINGS_AXES[:1])
+    if mask is not None:
+        mask = (place(mask[0], SETTINGS_AXES), place(mask[1], SETTINGS_AXES[:1]))
+    return gathered(sample_scored(logits, sampling, step, counts, mask), place)
 
 
 def gathered(out: Sampled, place) -> Sampled:

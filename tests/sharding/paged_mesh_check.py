@@ -131,6 +131,30 @@ def entry_collectives(hlo: str) -> list[str]:
     return [f"{kind} {shape.split('{')[0]}" for shape, kind in collectives]
 
 
+def all_reduces(hlo: str) -> list[str]:
+    """The shapes of every all-reduce anywhere in a compiled program (the branches of its conds included), each
+    operand of a combined (tuple) all-reduce apart."""
+    results = re.findall(r"= (\(.*?\)|\w+\[[\d,]*\])\S* all-reduce(?:-start)?\(", hlo)
+    return [shape for result in results for shape in re.findall(r"\w+\[[\d,]*\]", result)]
+
+
+def recording_prefill_collectives(engine) -> dict[str, list[str]]:
+    """Wrap the engine's prefill and mixed steps so that their first call also compiles them for these
+    arguments and notes the compiled program's all-reduces; returns the dict they fill ({step: shapes})."""
+    found: dict[str, list[str]] = {}
+
+    def recording(name, jitted):
+        def call(*args, **kwargs):
+            if name not in found:
+                found[name] = all_reduces(jitted.lower(*args, **kwargs).compile().as_text())
+            return jitted(*args, **kwargs)
+        return call
+
+    for name in ("_prefill", "_mixed"):
+        setattr(engine, name, recording(name, getattr(engine, name)))
+    return found
+
+
 def compiled_sample(engine, rows: int | None = None) -> str:
     """The decode step's sampler compiled for `rows` rows (default: every slot)."""
     h = jax.numpy.zeros((engine.max_slots, engine.config.model.emb_size), jax.numpy.bfloat16)
@@ -173,6 +197,7 @@ def main(golden_dir: Path) -> dict:
     contiguous, _ = generate(single, prompts)
     results = {"contiguous": contiguous, "contiguous_mixed": generate_mixed(single, prompts), "forced": FORCED,
                "emb_size": config.model.emb_size, "expert_counts": config.model.num_layers * config.model.num_experts,
+               "expert_counts_shape": f"s32[{config.model.num_layers},{config.model.num_experts}]",
                "meshes": []}
     paged_config = config.replace(engine=PAGED)
     for ep, tp in MESHES:
@@ -180,6 +205,7 @@ def main(golden_dir: Path) -> dict:
             continue
         layout = MeshLayout(paged_config, MeshShape(ep, tp), jax.devices()[: ep * tp])
         engine = PagedEngine(paged_config, params, layout)
+        prefill_all_reduces = recording_prefill_collectives(engine)
         # The first prompt twice, admitted together: the second forks the first's blocks on its rank, and the
         # first decode write into their shared partial block copies it (copy-on-write, within the rank).
         tokens, cached = generate(engine, prompts[:1] + prompts)
@@ -191,7 +217,8 @@ def main(golden_dir: Path) -> dict:
                                   "smallest_buckets_unembed_rows": smallest_buckets_unembed_rows(engine),
                                   "forward_collectives": forward_collectives(engine),
                                   "forward_lossless": ep == 1 or forward_packing_is_lossless(engine),
-                                  "mixed": generate_mixed(engine, prompts)})
+                                  "mixed": generate_mixed(engine, prompts),
+                                  "prefill_all_reduces": prefill_all_reduces})
     return results
 
 

@@ -64,3 +64,12 @@ def test_paged_engine_on_every_mesh_shape_equals_the_contiguous_engine(golden_di
             lookup = [f"all-reduce f32[{8 // mesh['ep']},1,{width}]"] if mesh["tp"] > 1 else []
             assert mesh["forward_collectives"] == lookup + [share], mesh["forward_collectives"]
             assert mesh["forward_lossless"], mesh
+            # A prefill (and a step that mixes chunks with decode tokens) samples every chunk's row on every rank
+            # from h gathered first: its branch predicates and the [B, V] counts' scatter are then computed on
+            # each rank alone. Before: 5 pred[] all-reduces in each (the argmax's NaN test on split rows, in
+            # every branch), the contiguous prefill also a [B, V] all-reduce of the counts. Left: the chunks'
+            # expert counts [L, E].
+            assert set(mesh["prefill_all_reduces"]) == {"_prefill", "_mixed"}, mesh["prefill_all_reduces"]
+            if mesh["tp"] == 1:
+                for step, shapes in mesh["prefill_all_reduces"].items():
+                    assert set(shapes) <= {results["expert_counts_shape"]}, (step, shapes)
