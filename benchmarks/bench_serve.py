@@ -39,6 +39,8 @@ def main(argv=None) -> int:
                         help="the serving config's stream_interval: tokens per HTTP / gRPC chunk after the first")
     parser.add_argument("--direct-ingress", action="store_true",
                         help="the replica serves HTTP and gRPC itself, no Serve proxy (ingress/direct_ingress.py)")
+    parser.add_argument("--cpu-bind", default=None,
+                        help="cpu_bind for the CPU shard workers (auto, all, 0-3|4-7); default: the config's")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
                 "stream_interval": args.stream_interval}
     if args.checkpoint:
         app_args["checkpoint"] = args.checkpoint
+    if args.cpu_bind:
+        app_args["cpu_bind"] = args.cpu_bind
     http_port, grpc_port = free_port(), free_port()
     router = start_serving(app_args, http_port=http_port, grpc_port=grpc_port,
                            num_cpus=args.num_cpus or max(4, 2 * args.ep), direct_ingress=args.direct_ingress)

@@ -20,9 +20,10 @@ import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sharding.mesh_shape import MeshShape
+from workers.cpu_binding import check_setting
 from workers.group import GroupSpec
 
 if TYPE_CHECKING:
@@ -82,6 +83,16 @@ class ReplicaConfig(BaseModel):
                                        "retriable error. Serve's graceful_shutdown_timeout_s and the pods' "
                                        "terminationGracePeriodSeconds are set above it")
     pipelined: bool = Field(True, description="start decode step k+1 before reading step k's tokens")
+    cpu_bind: str = Field(
+        "all", max_length=4096,
+        description="CPU workers only: auto splits a node's CPUs evenly among its shard workers (each runs "
+                    "XLA's threads on its own cores), all shares them, \"0-3|4-7\" names each worker's CPUs "
+                    "in rank order (workers/cpu_binding.py)")
+
+    @field_validator("cpu_bind")
+    @classmethod
+    def _cpu_bind(cls, value: str) -> str:
+        return check_setting(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -121,7 +132,8 @@ class ReplicaConfig(BaseModel):
                          strategy=self.placement_strategy, devices_per_process=self.devices_per_process,
                          use_gpus=self.use_gpus, capacity_factor=self.capacity_factor,
                          start_timeout_s=self.start_timeout_s, step_timeout_s=self.step_timeout_s,
-                         env=tuple(sorted((env or {}).items())), placement_name=placement_name,
+                         env=tuple(sorted((env or {}).items())), cpu_bind=self.cpu_bind,
+                         placement_name=placement_name,
                          progress_to=None).validate()
 
 

@@ -18,6 +18,7 @@ from grok1.engine_api import ENGINE_VERBS, PAGED_ENGINE_VERBS
 from sharding.distributed import ProcessGroup, node_ip, pick_free_port
 from sharding.mesh_shape import MeshShape
 from workers.allocator import allocator_in_use
+from workers.cpu_binding import allowed_cpus, bind
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -30,15 +31,20 @@ class ShardWorker:
     def location(self) -> dict:
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "ip": node_ip(), "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "allocator": allocator_in_use()}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "allocator": allocator_in_use(),
+                "cpus": sorted(allowed_cpus())}
 
     def free_port(self) -> int:
         return pick_free_port()
 
     def start(self, config, checkpoint: str, mesh_shape: MeshShape, group: ProcessGroup,
-              capacity_factor: float | None = None, warmup: bool = True, progress_to=None):
-        """`progress_to`: an actor told this shard's tensors loaded as they load (GroupSpec.progress_to)."""
+              capacity_factor: float | None = None, warmup: bool = True, progress_to=None, cpus=None):
+        """`progress_to`: an actor told this shard's tensors loaded as they load (GroupSpec.progress_to).
+        `cpus`: the CPUs this worker binds to before its JAX backend exists (workers/cpu_binding.py); None:
+        all it is allowed."""
         from workers.shard import Shard, load_reporter
+
+        bind(None if cpus is None else frozenset(cpus))
 
         self.shard = Shard(config, checkpoint, mesh_shape, group, capacity_factor=capacity_factor,
                            report=load_reporter(progress_to, group.process_id))

@@ -26,6 +26,7 @@ from grok1.config import Grok1Config
 from sharding.distributed import ProcessGroup
 from sharding.mesh_shape import MeshShape
 from workers.allocator import allocator_actor_options, allocator_in_use
+from workers.cpu_binding import node_ranks, worker_cpus
 
 
 class GroupFailure(RuntimeError):
@@ -55,6 +56,7 @@ class GroupSpec:
     start_timeout_s: float  # joining and loading
     step_timeout_s: float  # one prefill or decode step
     env: tuple[tuple[str, str], ...]  # extra environment for the workers (network interfaces, ...)
+    cpu_bind: str  # how CPU workers sharing a node split its CPUs (workers/cpu_binding.py)
     placement_name: str | None  # the placement group's name, one per replica (None: unnamed)
     # An actor whose `load_progress.remote(process, tensors loaded, tensors)` hears each worker's loading: the
     # router sets itself when it builds the group (for `grok1 serve`'s progress lines); None: nobody listens.
@@ -111,15 +113,32 @@ class RayShardGroup:
             coordinator = f"{self.locations[0]['ip']}:{port}"
             platform = "gpu" if spec.use_gpus else "cpu"
             join_timeout = int(max(10, min(300, deadline - time.monotonic())))
+            cpus = self._worker_cpus()
             groups = [ProcessGroup(coordinator, n, k, platform=platform, timeout_s=join_timeout,
                                    local_device_count=None if spec.use_gpus else spec.devices_per_process)
                       for k in range(n)]
             self.infos = self._get([w.start.remote(spec.config, spec.checkpoint, spec.mesh, g, spec.capacity_factor,
-                                                   progress_to=spec.progress_to)
-                                    for w, g in zip(self.workers, groups)], deadline, "join the group and load")
+                                                   progress_to=spec.progress_to, cpus=c)
+                                    for w, g, c in zip(self.workers, groups, cpus)], deadline,
+                                   "join the group and load")
+            # What each worker's affinity is now (its `cpus` before were what it was allowed).
+            for location, chosen, now in zip(self.locations, cpus, self._get(
+                    [w.location.remote() for w in self.workers], deadline, "report its CPUs")):
+                location["bound_cpus"] = None if chosen is None else now["cpus"]
         except BaseException:
             self.shutdown()
             raise
+
+    def _worker_cpus(self) -> list[list[int] | None]:
+        """Each worker's CPUs under the spec's cpu_bind, from where the workers landed (GPU workers: none)."""
+        setting = "all" if self.spec.use_gpus else self.spec.cpu_bind
+        ranks = node_ranks([location["node_id"] for location in self.locations])
+        try:
+            cpus = [worker_cpus(setting, frozenset(location["cpus"]), rank, count)
+                    for location, (rank, count) in zip(self.locations, ranks)]
+        except ValueError as err:
+            raise GroupStartError(f"cpu_bind: {err}") from None
+        return [None if chosen is None else sorted(chosen) for chosen in cpus]
 
     def _get(self, refs, deadline: float, what: str):
         ray = self._ray
@@ -159,7 +178,8 @@ class RayShardGroup:
         return self.collect(self.submit(method, *args), timeout_s)
 
     def members(self) -> list[dict]:
-        """Where each worker runs: node_id, ip, pid, gpu_ids, and the malloc library it runs with."""
+        """Where each worker runs: node_id, ip, pid, gpu_ids, the malloc library it runs with, the CPUs it was
+        allowed (`cpus`) and those it bound to (`bound_cpus`, None: not bound)."""
         return list(self.locations)
 
     def timings(self) -> list[dict] | None:

@@ -167,9 +167,16 @@ def test_a_paged_router_on_ray_workers_gives_the_contiguous_engines_tokens(ray_c
     try:
         ray_cluster.wait_for_nodes()
         handle = start_router(paged, checkpoint=str(golden_dir), ep=2, placement_strategy="STRICT_PACK",
-                              backend="ray", start_timeout_s=600, step_timeout_s=60)
+                              backend="ray", start_timeout_s=600, step_timeout_s=60, cpu_bind="auto")
         assert ray.get(handle.wait_ready.remote(600))
-        assert {w["node_id"] for w in stats(handle)["workers"]} == {node.node_id}
+        workers = stats(handle)["workers"]
+        assert {w["node_id"] for w in workers} == {node.node_id}
+        # Two CPU workers on one node split its CPUs (cpu_bind auto): XLA's threads of each run on
+        # cores of their own. The tokens below are the engine's all the same.
+        allowed, bound = set(workers[0]["cpus"]), [w["bound_cpus"] for w in workers]
+        if len(allowed) >= 2:
+            assert bound[0] and bound[1] and not set(bound[0]) & set(bound[1]), workers
+            assert set(bound[0]) | set(bound[1]) <= allowed, workers
         base = [list(p) for p in golden.cases["prompt_ids"]]
         samplings = [Sampling(), Sampling(temperature=0.8, top_p=0.9, seed=3),
                      Sampling(temperature=0.8, top_k=40, seed=4)]
