@@ -121,10 +121,12 @@ class RayShardGroup:
                                                    progress_to=spec.progress_to, cpus=c)
                                     for w, g, c in zip(self.workers, groups, cpus)], deadline,
                                    "join the group and load")
-            # What each worker's affinity is now (its `cpus` before were what it was allowed).
-            for location, chosen, now in zip(self.locations, cpus, self._get(
-                    [w.location.remote() for w in self.workers], deadline, "report its CPUs")):
-                location["bound_cpus"] = None if chosen is None else now["cpus"]
+            # What each bound worker's affinity is now (its `cpus` before were what it was allowed).
+            bound = any(chosen is not None for chosen in cpus)
+            now = self._get([w.location.remote() for w in self.workers], deadline, "report its CPUs") if bound \
+                else [None] * n
+            for location, chosen, after in zip(self.locations, cpus, now):
+                location["bound_cpus"] = None if chosen is None else after["cpus"]
         except BaseException:
             self.shutdown()
             raise
